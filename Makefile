@@ -1,0 +1,31 @@
+# DeepOpt: `make run` starts everything, `make test` runs the suite. Both set up .venv/ first if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+SETUP_STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint bench worker clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(SETUP_STAMP)
+
+run: setup
+	$(PY) scripts/run.py --port $(PORT)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/api.py
+
+clean:
+	rm -rf var/ .pytest_cache .ruff_cache

@@ -1,0 +1,34 @@
+"""Who may do what, in one place: team scoping for every object in DeepOpt."""
+from __future__ import annotations
+
+from .models import Membership, Team
+
+
+def team_ids_of(user) -> set[int]:
+    """Ids of the teams the user belongs to, cached on the user object for the request."""
+    cached = getattr(user, "_deepopt_team_ids", None)
+    if cached is None:
+        cached = set(Membership.objects.filter(user=user).values_list("team_id", flat=True))
+        user._deepopt_team_ids = cached
+    return cached
+
+
+def lead_team_ids_of(user) -> set[int]:
+    cached = getattr(user, "_deepopt_lead_team_ids", None)
+    if cached is None:
+        cached = set(
+            Membership.objects.filter(user=user, role=Membership.Role.LEAD).values_list("team_id", flat=True)
+        )
+        user._deepopt_lead_team_ids = cached
+    return cached
+
+
+def can_see_team(user, team: Team | int) -> bool:
+    team_id = team if isinstance(team, int) else team.pk
+    return bool(user.is_staff or team_id in team_ids_of(user))
+
+
+def can_manage_team(user, team: Team | int) -> bool:
+    """Staff, or a lead of this team: manage members and the team's nodes."""
+    team_id = team if isinstance(team, int) else team.pk
+    return bool(user.is_staff or team_id in lead_team_ids_of(user))

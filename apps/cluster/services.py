@@ -1,0 +1,98 @@
+"""Node verbs: register, drain, activate, and the capacity the cluster could ever offer a job."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.db.models import Count, Min
+
+from apps.accounts.models import Team
+
+from .models import Gpu, GpuNode
+from .signals import node_changed
+
+
+class IllegalNodeTransition(Exception):
+    def __init__(self, current: str, target: str):
+        self.current, self.target = current, target
+        super().__init__(f"A {current} node cannot become {target}.")
+
+
+def _announce(node: GpuNode) -> None:
+    transaction.on_commit(lambda: node_changed.send(sender=GpuNode, node=node))
+
+
+def register_node(
+    *,
+    team: Team,
+    name: str,
+    hostname: str,
+    rack: str = "default",
+    gpus: list[dict],
+    labels: dict | None = None,
+    device_type: str = GpuNode.DeviceType.GPU,
+) -> tuple[GpuNode, str]:
+    """Create a node with its GPUs; return it and its token, which is never shown again."""
+    with transaction.atomic():
+        node = GpuNode(team=team, name=name, hostname=hostname, rack=rack or "default",
+                       labels=labels or {}, device_type=device_type)
+        token = node.issue_token()
+        node.save()
+        Gpu.objects.bulk_create(
+            Gpu(node=node, index=g["index"], model=g["model"], memory_mb=g["memory_mb"], uuid=g.get("uuid", ""))
+            for g in gpus
+        )
+        _announce(node)
+    return node, token
+
+
+def set_node_state(node: GpuNode, target: str) -> GpuNode:
+    """Drain (stop placing new work; running jobs finish) or activate a node."""
+    allowed = {
+        GpuNode.State.DRAINING: {GpuNode.State.ACTIVE, GpuNode.State.DRAINING},
+        GpuNode.State.ACTIVE: set(GpuNode.State.values),
+        GpuNode.State.STANDBY: {GpuNode.State.ACTIVE, GpuNode.State.DRAINING, GpuNode.State.STANDBY},
+        GpuNode.State.DOWN: set(GpuNode.State.values),
+    }
+    with transaction.atomic():
+        # Lock: the autoscaler and an admin may change the same node at once.
+        locked = GpuNode.objects.select_for_update().get(pk=node.pk)
+        if locked.state not in allowed[target]:
+            raise IllegalNodeTransition(locked.state, target)
+        if locked.state != target:
+            locked.state = target
+            locked.save(update_fields=["state"])
+            _announce(locked)
+    node.state = locked.state
+    return locked
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the registered cluster could hold if every node were free: per-node GPU counts."""
+
+    nodes: list[tuple[int, int]]  # (GPUs on the node, smallest GPU memory on it in MB)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.nodes
+
+    def why_never_fits(self, gpus: int, nodes: int, gpu_memory_gb: float | None) -> str | None:
+        """A sentence saying why no placement could ever hold the job, or None if one could."""
+        if self.is_empty:
+            return None
+        need_mb = (gpu_memory_gb or 0) * 1024
+        per_node = -(-gpus // nodes)
+        usable = [n for n, mem in self.nodes if mem >= need_mb]
+        if not usable:
+            return f"No GPU in the cluster has {gpu_memory_gb:g} GB of memory."
+        if nodes == 1 and per_node > max(usable):
+            return f"The largest node has {max(usable)} GPUs; this job asks for {gpus} on one node."
+        if nodes > 1 and sum(1 for n in usable if n >= per_node) < nodes:
+            return f"The cluster has fewer than {nodes} nodes with {per_node} GPUs each."
+        return None
+
+
+def cluster_capacity() -> Capacity:
+    rows = Gpu.objects.values("node_id").annotate(n=Count("id"), mem=Min("memory_mb")).values_list("n", "mem")
+    return Capacity(nodes=list(rows))

@@ -1,0 +1,60 @@
+from django.contrib import admin
+
+from .models import Allocation, Job, JobEvent
+
+
+class JobEventInline(admin.TabularInline):
+    """The history is append-only: shown, never edited."""
+
+    model = JobEvent
+    extra = 0
+    can_delete = False
+    fields = ["ts", "kind", "attempt", "from_state", "to_state", "message", "actor"]
+    readonly_fields = fields
+    ordering = ["ts", "id"]
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+class AllocationInline(admin.TabularInline):
+    model = Allocation
+    extra = 0
+    can_delete = False
+    readonly_fields = ["attempt", "gpu", "node", "created_at", "released_at"]
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "team", "kind", "priority", "gpus", "nodes", "state", "attempt", "submitted_at"]
+    list_filter = ["state", "kind", "priority", "team"]
+    search_fields = ["name", "team__name", "submitter__username"]
+    date_hierarchy = "submitted_at"
+    list_select_related = ["team"]
+    # State changes go through the state machine (services), never through a form field.
+    readonly_fields = ["state", "attempt", "pending_reason", "result", "error", "submitted_at", "started_at",
+                       "finished_at", "submitter"]
+    inlines = [AllocationInline, JobEventInline]
+
+
+@admin.register(JobEvent)
+class JobEventAdmin(admin.ModelAdmin):
+    list_display = ["ts", "job", "kind", "from_state", "to_state", "attempt", "message"]
+    list_filter = ["kind", "to_state"]
+    search_fields = ["job__name", "message"]
+    list_select_related = ["job"]
+
+    def has_add_permission(self, request) -> bool:  # noqa: ANN001
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
+from rest_framework import serializers
+
+from apps.accounts.api.base import StrictSerializer, TeamField
+from apps.accounts.models import Team
+from apps.cluster.services import cluster_capacity
+from apps.scheduling.models import Job, JobEvent
+from apps.scheduling.specs import SPEC_SERIALIZERS, CompressionSpec, TrainingSpec
+
+
+class ResourcesSerializer(StrictSerializer):
+    gpus = serializers.IntegerField(min_value=1, max_value=100_000, default=1)
+    nodes = serializers.IntegerField(min_value=1, max_value=10_000, default=1)
+    gpu_memory_gb = serializers.FloatField(min_value=0.0, max_value=10_000.0, required=False, allow_null=True,
+                                           default=None, help_text="Minimum memory of each GPU.")
+
+
+@extend_schema_field(PolymorphicProxySerializer(
+    component_name="JobSpec", serializers=[CompressionSpec, TrainingSpec], resource_type_field_name=None))
+class SpecField(serializers.JSONField):
+    """Validated in JobCreateSerializer.validate, by the serializer of the job's kind."""
+
+
+class JobCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200)
+    team = TeamField(required=False, help_text="Team id or slug; optional when you belong to one team.")
+    kind = serializers.ChoiceField(choices=Job.Kind.choices)
+    priority = serializers.ChoiceField(choices=Job.Priority.choices, default=Job.Priority.NORMAL)
+    resources = ResourcesSerializer(required=False)
+    walltime_minutes = serializers.IntegerField(min_value=1, max_value=60 * 24 * 90, required=False,
+                                                allow_null=True, default=None)
+    spec = SpecField()
+
+    def validate(self, attrs: dict) -> dict:
+        user = self.context["request"].user
+        team = attrs.get("team") or self._only_team(user)
+        attrs["team"] = team
+        resources = attrs.pop("resources", None) or ResourcesSerializer().to_internal_value({})
+        gpus, nodes, memory = resources["gpus"], resources["nodes"], resources.get("gpu_memory_gb")
+
+        spec_serializer = SPEC_SERIALIZERS[attrs["kind"]](data=attrs.get("spec"))
+        if not isinstance(attrs.get("spec"), dict):
+            raise serializers.ValidationError({"spec": ["An object with the job's model and settings."]})
+        if not spec_serializer.is_valid():
+            raise serializers.ValidationError({"spec": spec_serializer.errors})
+        attrs["spec"] = spec_serializer.validated_data
+
+        errors: dict[str, list[str]] = {}
+        if nodes > gpus:
+            errors.setdefault("resources", []).append(f"{nodes} nodes need at least {nodes} GPUs.")
+        elif nodes > 1 and gpus % nodes:
+            errors.setdefault("resources", []).append(
+                f"A multi-node job takes the same number of GPUs on each node: {gpus} GPUs do not split "
+                f"evenly over {nodes} nodes.")
+        if attrs["kind"] == Job.Kind.COMPRESSION and nodes > 1:
+            errors.setdefault("resources", []).append("A compression job runs on one node.")
+        if gpus > team.max_gpus_per_job:
+            errors.setdefault("resources", []).append(
+                f"{gpus} GPUs is over team {team.name}'s limit of {team.max_gpus_per_job} GPUs per job.")
+        elif gpus > team.max_gpus:
+            errors.setdefault("resources", []).append(
+                f"{gpus} GPUs is over team {team.name}'s quota of {team.max_gpus} GPUs at once; it could never run.")
+        if not errors:
+            never = cluster_capacity().why_never_fits(gpus, nodes, memory)
+            if never:
+                errors["resources"] = [f"Larger than the cluster can ever hold. {never}"]
+        if errors:
+            raise serializers.ValidationError(errors)
+        attrs.update(gpus=gpus, nodes=nodes, gpu_memory_gb=memory)
+        return attrs
+
+    def _only_team(self, user) -> Team:  # noqa: ANN001
+        teams = list(Team.objects.filter(memberships__user=user)[:2])
+        if len(teams) != 1:
+            raise serializers.ValidationError(
+                {"team": ["Say which team the job is for." if teams else "You are not on any team."]})
+        return teams[0]
+
+    def create(self, validated_data: dict) -> Job:
+        from apps.scheduling.services import submit_job
+
+        return submit_job(submitter=self.context["request"].user, **validated_data)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    team_name = serializers.CharField(source="team.name", read_only=True)
+    submitter = serializers.CharField(source="submitter.username", read_only=True)
+    resources = serializers.SerializerMethodField()
+    spec = SpecField(read_only=True)
+
+    class Meta:
+        model = Job
+        fields = ["id", "name", "team", "team_name", "submitter", "kind", "priority", "resources",
+                  "walltime_minutes", "spec", "state", "pending_reason", "attempt", "max_attempts",
+                  "submitted_at", "started_at", "finished_at", "result", "error"]
+        read_only_fields = fields
+
+    def get_resources(self, job: Job) -> ResourcesSerializer:
+        return job.resources
+
+    get_resources = extend_schema_field(ResourcesSerializer)(get_resources)
+
+
+class JobEventSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor.username", read_only=True, default=None)
+
+    class Meta:
+        model = JobEvent
+        fields = ["id", "ts", "kind", "attempt", "from_state", "to_state", "message", "data", "actor"]
+        read_only_fields = fields

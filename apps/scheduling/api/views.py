@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import django_filters
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from apps.accounts.api.base import TeamScopedViewSet
+from apps.scheduling import services
+from apps.scheduling.api.serializers import JobCreateSerializer, JobEventSerializer, JobSerializer
+from apps.scheduling.models import Job
+
+
+class JobFilter(django_filters.FilterSet):
+    state = django_filters.MultipleChoiceFilter(choices=Job.State.choices)
+    kind = django_filters.ChoiceFilter(choices=Job.Kind.choices)
+    priority = django_filters.ChoiceFilter(choices=Job.Priority.choices)
+    team = django_filters.NumberFilter(field_name="team_id")
+    submitted_after = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="gte")
+    submitted_before = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="lt")
+
+    class Meta:
+        model = Job
+        fields = ["state", "kind", "priority", "team"]
+
+
+class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """Jobs of the caller's teams: submit, list, inspect, cancel, read the event history."""
+
+    model = Job
+    serializer_class = JobSerializer
+    select_related = ("team", "submitter")
+    filterset_class = JobFilter
+    ordering_fields = ["submitted_at", "priority", "state"]
+
+    @extend_schema(request=JobCreateSerializer, responses={201: JobSerializer})
+    def create(self, request):  # noqa: ANN001, ANN201
+        """Submit a job to the fair queue. It starts `queued`."""
+        serializer = JobCreateSerializer(data=request.data, context=self.get_serializer_context())
+        serializer.is_valid(raise_exception=True)
+        job = serializer.save()
+        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):  # noqa: ANN001, ANN201
+        """Cancel: queued jobs end at once; running ones go `cancelling` until their worker stops them."""
+        job = services.cancel_job(self.get_object(), actor=request.user)
+        return Response(JobSerializer(job).data)
+
+    @extend_schema(responses=JobEventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):  # noqa: ANN001, ANN201
+        """The job's history, oldest first (append-only)."""
+        job = self.get_object()
+        page = self.paginate_queryset(job.events.select_related("actor").order_by("ts", "id"))
+        return self.get_paginated_response(JobEventSerializer(page, many=True).data)

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class SchedulingConfig(AppConfig):
+    name = "apps.scheduling"
+    verbose_name = "Jobs and scheduling"

@@ -1,0 +1,152 @@
+"""Jobs, their append-only event history and their GPU allocations."""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from apps.accounts.models import Team
+from apps.cluster.models import Gpu, GpuNode
+
+from .states import JobState
+
+
+class JobQuerySet(models.QuerySet):
+    def visible_to(self, user) -> JobQuerySet:
+        if user.is_staff:
+            return self
+        from apps.accounts.permissions import team_ids_of
+
+        return self.filter(team_id__in=team_ids_of(user))
+
+
+class Job(models.Model):
+    class Kind(models.TextChoices):
+        COMPRESSION = "compression", "Compression"
+        TRAINING = "training", "Training"
+
+    class Priority(models.TextChoices):
+        LOW = "low", "Low"
+        NORMAL = "normal", "Normal"
+        HIGH = "high", "High"
+        URGENT = "urgent", "Urgent"
+
+    State = JobState
+
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="jobs")
+    submitter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    # Resources: GPUs in all, spread over `nodes` nodes; optional minimum memory per GPU.
+    gpus = models.PositiveIntegerField(default=1)
+    nodes = models.PositiveIntegerField(default=1)
+    gpu_memory_gb = models.FloatField(null=True, blank=True)
+    walltime_minutes = models.PositiveIntegerField(null=True, blank=True)
+    spec = models.JSONField(default=dict)
+
+    state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED)
+    pending_reason = models.CharField(max_length=300, blank=True)
+    attempt = models.PositiveIntegerField(default=1)
+    max_attempts = models.PositiveIntegerField(default=3)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    submitted_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-submitted_at", "-id"]
+        indexes = [
+            # The jobs list: a team's jobs, newest first, optionally by state.
+            models.Index(fields=["team", "-submitted_at", "-id"], name="job_team_recent"),
+            models.Index(fields=["team", "state", "-submitted_at"], name="job_team_state_recent"),
+            # The queue and the scheduler: jobs in a state, oldest first.
+            models.Index(fields=["state", "submitted_at"], name="job_state_submitted"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.name}"
+
+    @property
+    def resources(self) -> dict:
+        return {"gpus": self.gpus, "nodes": self.nodes, "gpu_memory_gb": self.gpu_memory_gb}
+
+    @property
+    def is_terminal(self) -> bool:
+        from .states import TERMINAL
+
+        return self.state in TERMINAL
+
+
+class JobEventQuerySet(models.QuerySet):
+    def update(self, **kwargs):  # noqa: ANN201
+        raise TypeError("Job events are append-only.")
+
+    def delete(self):  # noqa: ANN201
+        raise TypeError("Job events are append-only.")
+
+
+class JobEvent(models.Model):
+    """One thing that happened to a job. Never updated or deleted."""
+
+    class Kind(models.TextChoices):
+        STATE = "state", "State change"
+        PROGRESS = "progress", "Progress"
+        NOTE = "note", "Note"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    ts = models.DateTimeField(auto_now_add=True, db_index=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.STATE)
+    attempt = models.PositiveIntegerField(default=1)
+    from_state = models.CharField(max_length=10, blank=True)
+    to_state = models.CharField(max_length=10, blank=True)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    objects = JobEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["ts", "id"]
+        indexes = [models.Index(fields=["job", "ts", "id"], name="jobevent_job_ts")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} {self.kind} {self.from_state}->{self.to_state}"
+
+    def save(self, *args, **kwargs) -> None:
+        if self.pk is not None:
+            raise TypeError("Job events are append-only.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):  # noqa: ANN201
+        raise TypeError("Job events are append-only.")
+
+
+class Allocation(models.Model):
+    """One GPU given to one attempt of a job. Live while released_at is null."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="allocations")
+    attempt = models.PositiveIntegerField()
+    gpu = models.ForeignKey(Gpu, on_delete=models.PROTECT, related_name="allocations")
+    node = models.ForeignKey(GpuNode, on_delete=models.PROTECT, related_name="allocations")
+    created_at = models.DateTimeField(auto_now_add=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # The database, not the scheduler's care, guarantees that a GPU is never given twice.
+            models.UniqueConstraint(
+                fields=["gpu"], condition=Q(released_at__isnull=True), name="one_live_allocation_per_gpu"
+            ),
+        ]
+        indexes = [models.Index(fields=["job", "attempt"], name="alloc_job_attempt")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} attempt {self.attempt} on {self.gpu_id}"

@@ -1,0 +1,124 @@
+"""The verbs of job life: submit, transition, cancel. Views and tasks call these, never the reverse."""
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from apps.accounts.models import Team
+
+from .models import Allocation, Job, JobEvent
+from .signals import job_changed, scheduling_requested
+from .states import LIVE, TERMINAL, IllegalTransition, JobState, check_transition
+
+
+def _after_commit(job: Job, event: JobEvent, *, reschedule: bool) -> None:
+    def send() -> None:
+        job_changed.send(sender=Job, job=job, event=event)
+        if reschedule:
+            scheduling_requested.send(sender=Job, reason=f"job {job.pk} {event.to_state or event.kind}")
+
+    transaction.on_commit(send)
+
+
+def submit_job(
+    *,
+    submitter,
+    team: Team,
+    name: str,
+    kind: str,
+    priority: str = Job.Priority.NORMAL,
+    gpus: int = 1,
+    nodes: int = 1,
+    gpu_memory_gb: float | None = None,
+    walltime_minutes: int | None = None,
+    spec: dict | None = None,
+) -> Job:
+    """Put a validated job in the queue. Validation (spec, quotas, capacity) is the serializer's."""
+    with transaction.atomic():
+        job = Job.objects.create(
+            team=team,
+            submitter=submitter,
+            name=name,
+            kind=kind,
+            priority=priority,
+            gpus=gpus,
+            nodes=nodes,
+            gpu_memory_gb=gpu_memory_gb,
+            walltime_minutes=walltime_minutes,
+            spec=spec or {},
+            state=JobState.QUEUED,
+            pending_reason="Waiting for the scheduler's next pass.",
+        )
+        event = JobEvent.objects.create(
+            job=job, to_state=JobState.QUEUED, attempt=1, message="Submitted.", actor=submitter
+        )
+        _after_commit(job, event, reschedule=True)
+    return job
+
+
+def transition(
+    job: Job | int,
+    target: str,
+    *,
+    message: str = "",
+    data: dict | None = None,
+    actor=None,
+    expected_attempt: int | None = None,
+    **fields,
+) -> Job:
+    """Move a job to `target`, append the event, and release GPUs when the job stops holding them.
+
+    Raises IllegalTransition when the state machine forbids it. `expected_attempt` makes reports from
+    a stale attempt fail the same way instead of changing a newer attempt.
+    """
+    job_id = job if isinstance(job, int) else job.pk
+    with transaction.atomic():
+        # Lock the row: a worker's report and a user's cancel can arrive at the same moment; both
+        # read the state, and without the lock both would write a transition from it.
+        locked = Job.objects.select_for_update().get(pk=job_id)
+        if expected_attempt is not None and locked.attempt != expected_attempt:
+            raise IllegalTransition(f"{locked.state} (attempt {locked.attempt})", f"{target} (attempt {expected_attempt})")
+        current = locked.state
+        check_transition(current, target)
+        now = timezone.now()
+        locked.state = target
+        if target == JobState.RUNNING and locked.started_at is None:
+            locked.started_at = now
+        if target in TERMINAL:
+            locked.finished_at = now
+        if target == JobState.QUEUED:
+            # A retried attempt: the old attempt's allocations go, the new attempt starts clean.
+            locked.attempt += 1
+            locked.started_at = None
+        if target != JobState.QUEUED:
+            locked.pending_reason = ""
+        for name, value in fields.items():
+            setattr(locked, name, value)
+        locked.save()
+        if target not in LIVE:
+            Allocation.objects.filter(job=locked, released_at__isnull=True).update(released_at=now)
+        event = JobEvent.objects.create(
+            job=locked,
+            attempt=locked.attempt,
+            from_state=current,
+            to_state=target,
+            message=message,
+            data=data or {},
+            actor=actor,
+        )
+        # A job that gives GPUs back may let another start.
+        _after_commit(locked, event, reschedule=target not in LIVE)
+    if isinstance(job, Job):
+        job.refresh_from_db()
+    return locked
+
+
+def cancel_job(job: Job, *, actor=None) -> Job:
+    """Cancel: a queued job ends at once; a job holding GPUs goes `cancelling` until its worker stops."""
+    with transaction.atomic():
+        current = Job.objects.select_for_update().values_list("state", flat=True).get(pk=job.pk)
+        if current == JobState.QUEUED:
+            return transition(job, JobState.CANCELLED, message="Cancelled before it started.", actor=actor)
+        if current in (JobState.ALLOCATED, JobState.RUNNING):
+            return transition(job, JobState.CANCELLING, message="Cancel requested.", actor=actor)
+        raise IllegalTransition(current, JobState.CANCELLED)

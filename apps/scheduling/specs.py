@@ -1,0 +1,74 @@
+"""The kind-specific part of a job (`spec`), each kind validated by its own serializer."""
+from __future__ import annotations
+
+import re
+
+from rest_framework import serializers
+
+from apps.accounts.api.base import StrictSerializer
+
+# The model catalogs the runners know (workers/compression/models.py, workers/training/).
+COMPRESSION_MODELS = ("minilm-l6", "digits-cnn", "resnet50", "bert-base", "llama-1b")
+TRAINING_MODELS = ("digits-mlp", "resnet50", "bert-base", "gpt2-small")
+
+CODEC_RE = re.compile(r"^(none|bf16|int8|int4|topk:(?P<ratio>[0-9]*\.?[0-9]+)|powersgd:(?P<rank>[0-9]+))$")
+
+
+def validate_codec(value: str) -> str:
+    match = CODEC_RE.match(value)
+    if not match:
+        raise serializers.ValidationError(
+            "Use none, bf16, int8, int4, topk:RATIO (0 < RATIO < 1) or powersgd:RANK (1-64)."
+        )
+    if match["ratio"] is not None and not 0 < float(match["ratio"]) < 1:
+        raise serializers.ValidationError("topk RATIO must be between 0 and 1, e.g. topk:0.01.")
+    if match["rank"] is not None and not 1 <= int(match["rank"]) <= 64:
+        raise serializers.ValidationError("powersgd RANK must be between 1 and 64.")
+    return value
+
+
+class QuantizationSpec(StrictSerializer):
+    mode = serializers.ChoiceField(choices=["auto", "preset", "off"], default="auto")
+    max_quality_drop = serializers.FloatField(
+        min_value=0.0, max_value=1.0, default=0.01,
+        help_text="Largest allowed drop in the model's quality metric (e.g. 0.01 = one point of accuracy).",
+    )
+
+
+class PruningSpec(StrictSerializer):
+    keep_ratio = serializers.FloatField(
+        min_value=0.05, max_value=1.0, default=0.7, help_text="Share of channels, heads and neurons to keep."
+    )
+
+
+class CompressionSpec(StrictSerializer):
+    model = serializers.ChoiceField(choices=COMPRESSION_MODELS)
+    quantization = QuantizationSpec(required=False)
+    pruning = PruningSpec(required=False)
+
+    def validate(self, attrs: dict) -> dict:
+        attrs.setdefault("quantization", {"mode": "auto", "max_quality_drop": 0.01})
+        attrs.setdefault("pruning", {"keep_ratio": 1.0})
+        return attrs
+
+
+class HcofSpec(StrictSerializer):
+    intra_node = serializers.CharField(default="none", validators=[validate_codec], max_length=32)
+    inter_node = serializers.CharField(default="int4", validators=[validate_codec], max_length=32)
+    critical = serializers.ChoiceField(choices=["none", "bf16"], default="none")
+    overlap = serializers.BooleanField(default=True)
+
+
+class TrainingSpec(StrictSerializer):
+    model = serializers.ChoiceField(choices=TRAINING_MODELS)
+    steps = serializers.IntegerField(min_value=1, max_value=10_000_000, default=100)
+    batch_size = serializers.IntegerField(min_value=1, max_value=65_536, default=32)
+    hcof = HcofSpec(required=False)
+
+    def validate(self, attrs: dict) -> dict:
+        if "hcof" not in attrs:
+            attrs["hcof"] = HcofSpec().to_internal_value({})
+        return attrs
+
+
+SPEC_SERIALIZERS = {"compression": CompressionSpec, "training": TrainingSpec}

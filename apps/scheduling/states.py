@@ -1,0 +1,49 @@
+"""The job state machine, in one place.
+
+    queued ──▶ allocated ──▶ running ──▶ succeeded | failed | cancelled
+       ▲           │            │
+       └── retry ──┴────────────┘          (a requeued attempt goes back to queued, attempt + 1)
+    queued ──────────────────────────────▶ cancelled         (nothing to stop)
+    allocated | running ──▶ cancelling ──▶ cancelled | failed
+"""
+from __future__ import annotations
+
+from django.db import models
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    ALLOCATED = "allocated", "Allocated"
+    RUNNING = "running", "Running"
+    CANCELLING = "cancelling", "Cancelling"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+S = JobState
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.QUEUED: frozenset({S.ALLOCATED, S.CANCELLED, S.FAILED}),
+    S.ALLOCATED: frozenset({S.RUNNING, S.QUEUED, S.CANCELLING, S.FAILED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLING}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+TERMINAL: frozenset[str] = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
+# States in which the job holds (or is about to hold) GPUs.
+LIVE: frozenset[str] = frozenset({S.ALLOCATED, S.RUNNING, S.CANCELLING})
+
+
+class IllegalTransition(Exception):
+    """A state change the machine does not allow; the API answers 409."""
+
+    def __init__(self, current: str, target: str):
+        self.current, self.target = current, target
+        super().__init__(f"A {current} job cannot become {target}.")
+
+
+def check_transition(current: str, target: str) -> None:
+    if target not in TRANSITIONS.get(current, frozenset()):
+        raise IllegalTransition(current, target)
