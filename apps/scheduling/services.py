@@ -77,7 +77,9 @@ def transition(
         # read the state, and without the lock both would write a transition from it.
         locked = Job.objects.select_for_update().get(pk=job_id)
         if expected_attempt is not None and locked.attempt != expected_attempt:
-            raise IllegalTransition(f"{locked.state} (attempt {locked.attempt})", f"{target} (attempt {expected_attempt})")
+            raise IllegalTransition(
+                f"{locked.state} (attempt {locked.attempt})", f"{target} (attempt {expected_attempt})"
+            )
         current = locked.state
         check_transition(current, target)
         now = timezone.now()

@@ -1,0 +1,146 @@
+"""The job submission form: flat HTML fields in, the API's nested body out, the API's errors back in.
+
+The page validates with the API's own JobCreateSerializer, so a browser user and a REST client meet the
+same rules and the same messages. This module only translates between the two shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.http import QueryDict
+
+from apps.scheduling.specs import COMPRESSION_MODELS, TRAINING_MODELS
+
+Path = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str  # the HTML input's name
+    path: Path  # where its value goes in the API body
+    checkbox: bool = False
+
+
+COMMON_FIELDS = (
+    FormField("name", ("name",)),
+    FormField("team", ("team",)),
+    FormField("kind", ("kind",)),
+    FormField("priority", ("priority",)),
+    FormField("gpus", ("resources", "gpus")),
+    FormField("nodes", ("resources", "nodes")),
+    FormField("gpu_memory_gb", ("resources", "gpu_memory_gb")),
+    FormField("walltime_minutes", ("walltime_minutes",)),
+)
+KIND_FIELDS = {
+    "compression": (
+        FormField("compression_model", ("spec", "model")),
+        FormField("quantization_mode", ("spec", "quantization", "mode")),
+        FormField("max_quality_drop", ("spec", "quantization", "max_quality_drop")),
+        FormField("keep_ratio", ("spec", "pruning", "keep_ratio")),
+    ),
+    "training": (
+        FormField("training_model", ("spec", "model")),
+        FormField("steps", ("spec", "steps")),
+        FormField("batch_size", ("spec", "batch_size")),
+        FormField("hcof_intra_node", ("spec", "hcof", "intra_node")),
+        FormField("hcof_inter_node", ("spec", "hcof", "inter_node")),
+        FormField("hcof_critical", ("spec", "hcof", "critical")),
+        FormField("hcof_overlap", ("spec", "hcof", "overlap"), checkbox=True),
+    ),
+}
+# Errors on a whole group (e.g. "over the team's GPUs per job") are shown at the top of that group.
+SECTIONS: dict[Path, str] = {("resources",): "resources", ("spec",): "spec"}
+NON_FIELD = "__all__"
+
+INITIAL = {
+    "kind": "compression",
+    "priority": "normal",
+    "gpus": "1",
+    "nodes": "1",
+    "compression_model": COMPRESSION_MODELS[0],
+    "quantization_mode": "auto",
+    "max_quality_drop": "0.01",
+    "training_model": TRAINING_MODELS[0],
+    "steps": "100",
+    "batch_size": "32",
+    "hcof_intra_node": "none",
+    "hcof_inter_node": "int4",
+    "hcof_critical": "none",
+    "hcof_overlap": True,
+}
+
+
+@dataclass
+class JobForm:
+    """What the template needs: the values to show and the errors per field or group."""
+
+    values: dict = field(default_factory=lambda: dict(INITIAL))
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_post(cls, post: QueryDict) -> JobForm:
+        values = {key: post.get(key, "") for key in post if key != "csrfmiddlewaretoken"}
+        # An unchecked box sends nothing; remember that it was unchecked.
+        values["hcof_overlap"] = "hcof_overlap" in post
+        return cls(values=values)
+
+    @property
+    def kind(self) -> str:
+        return str(self.values.get("kind", ""))
+
+    def fields(self) -> tuple[FormField, ...]:
+        return COMMON_FIELDS + KIND_FIELDS.get(self.kind, ())
+
+    def payload(self) -> dict:
+        """The API body. Empty inputs are left out so that the API's defaults apply, as for a REST client."""
+        body: dict = {"spec": {}}
+        for f in self.fields():
+            value = self.values.get(f.name, "")
+            if f.checkbox:
+                value = bool(value)
+            else:
+                value = str(value).strip()
+                if value == "":
+                    continue
+            node = body
+            for key in f.path[:-1]:
+                node = node.setdefault(key, {})
+            node[f.path[-1]] = value
+        return body
+
+    def set_errors(self, serializer_errors: dict) -> None:
+        by_path = {f.path: f.name for f in self.fields()}
+        self.errors = {}
+        for path, messages in flatten_errors(serializer_errors):
+            target = by_path.get(path)
+            if target is None:
+                # Walk up to the nearest group the page shows, else the form as a whole.
+                target = next((SECTIONS[path[:n]] for n in range(len(path), 0, -1) if path[:n] in SECTIONS),
+                              NON_FIELD)
+                # Say which input a message is about when the page has no input of that name.
+                unshown = path[len(_section_path(target)):]
+                if unshown:
+                    messages = [f"{'.'.join(unshown)}: {m}" for m in messages]
+            self.errors.setdefault(target, []).extend(messages)
+
+
+def _section_path(section: str) -> Path:
+    return next((path for path, name in SECTIONS.items() if name == section), ())
+
+
+def flatten_errors(errors, path: Path = ()) -> list[tuple[Path, list[str]]]:
+    """DRF's nested errors as (path, messages); `non_field_errors` belongs to the enclosing path."""
+    if isinstance(errors, dict):
+        out: list[tuple[Path, list[str]]] = []
+        for key, value in errors.items():
+            sub = path if key == "non_field_errors" else (*path, str(key))
+            out.extend(flatten_errors(value, sub))
+        return out
+    if isinstance(errors, list | tuple):
+        if all(not isinstance(item, dict | list) for item in errors):
+            return [(path, [str(item) for item in errors])]
+        out = []
+        for item in errors:
+            out.extend(flatten_errors(item, path))
+        return out
+    return [(path, [str(errors)])]
