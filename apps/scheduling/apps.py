@@ -4,3 +4,12 @@ from django.apps import AppConfig
 class SchedulingConfig(AppConfig):
     name = "apps.scheduling"
     verbose_name = "Jobs and scheduling"
+
+    def ready(self) -> None:
+        from apps.cluster.signals import node_changed
+
+        from .signals import scheduling_requested
+        from .triggers import on_node_changed, on_scheduling_requested
+
+        scheduling_requested.connect(on_scheduling_requested, dispatch_uid="scheduling-pass-on-request")
+        node_changed.connect(on_node_changed, dispatch_uid="scheduling-pass-on-node-change")

@@ -150,3 +150,28 @@ class Allocation(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.job_id} attempt {self.attempt} on {self.gpu_id}"
+
+
+class QueueEntry(models.Model):
+    """Where a queued job stands after the latest scheduling pass: the queue as the scheduler sees it.
+
+    Rewritten by each pass (only the rows that changed), read by the queue API, job detail and pages.
+    """
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, primary_key=True, related_name="queue_entry")
+    position = models.PositiveIntegerField()
+    flow = models.CharField(max_length=120)
+    start_tag = models.FloatField()
+    finish_tag = models.FloatField()
+    reason = models.CharField(max_length=300)
+    code = models.CharField(max_length=20)
+    eta = models.DateTimeField(null=True, blank=True)
+    reserved_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["position"]
+        indexes = [models.Index(fields=["position"], name="queueentry_position")]
+
+    def __str__(self) -> str:
+        return f"#{self.position} job {self.job_id}"

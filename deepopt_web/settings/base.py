@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import environ
+import orjson
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -131,6 +132,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.accounts.api.errors.exception_handler",
+    # DRF keys the errors of a list of objects by index ({"gpus": {0: {...}}}); orjson refuses int keys
+    # unless told, which turned every such 400 into a 500 (found by tests/unit/test_schema_fuzz.py).
+    "ORJSON_RENDERER_OPTIONS": (orjson.OPT_NON_STR_KEYS,),
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 
@@ -174,6 +178,18 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_DEFAULT_QUEUE = "default"
+
+CELERY_BEAT_SCHEDULE = {
+    # Passes also run on submit, job end and node change; the tick catches whatever those missed.
+    "scheduling-tick": {"task": "scheduling.run_pass", "schedule": env.float("SCHEDULER_TICK_S", default=5.0)},
+}
+
+# The scheduler (apps/scheduling/policy). Keys are PolicyConfig fields; docs/scheduler.md explains each
+# default. Example: DEEPOPT_SCHEDULER = {"fair_share_half_life_s": 3 * 3600, "aging_s": 12 * 3600}.
+DEEPOPT_SCHEDULER: dict = {}
+# How a submit/job end/node change asks for a pass: celery (debounced task), inline (in the request;
+# single-process setups and tests), off (the beat tick only).
+DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="celery")
 
 # Admin bootstrap used by `manage.py ensure_admin` (make run).
 DEEPOPT_ADMIN_USER = env("DEEPOPT_ADMIN_USER", default="admin")

@@ -16,3 +16,5 @@ CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
 WHITENOISE_USE_FINDERS = True  # serve static/ without collectstatic while developing
+# Unit tests run passes explicitly; integration tests that need the real trigger set "celery".
+DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="off")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import django_filters
+from django import forms
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
@@ -8,15 +9,26 @@ from rest_framework.response import Response
 
 from apps.accounts.api.base import TeamScopedViewSet
 from apps.scheduling import services
-from apps.scheduling.api.serializers import JobCreateSerializer, JobEventSerializer, JobSerializer
+from apps.scheduling.api.serializers import (
+    JobCreateSerializer,
+    JobDetailSerializer,
+    JobEventSerializer,
+    JobSerializer,
+)
 from apps.scheduling.models import Job
+
+
+class IdFilter(django_filters.NumberFilter):
+    """A whole number. NumberFilter takes any decimal, and `team=-9e291` overflowed the database (a 500)."""
+
+    field_class = forms.IntegerField
 
 
 class JobFilter(django_filters.FilterSet):
     state = django_filters.MultipleChoiceFilter(choices=Job.State.choices)
     kind = django_filters.ChoiceFilter(choices=Job.Kind.choices)
     priority = django_filters.ChoiceFilter(choices=Job.Priority.choices)
-    team = django_filters.NumberFilter(field_name="team_id")
+    team = IdFilter(field_name="team_id")
     submitted_after = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="gte")
     submitted_before = django_filters.IsoDateTimeFilter(field_name="submitted_at", lookup_expr="lt")
 
@@ -33,6 +45,12 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
     select_related = ("team", "submitter")
     filterset_class = JobFilter
     ordering_fields = ["submitted_at", "priority", "state"]
+
+    @extend_schema(responses=JobDetailSerializer)
+    def retrieve(self, request, pk=None):  # noqa: ANN001, ANN201
+        """One job, with where it stands in the queue (position, reason, ETA) while it waits."""
+        job = self.get_object()
+        return Response(JobDetailSerializer(job).data)
 
     @extend_schema(request=JobCreateSerializer, responses={201: JobSerializer})
     def create(self, request):  # noqa: ANN001, ANN201

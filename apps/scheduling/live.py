@@ -1,0 +1,233 @@
+"""The live scheduler: feed the pure policy core from the database, apply its decision in one transaction.
+
+One pass at a time cluster-wide: on PostgreSQL a transaction-scoped advisory lock; on SQLite the
+transaction itself is `BEGIN IMMEDIATE` (settings), which already admits one writer at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.accounts.models import Team
+from apps.cluster.models import Gpu, GpuNode
+
+from . import policy
+from .models import Allocation, Job, QueueEntry
+from .services import transition
+from .states import LIVE, JobState
+from .usage import month_start
+
+log = logging.getLogger(__name__)
+
+# An arbitrary 64-bit key that names "the scheduling pass" among PostgreSQL advisory locks.
+PASS_LOCK_KEY = 0x6465_6570_6F70_7431
+ESTIMATOR_HISTORY = 2000  # completed jobs the run-time estimator learns from
+
+
+def policy_config() -> policy.PolicyConfig:
+    return policy.PolicyConfig(**getattr(settings, "DEEPOPT_SCHEDULER", {}))
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=timezone.get_current_timezone()) if value is not None else None
+
+
+def build_estimator(config: policy.PolicyConfig) -> policy.RuntimeEstimator:
+    """Learn run times from the latest completed jobs; a job's own true duration is never an input."""
+    estimator = policy.RuntimeEstimator(config)
+    done = (
+        Job.objects.filter(state=JobState.SUCCEEDED, started_at__isnull=False, finished_at__isnull=False)
+        .order_by("-finished_at")
+        .values_list("team_id", "kind", "gpus", "started_at", "finished_at")[:ESTIMATOR_HISTORY]
+    )
+    estimator.observe_many(
+        (team, kind, gpus, (end - start).total_seconds()) for team, kind, gpus, start, end in reversed(done)
+    )
+    return estimator
+
+
+def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapshot:
+    now_s = now.timestamp()
+    live_allocs = list(
+        Allocation.objects.filter(released_at__isnull=True).values_list("job_id", "node_id", "gpu_id")
+    )
+    busy = {gpu_id for _, _, gpu_id in live_allocs}
+    gpus_by_node: dict[int, list[policy.GpuSpec]] = {}
+    for gpu_id, node_id, index, memory in Gpu.objects.values_list("id", "node_id", "index", "memory_mb"):
+        gpus_by_node.setdefault(node_id, []).append(policy.GpuSpec(gpu_id, index, memory))
+    nodes = [
+        policy.NodeSpec(
+            id=node_id, name=name, rack=rack, state=state, gpus=tuple(gpus_by_node.get(node_id, ())),
+            free_gpu_ids=frozenset(g.gpu_id for g in gpus_by_node.get(node_id, ()) if g.gpu_id not in busy),
+        )
+        for node_id, name, rack, state in GpuNode.objects.values_list("id", "name", "rack", "state")
+    ]
+
+    held: dict[int, dict[int, list[int]]] = {}
+    for job_id, node_id, gpu_id in live_allocs:
+        held.setdefault(job_id, {}).setdefault(node_id, []).append(gpu_id)
+    running = [
+        policy.RunningJob(
+            id=job_id, team=team_id, kind=kind, gpus=held.get(job_id, {}),
+            start=_ts(started or updated), walltime_s=wall * 60 if wall else None,
+        )
+        for job_id, team_id, kind, started, updated, wall in Job.objects.filter(state__in=LIVE).values_list(
+            "id", "team_id", "kind", "started_at", "updated_at", "walltime_minutes"
+        )
+    ]
+    queued = [
+        policy.QueuedJob(
+            id=job_id, team=team_id, kind=kind, gpus=gpus, nodes=n_nodes, priority=priority,
+            gpu_memory_mb=int(memory * 1024) if memory else None, walltime_s=wall * 60 if wall else None,
+            submit=submitted.timestamp(), attempt=attempt,
+        )
+        for job_id, team_id, kind, gpus, n_nodes, priority, memory, wall, submitted, attempt in (
+            Job.objects.filter(state=JobState.QUEUED).order_by("submitted_at", "id").values_list(
+                "id", "team_id", "kind", "gpus", "nodes", "priority", "gpu_memory_gb", "walltime_minutes",
+                "submitted_at", "attempt",
+            )
+        )
+    ]
+    return policy.Snapshot(now=now_s, nodes=nodes, running=running, queued=queued,
+                           teams=_team_specs(now, config))
+
+
+def _team_specs(now: datetime, config: policy.PolicyConfig) -> list[policy.TeamSpec]:
+    """Teams with this month's GPU-seconds and their decayed usage, both from allocation rows."""
+    start_of_month = month_start(now)
+    horizon = now - timedelta(seconds=config.fair_share_half_life_s * 8)  # older usage weighs < 0.4%
+    since = min(start_of_month, horizon)
+    intervals: dict[int, list[tuple[float, float | None, int]]] = {}
+    month_s: dict[int, float] = {}
+    recent = Allocation.objects.filter(Q(released_at__isnull=True) | Q(released_at__gt=since))
+    for team_id, created, released in recent.values_list("job__team_id", "created_at", "released_at"):
+        intervals.setdefault(team_id, []).append((created.timestamp(), _ts(released), 1))
+        end = released or now
+        begin = max(created, start_of_month)
+        if end > begin:
+            month_s[team_id] = month_s.get(team_id, 0.0) + (end - begin).total_seconds()
+    now_s = now.timestamp()
+    return [
+        policy.TeamSpec(
+            id=team.pk, name=team.name, weight=team.weight, max_gpus=team.max_gpus,
+            gpu_hours_per_month=team.gpu_hours_per_month, max_gpus_per_job=team.max_gpus_per_job,
+            gpu_seconds_used_this_month=month_s.get(team.pk, 0.0),
+            decayed_usage=policy.decayed_usage(intervals.get(team.pk, ()), now_s, config.fair_share_half_life_s),
+        )
+        for team in Team.objects.all()
+    ]
+
+
+@dataclass
+class PassResult:
+    placed: list[int]
+    queued: int
+    pass_ms: float
+    policy_ms: float
+    skipped: bool = False
+
+
+def _lock() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            # Waits for a pass in progress: the event that asked for this pass may have committed
+            # after that pass read its snapshot, so skipping here could strand a job until the tick.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [PASS_LOCK_KEY - 2**63])
+
+
+def run_pass(now: datetime | None = None, *, with_etas: bool = True) -> PassResult:
+    """One scheduling pass: snapshot, policy, allocations, queue entries. Returns what it did."""
+    began = time.perf_counter()
+    config = policy_config()
+    with transaction.atomic():
+        _lock()
+        now = now or timezone.now()
+        snapshot = build_snapshot(now, config)
+        estimator = build_estimator(config)
+        t0 = time.perf_counter()
+        decision = policy.schedule(snapshot, estimator, config, format_time=policy.default_format_time)
+        etas = policy.forecast_etas(snapshot, estimator, config) if with_etas and decision.pending else {}
+        policy_ms = (time.perf_counter() - t0) * 1000
+        placed = _allocate(decision, now)
+        _write_queue(decision, etas, now)
+    return PassResult(placed=placed, queued=len(decision.pending), policy_ms=policy_ms,
+                      pass_ms=(time.perf_counter() - began) * 1000)
+
+
+def _allocate(decision: policy.Decision, now: datetime) -> list[int]:
+    if not decision.placements:
+        return []
+    wanted = {gpu for places in decision.placements.values() for _, gpus in places for gpu in gpus}
+    # Re-read the chosen GPUs under row locks: the pass lock keeps other passes out, but an
+    # administrator's node change or a worker's release may have landed since the snapshot.
+    locked = {g.pk: g for g in Gpu.objects.select_for_update().select_related("node").filter(pk__in=wanted)}
+    taken = set(Allocation.objects.filter(gpu_id__in=wanted, released_at__isnull=True)
+                .values_list("gpu_id", flat=True))
+    placed = []
+    jobs = Job.objects.in_bulk(list(decision.placements))
+    for job_id, places in decision.placements.items():
+        job = jobs.get(job_id)
+        gpu_ids = [gpu for _, gpus in places for gpu in gpus]
+        if job is None or job.state != JobState.QUEUED:
+            continue
+        usable = all(g in locked and g not in taken and locked[g].node.state == GpuNode.State.ACTIVE
+                     for g in gpu_ids)
+        if not usable:
+            continue  # the next pass sees the new state and places the job elsewhere
+        Allocation.objects.bulk_create(
+            Allocation(job=job, attempt=job.attempt, gpu_id=g, node_id=locked[g].node_id) for g in gpu_ids
+        )
+        taken.update(gpu_ids)
+        where = ", ".join(f"{locked[gpus[0]].node.name}:{','.join(str(locked[g].index) for g in gpus)}"
+                          for _, gpus in places)
+        transition(job, JobState.ALLOCATED, message=f"Allocated {len(gpu_ids)} GPU(s) on {where}.",
+                   data={"gpus": gpu_ids, "nodes": [node for node, _ in places]},
+                   expected_attempt=job.attempt)
+        placed.append(job_id)
+    return placed
+
+
+def _write_queue(decision: policy.Decision, etas: dict, now: datetime) -> None:
+    """Bring QueueEntry and Job.pending_reason in line with the pass, touching only what changed."""
+    existing = {e.job_id: e for e in QueueEntry.objects.all()}
+    stale = set(existing) - set(decision.pending)
+    if stale:
+        QueueEntry.objects.filter(job_id__in=stale).delete()
+    changed, created, reasons = [], [], {}
+    for job_id, pending in decision.pending.items():
+        reservation = decision.reservations.get(job_id)
+        values = {
+            "position": pending.position, "flow": pending.flow, "start_tag": pending.start_tag,
+            "finish_tag": pending.finish_tag, "reason": pending.reason[:300], "code": pending.code,
+            "eta": _dt(etas.get(job_id)), "reserved_at": _dt(reservation.time) if reservation else None,
+        }
+        entry = existing.get(job_id)
+        if entry is None:
+            created.append(QueueEntry(job_id=job_id, updated_at=now, **values))
+            reasons[job_id] = values["reason"]
+        elif any(getattr(entry, k) != v for k, v in values.items()):
+            if entry.reason != values["reason"]:
+                reasons[job_id] = values["reason"]
+            for k, v in values.items():
+                setattr(entry, k, v)
+            entry.updated_at = now
+            changed.append(entry)
+    QueueEntry.objects.bulk_create(created, batch_size=2000)
+    QueueEntry.objects.bulk_update(changed, ["position", "flow", "start_tag", "finish_tag", "reason", "code", "eta",
+                                             "reserved_at", "updated_at"], batch_size=2000)
+    by_reason: dict[str, list[int]] = {}
+    for job_id, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(job_id)
+    for reason, ids in by_reason.items():
+        Job.objects.filter(pk__in=ids, state=JobState.QUEUED).update(pending_reason=reason)

@@ -1,0 +1,15 @@
+"""Scheduling tasks: thin wrappers over apps.scheduling.live."""
+from __future__ import annotations
+
+from celery import shared_task
+
+
+@shared_task(name="scheduling.run_pass", time_limit=120, soft_time_limit=100, acks_late=False, ignore_result=True)
+def run_pass() -> dict:
+    from .live import run_pass as live_pass
+    from .triggers import clear_pending
+
+    # Cleared before the pass reads its snapshot, so an event during the pass asks for another one.
+    clear_pending()
+    result = live_pass()
+    return {"placed": result.placed, "queued": result.queued, "pass_ms": round(result.pass_ms, 1)}

@@ -1,0 +1,82 @@
+"""The live pass: the policy core fed from the database, decisions applied in one transaction."""
+from __future__ import annotations
+
+import pytest
+
+from apps.cluster.models import GpuNode
+from apps.cluster.services import set_node_state
+from apps.scheduling.live import run_pass
+from apps.scheduling.models import Allocation, Job, QueueEntry
+from tests.conftest import COMPRESSION_JOB
+
+pytestmark = pytest.mark.django_db
+
+
+def submit(client, team, gpus: int, name: str = "job", **extra) -> int:
+    payload = {**COMPRESSION_JOB, "name": name, "team": team.pk, "resources": {"gpus": gpus}, **extra}
+    response = client.post("/api/v1/jobs/", payload, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+def test_a_pass_places_what_fits_and_explains_what_waits(alice, team_a, node_a, client_for):
+    client = client_for(alice)
+    first, second, third = (submit(client, team_a, 4, f"j{i}") for i in range(3))
+    result = run_pass()
+    assert sorted(result.placed) == sorted([first, second])
+    assert {j.pk: j.state for j in Job.objects.all()} == {first: "allocated", second: "allocated", third: "queued"}
+    gpus_of = {job: set(Allocation.objects.filter(job_id=job, released_at__isnull=True).values_list("gpu_id", flat=True))
+               for job in (first, second)}
+    assert len(gpus_of[first]) == len(gpus_of[second]) == 4
+    assert not gpus_of[first] & gpus_of[second]
+    entry = QueueEntry.objects.get(job_id=third)
+    assert entry.position == 1
+    assert entry.flow.endswith("/compression")
+    assert entry.reason
+    assert Job.objects.get(pk=third).pending_reason == entry.reason
+    detail = client.get(f"/api/v1/jobs/{third}/").json()
+    assert detail["queue"]["position"] == 1
+    assert detail["queue"]["reason"] == entry.reason
+
+
+def test_a_job_that_starts_leaves_the_queue_view(alice, team_a, node_a, client_for):
+    client = client_for(alice)
+    job = submit(client, team_a, 8)
+    waiting = submit(client, team_a, 8)
+    run_pass()
+    assert QueueEntry.objects.filter(job_id=waiting).exists()
+    client.post(f"/api/v1/jobs/{waiting}/cancel/")
+    run_pass()
+    assert not QueueEntry.objects.filter(job_id=waiting).exists()
+    assert Job.objects.get(pk=job).state == "allocated"
+
+
+def test_a_draining_node_gets_nothing_new(alice, team_a, node_a, client_for):
+    set_node_state(node_a, GpuNode.State.DRAINING)
+    job = submit(client_for(alice), team_a, 1)
+    assert run_pass().placed == []
+    assert Job.objects.get(pk=job).state == "queued"
+    set_node_state(node_a, GpuNode.State.ACTIVE)
+    assert run_pass().placed == [job]
+
+
+def test_a_team_never_holds_more_than_max_gpus(charlie, team_b, node_a, node_b, client_for):
+    client = client_for(charlie)
+    jobs = [submit(client, team_b, 2, f"b{i}") for i in range(4)]  # team B: max_gpus 4, 12 GPUs free
+    run_pass()
+    held = Allocation.objects.filter(job__team=team_b, released_at__isnull=True).count()
+    assert held == 4
+    waiting = [j for j in jobs if Job.objects.get(pk=j).state == "queued"]
+    assert len(waiting) == 2
+    assert "4/4" in QueueEntry.objects.get(job_id=waiting[0]).reason
+
+
+def test_the_queue_endpoint_shows_only_the_callers_teams(alice, charlie, team_a, team_b, node_a, client_for):
+    submit(client_for(alice), team_a, 8, "a-big")
+    submit(client_for(alice), team_a, 8, "a-waits")
+    run_pass()
+    mine = client_for(alice).get("/api/v1/queue/").json()
+    assert [row["job"]["name"] for row in mine["results"]] == ["a-waits"]
+    row = mine["results"][0]
+    assert {"position", "flow", "finish_tag", "reason", "eta"} <= set(row)
+    assert client_for(charlie).get("/api/v1/queue/").json()["count"] == 0
