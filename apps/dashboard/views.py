@@ -174,7 +174,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_object_or_404(Job.objects.visible_to(request.user).select_related("team", "submitter"), pk=pk)
+    job = get_object_or_404(
+        Job.objects.visible_to(request.user).select_related("team", "submitter", "queue_entry"), pk=pk
+    )
     allocations = (Allocation.objects.filter(job=job, released_at__isnull=True)
                    .select_related("gpu", "node").order_by("node__name", "gpu__index"))
     return render(request, "dashboard/job_detail.html", {
@@ -182,7 +184,21 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "events": JobEvent.objects.filter(job=job).select_related("actor").order_by("-ts", "-id"),
         "allocations": allocations,
         "can_cancel": job.state not in TERMINAL and job.state != Job.State.CANCELLING,
+        "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,
     })
+
+
+@login_required
+def queue(request: HttpRequest) -> HttpResponse:
+    """The queue as the scheduler saw it in its latest pass: the same rows as GET /api/v1/queue/."""
+    from apps.accounts.permissions import team_ids_of
+    from apps.scheduling.models import QueueEntry
+
+    entries = QueueEntry.objects.select_related("job", "job__team").filter(job__state=Job.State.QUEUED)
+    if not request.user.is_staff:
+        entries = entries.filter(job__team_id__in=team_ids_of(request.user))
+    page = Paginator(entries.order_by("position"), 50).get_page(request.GET.get("page"))
+    return render(request, "dashboard/queue.html", {"page": page})
 
 
 @login_required

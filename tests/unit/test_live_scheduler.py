@@ -25,8 +25,8 @@ def test_a_pass_places_what_fits_and_explains_what_waits(alice, team_a, node_a, 
     result = run_pass()
     assert sorted(result.placed) == sorted([first, second])
     assert {j.pk: j.state for j in Job.objects.all()} == {first: "allocated", second: "allocated", third: "queued"}
-    gpus_of = {job: set(Allocation.objects.filter(job_id=job, released_at__isnull=True).values_list("gpu_id", flat=True))
-               for job in (first, second)}
+    live = Allocation.objects.filter(released_at__isnull=True)
+    gpus_of = {job: set(live.filter(job_id=job).values_list("gpu_id", flat=True)) for job in (first, second)}
     assert len(gpus_of[first]) == len(gpus_of[second]) == 4
     assert not gpus_of[first] & gpus_of[second]
     entry = QueueEntry.objects.get(job_id=third)
@@ -80,3 +80,19 @@ def test_the_queue_endpoint_shows_only_the_callers_teams(alice, charlie, team_a,
     row = mine["results"][0]
     assert {"position", "flow", "finish_tag", "reason", "eta"} <= set(row)
     assert client_for(charlie).get("/api/v1/queue/").json()["count"] == 0
+
+
+def test_the_queue_page_and_job_page_show_position_and_reason(alice, charlie, team_a, node_a, client_for, client):
+    client_api = client_for(alice)
+    submit(client_api, team_a, 8, "a-big")
+    waiting = submit(client_api, team_a, 8, "a-waits")
+    run_pass()
+    reason = QueueEntry.objects.get(job_id=waiting).reason
+    client.force_login(alice)
+    page = client.get("/queue/").content.decode()
+    assert "a-waits" in page
+    assert reason.split(";")[0] in page
+    detail = client.get(f"/jobs/{waiting}/").content.decode()
+    assert "#1 in the queue." in detail
+    client.force_login(charlie)
+    assert "a-waits" not in client.get("/queue/").content.decode()
