@@ -9,6 +9,9 @@ from apps.accounts.models import Membership, Team
 from apps.accounts.services import create_user, set_membership
 from apps.cluster.services import register_node
 
+# Helper modules with asserts that tests call into: let pytest explain their failures too.
+pytest.register_assert_rewrite("tests.unit.api_permission_suite")
+
 
 @pytest.fixture
 def team_a(db) -> Team:

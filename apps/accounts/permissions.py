@@ -1,14 +1,18 @@
 """Who may do what, in one place: team scoping for every object in DeepOpt."""
 from __future__ import annotations
 
+from .compiled import CompiledQuery
 from .models import Membership, Team
+
+# Every list request of a non-staff user asks: compiled once (compiled.py says why).
+_TEAM_IDS = CompiledQuery(lambda user_id: Membership.objects.filter(user_id=user_id).values_list("team_id"), -(2**40))
 
 
 def team_ids_of(user) -> set[int]:
     """Ids of the teams the user belongs to, cached on the user object for the request."""
     cached = getattr(user, "_deepopt_team_ids", None)
     if cached is None:
-        cached = set(Membership.objects.filter(user=user).values_list("team_id", flat=True))
+        cached = {row[0] for row in _TEAM_IDS.values(user.pk)}
         user._deepopt_team_ids = cached
     return cached
 
@@ -32,3 +36,8 @@ def can_manage_team(user, team: Team | int) -> bool:
     """Staff, or a lead of this team: manage members and the team's nodes."""
     team_id = team if isinstance(team, int) else team.pk
     return bool(user.is_staff or team_id in lead_team_ids_of(user))
+
+
+def can_cancel_job(user, job) -> bool:  # noqa: ANN001
+    """The submitter, a lead of the job's team, or staff. Teammates see each other's jobs but do not stop them."""
+    return bool(user.is_staff or job.submitter_id == user.pk or job.team_id in lead_team_ids_of(user))

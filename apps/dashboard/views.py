@@ -14,7 +14,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from apps.accounts.models import Team
-from apps.accounts.permissions import can_manage_team, team_ids_of
+from apps.accounts.permissions import can_cancel_job, can_manage_team, team_ids_of
 from apps.cluster import services as cluster_services
 from apps.cluster.models import Gpu, GpuNode
 from apps.scheduling import services as scheduling_services
@@ -183,7 +183,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "job": job,
         "events": JobEvent.objects.filter(job=job).select_related("actor").order_by("-ts", "-id"),
         "allocations": allocations,
-        "can_cancel": job.state not in TERMINAL and job.state != Job.State.CANCELLING,
+        "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
+                       and can_cancel_job(request.user, job)),
         "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,
     })
 
@@ -205,6 +206,8 @@ def queue(request: HttpRequest) -> HttpResponse:
 @require_POST
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
+    if not can_cancel_job(request.user, job):
+        raise PermissionDenied("Only the job's submitter, a lead of its team or staff can cancel it.")
     try:
         job = scheduling_services.cancel_job(job, actor=request.user)
     except IllegalTransition:

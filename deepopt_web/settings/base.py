@@ -21,7 +21,13 @@ DATABASES = {
 }
 # Persistent connections: a request that opens a fresh PostgreSQL connection pays ~2 ms for it.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("CONN_HEALTH_CHECKS", default=True)
+# ASGI servers run Django's sync code on threads they do not keep, so per-thread persistent connections
+# pile up until PostgreSQL refuses more: DATABASE_POOL=N gives each process a pool of N instead.
+DATABASE_POOL = env.int("DATABASE_POOL", default=0)
+if DATABASE_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": DATABASE_POOL, "timeout": 10}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web server, the worker and beat read while one of them writes.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -110,7 +116,7 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "apps.accounts.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -181,7 +187,9 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 
 CELERY_BEAT_SCHEDULE = {
     # Passes also run on submit, job end and node change; the tick catches whatever those missed.
-    "scheduling-tick": {"task": "scheduling.run_pass", "schedule": env.float("SCHEDULER_TICK_S", default=5.0)},
+    # Ticks expire: while no worker runs they must not pile up into a burst of passes at its start.
+    "scheduling-tick": {"task": "scheduling.run_pass", "schedule": env.float("SCHEDULER_TICK_S", default=5.0),
+                        "options": {"expires": 5.0}},
 }
 
 # The scheduler (apps/scheduling/policy). Keys are PolicyConfig fields; docs/scheduler.md explains each
@@ -190,6 +198,9 @@ DEEPOPT_SCHEDULER: dict = {}
 # How a submit/job end/node change asks for a pass: celery (debounced task), inline (in the request;
 # single-process setups and tests), off (the beat tick only).
 DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="celery")
+
+# Job submission checks the job against the cluster's capacity, cached per process this long (seconds).
+DEEPOPT_CAPACITY_CACHE_SECONDS = env.float("DEEPOPT_CAPACITY_CACHE_SECONDS", default=2.0)
 
 # Admin bootstrap used by `manage.py ensure_admin` (make run).
 DEEPOPT_ADMIN_USER = env("DEEPOPT_ADMIN_USER", default="admin")

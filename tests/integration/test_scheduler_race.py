@@ -72,7 +72,8 @@ def test_racing_passes_never_double_book_a_gpu_or_break_a_quota(client_for, alic
 
     live = Allocation.objects.filter(released_at__isnull=True)
     per_gpu = Counter(live.values_list("gpu_id", flat=True))
-    assert per_gpu and max(per_gpu.values()) == 1
+    assert per_gpu
+    assert max(per_gpu.values()) == 1
     per_team = Counter(live.values_list("job__team_id", flat=True))
     assert per_team[team_a.pk] <= team_a.max_gpus
     assert per_team[team_b.pk] <= team_b.max_gpus

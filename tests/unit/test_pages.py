@@ -90,13 +90,22 @@ def test_it_rejects_a_wrong_password_on_the_login_page(alice):
 
 # --- every page renders for its user -------------------------------------------------------------
 
+def test_a_teammate_sees_a_job_but_only_its_submitter_or_a_lead_can_cancel_it(alice, bob, job_of_alice):
+    bob_client = page_for(bob)
+    assert "Cancel job" not in bob_client.get(f"/jobs/{job_of_alice.pk}/").content.decode()
+    assert bob_client.post(f"/jobs/{job_of_alice.pk}/cancel/").status_code == 403
+    job_of_alice.refresh_from_db()
+    assert job_of_alice.state == "queued"
+    assert "Cancel job" in page_for(alice).get(f"/jobs/{job_of_alice.pk}/").content.decode()
+
+
 def test_every_page_renders_for_a_team_member(bob, job_of_alice, node_a, team_a):
     client = page_for(bob)
     pages = {
         "/": ["Dashboard", "Recent jobs", job_of_alice.name, "Team A"],
         "/jobs/": [job_of_alice.name],
         "/jobs/new/": ["Submit a job", "minilm-l6", "gpt2-small"],
-        f"/jobs/{job_of_alice.pk}/": [job_of_alice.name, "Submitted.", "minilm-l6", "Cancel job"],
+        f"/jobs/{job_of_alice.pk}/": [job_of_alice.name, "Submitted.", "minilm-l6"],
         "/nodes/": [node_a.name],
         f"/nodes/{node_a.pk}/": [node_a.name, "NVIDIA H200"],
         "/teams/": ["Team A", "GPU-hours this month"],
@@ -285,8 +294,8 @@ def test_charlie_cannot_submit_for_team_a_through_the_form(charlie, team_a, team
 
 # --- cancel ------------------------------------------------------------------------------------
 
-def test_the_cancel_button_cancels_once_and_then_says_why_not(bob, job_of_alice):
-    client = page_for(bob)
+def test_the_cancel_button_cancels_once_and_then_says_why_not(alice, job_of_alice):
+    client = page_for(alice)
     response = client.post(f"/jobs/{job_of_alice.pk}/cancel/", follow=True)
     job_of_alice.refresh_from_db()
     assert job_of_alice.state == "cancelled"
