@@ -1,0 +1,106 @@
+"""Real training processes on gloo: 2 emulated nodes of 2 processes, a killed rank, a resumed attempt."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _run(*args: str, timeout: float = 100) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          check=False, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_hierarchical_exchange_equals_a_plain_all_reduce_and_int4_sends_7x_fewer_bytes_between_nodes():
+    proc = _run("workers.training.hcof.selfcheck", "--nodes", "2", "--procs-per-node", "2",
+                "--elements", "8192", "--rounds", "20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    codecs = report["codecs"]
+    assert codecs["none"]["rel_error_one_round"] < 1e-6
+    assert all(c["replicas_identical"] for c in codecs.values())
+    # Error feedback: averaged over rounds, what was delivered approaches the true sum.
+    for name in ("int8", "int4"):
+        assert codecs[name]["rel_error_mean_of_rounds"] < codecs[name]["rel_error_one_round"] / 4, name
+    assert codecs["topk:0.05"]["rel_error_mean_of_rounds"] < 0.8 * codecs["topk:0.05"]["rel_error_one_round"]
+    inter = {name: c["bytes_by_level"]["inter_node"] for name, c in codecs.items()}
+    assert inter["none"] / inter["int4"] >= 7
+    assert inter["none"] / inter["bf16"] == 2
+    # The node-local reduce-scatter and all-gather stay at full precision whatever the inter-node codec.
+    assert codecs["int4"]["bytes_by_level"]["intra_node"] == codecs["none"]["bytes_by_level"]["intra_node"]
+    assert report["sparse_rows"]["max_abs_error"] == 0.0
+    assert report["sparse_rows"]["bytes_by_level"]["inter_node"] < report["sparse_rows"]["dense_fp32_allreduce_bytes"]
+
+
+def test_digits_learns_with_int4_between_two_nodes_of_two_processes():
+    proc = _run("workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "2",
+                "--backend", "gloo", "--steps", "40", "--hcof", "intra_node=none,inter_node=int4", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _lines(proc.stdout)
+    steps = [r for r in lines if r["type"] == "step"]
+    final = lines[-1]
+    assert len(steps) == 40
+    assert final["type"] == "final"
+    assert set(steps[-1]["bytes"]) == {"intra_node", "inter_node", "cross_rack"}
+    assert final["final_accuracy"] > 0.8  # 40 steps of 128 images; chance is 0.1
+    assert final["replicas_consistent"] is True
+    assert final["bytes_by_level"]["inter_node"] * 7 < final["bytes_by_level"]["intra_node"]
+    assert 0.0 <= final["overlap_ratio"] <= 1.0
+    assert 0.0 < final["comm_share"] < 1.0
+
+
+def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):
+    common = ["workers.training", "--model", "digits-mlp", "--backend", "gloo", "--checkpoint-dir", str(tmp_path),
+              "--checkpoint-every", "2", "--json"]
+    first = _run(*common, "--steps", "4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "latest").read_text() == "4"
+    again = _run(*common, "--steps", "7", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = _lines(again.stdout)
+    assert lines[0] == {"type": "resumed", "step": 4}
+    assert [r["step"] for r in lines if r["type"] == "step"] == [5, 6, 7]
+
+
+def test_a_killed_rank_makes_the_others_exit_and_the_attempt_fail_within_60_seconds():
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "1",
+         "--backend", "gloo", "--steps", "1000000", "--hcof", "inter_node=int8", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().startswith('{"type": "step"')  # training is under way
+        workers = psutil.Process(launcher.pid).children()
+        victim = next(p for p in workers if p.environ().get("RANK") == "1")
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        rc = launcher.wait(timeout=60)
+        assert time.monotonic() - killed_at < 60
+        assert rc != 0
+        assert "rank" in launcher.stderr.read()
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_bad_input_fails_before_any_process_starts_with_status_2():
+    started = time.monotonic()
+    proc = _run("workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "2",
+                "--hcof", "inter_node=topk:1.5", timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: the topk ratio must be in (0, 1], got 1.5\n"
+    assert time.monotonic() - started < 30

@@ -1,0 +1,1 @@
+"""HCOF: hierarchical, topology-aware gradient compression overlapped with computation."""

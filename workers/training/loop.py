@@ -1,0 +1,257 @@
+"""One training process: rendezvous, model, gradient exchange (HCOF or a DDP baseline), steps, metrics, checkpoints."""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint
+from .catalog import DEFAULT_BATCH, DEFAULT_LR
+from .cli import Config, UsageError, fail, resolve_backends
+from .hcof.collectives import LevelExchanger
+from .hcof.reducer import HcofReducer
+from .hcof.topology import LEVELS, build_level_groups
+from .models import build_task
+from .projection import ddp_bytes_by_level
+
+
+def _die_with_parent() -> None:
+    # If the launcher is killed outright, its workers must not live on holding GPUs (Linux only).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def emit(cfg: Config, record: dict) -> None:
+    if cfg.json:
+        print(json.dumps(record), flush=True)
+    elif record.get("type") == "final":
+        print(json.dumps(record, indent=2), flush=True)
+
+
+def run_worker(cfg: Config) -> int:
+    _die_with_parent()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    topo = cfg.topology
+    try:
+        resolve_backends(cfg)
+    except UsageError as exc:
+        return fail(str(exc))
+    timeout = timedelta(seconds=cfg.pg_timeout)
+    if cfg.backend == "nccl":
+        count = torch.cuda.device_count()
+        # A dispatcher that narrows CUDA_VISIBLE_DEVICES to this node's GPUs leaves them numbered from 0:
+        # then the local rank is the index; an emulation on one host uses the topology's host indices.
+        index = topo.place(rank).local_rank if count == topo.procs_per_node else topo.gpu_of(rank) % count
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // topo.procs_per_node))
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(cfg.backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+
+    batch = cfg.batch_size or DEFAULT_BATCH[cfg.model]
+    task = build_task(cfg.model, batch, cfg.seq_len, device, rank)
+    model = task.model
+    lr = cfg.lr or DEFAULT_LR[cfg.model]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+
+    reducer = None
+    exchanger = None
+    if cfg.hcof is None:
+        if world > 1:
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        bucket_cap_mb=cfg.bucket_mb, gradient_as_bucket_view=True)
+            _register_ddp_hook(model, cfg.ddp_hook)
+    else:
+        backends = {"intra_node": cfg.backend, "inter_node": cfg.inter_backend, "cross_rack": cfg.inter_backend}
+        groups = build_level_groups(topo, rank, backends, timeout)
+        for p in model.parameters():  # replicas start identical, as DDP makes them
+            dist.broadcast(p.data, src=0)
+        exchanger = LevelExchanger(groups, device)
+        reducer = HcofReducer(task.model, exchanger, cfg.hcof, cfg.critical, world, device,
+                              bucket_mb=cfg.bucket_mb, first_bucket_mb=cfg.first_bucket_mb)
+
+    start_step = 0
+    if cfg.resume:
+        start_step = checkpoint.load(cfg.checkpoint_dir, rank, task.model, optimizer, reducer)
+        if start_step:
+            emit(cfg, {"type": "resumed", "step": start_step})
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(5, cfg.steps // 5)
+    global_batch = batch * world
+    timed = {"step": 0.0, "compute": 0.0, "exposed": 0.0, "busy": 0.0, "n": 0}
+    level_s = {lv: 0.0 for lv in LEVELS}
+    level_bytes = {lv: 0 for lv in LEVELS}
+    losses: list[float] = []
+    for step in range(start_step, cfg.steps):
+        before_b = dict(exchanger.bytes) if exchanger else {}
+        before_s = dict(exchanger.seconds) if exchanger else {}
+        t0 = time.perf_counter()
+        if reducer:
+            reducer.start_step()
+        with autocast:
+            loss = task.loss(model, task.batch(step, rank, world))
+        loss.backward()
+        if reducer:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_bwd = time.perf_counter()
+            exposed = reducer.finish()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        loss_value = loss.item()  # also waits for the GPU, so the step time below is real
+        t1 = time.perf_counter()
+        if not math.isfinite(loss_value):
+            print(f"error: rank {rank} loss became {loss_value} at step {step}", file=sys.stderr)
+            return 1
+        losses.append(loss_value)
+        record = {"type": "step", "step": step + 1, "loss": round(loss_value, 6), "step_s": round(t1 - t0, 6),
+                  "samples_per_s": round(global_batch / (t1 - t0), 2)}
+        if reducer:
+            record["compute_s"] = round(t_bwd - t0, 6)
+            record["exposed_comm_s"] = round(exposed, 6)
+            record["comm_s"] = {lv: round(exchanger.seconds[lv] - before_s[lv], 6) for lv in LEVELS}
+            record["bytes"] = {lv: exchanger.bytes[lv] - before_b[lv] for lv in LEVELS}
+        if step - start_step >= warmup:
+            timed["n"] += 1
+            timed["step"] += t1 - t0
+            if reducer:
+                timed["compute"] += t_bwd - t0
+                timed["exposed"] += exposed
+                timed["busy"] += reducer.step_busy
+                for lv in LEVELS:
+                    level_s[lv] += record["comm_s"][lv]
+                    level_bytes[lv] += record["bytes"][lv]
+        if rank == 0:
+            emit(cfg, record)
+        if cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            checkpoint.save(cfg.checkpoint_dir, rank, step + 1, task.model, optimizer, reducer)
+    if cfg.checkpoint_dir and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
+        checkpoint.save(cfg.checkpoint_dir, rank, cfg.steps, task.model, optimizer, reducer)
+
+    final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr)
+    if rank == 0:
+        emit(cfg, final)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _register_ddp_hook(model: DDP, hook: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook == "bf16":
+        if dist.get_backend() == "nccl":
+            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        else:  # torch refuses its own hook off NCCL; the same algorithm, for gloo runs on CPU
+            model.register_comm_hook(None, _bf16_hook_gloo)
+    elif hook.startswith("powersgd:"):
+        # start_powerSGD_iter=2: compress from the second step (the default waits 1,000 steps).
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=int(hook.split(":")[1]),
+                                            start_powerSGD_iter=2, warm_start=True, use_error_feedback=True)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+
+def _bf16_hook_gloo(process_group, bucket):
+    group = process_group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    fut = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(f):
+        out = bucket.buffer()
+        out.copy_(f.value()[0])
+        return out
+
+    return fut.then(decompress)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr) -> dict:
+    tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
+    mine = torch.tensor([sum(tail) / len(tail), losses[-1] if losses else float("nan"),
+                         _checksum(task.model)], dtype=torch.float64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    stacked = torch.stack(everyone).cpu()
+    stats = torch.tensor([timed["n"], timed["step"], timed["compute"], timed["exposed"], timed["busy"],
+                          *[level_s[lv] for lv in LEVELS], *[level_bytes[lv] for lv in LEVELS]],
+                         dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(gathered, stats)
+    g = torch.stack(gathered).cpu()
+    n = max(1.0, float(g[0, 0]))
+    step_s = float(g[:, 1].max()) / n  # the slowest rank sets the pace
+    samples_per_s = batch * world / step_s if step_s > 0 else None
+    sums = [abs(float(x)) for x in stacked[:, 2]]
+    consistent = (max(sums) - min(sums)) <= 1e-6 * max(1.0, max(sums))
+    record = {
+        "type": "final", "model": cfg.model, "synthetic": task.synthetic, "task": task.description,
+        "world_size": world, "topology": cfg.topology.describe(), "backend": cfg.backend,
+        "inter_backend": cfg.inter_backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "mode": _mode_name(cfg), "batch_per_process": batch, "lr": lr,
+        "steps": cfg.steps, "timed_steps": int(n),
+        "final_loss": round(float(stacked[:, 0].mean()), 6), "last_step_loss": round(float(stacked[:, 1].mean()), 6),
+        "step_time_s": round(step_s, 6), "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
+        "replicas_consistent": consistent,
+    }
+    if task.evaluate is not None:
+        record["final_accuracy"] = round(task.evaluate(), 6)
+    if cfg.single_samples_per_s and samples_per_s:
+        record["scaling_efficiency"] = round(samples_per_s / (world * cfg.single_samples_per_s), 4)
+    if reducer is not None:
+        busy = float(g[:, 4].mean()) / n
+        exposed = float(g[:, 3].mean()) / n
+        record.update({
+            "compute_s": round(float(g[:, 2].mean()) / n, 6),
+            "comm_s_by_level": {lv: round(float(g[:, 5 + i].mean()) / n, 6) for i, lv in enumerate(LEVELS)},
+            "comm_busy_s": round(busy, 6), "exposed_comm_s": round(exposed, 6),
+            "comm_share": round(exposed / step_s, 4) if step_s else None,
+            "overlap_ratio": round(max(0.0, 1 - exposed / busy), 4) if busy > 0 else None,
+            "bytes_by_level": {lv: int(g[:, 8 + i].sum()) for i, lv in enumerate(LEVELS)},
+            "bytes_per_step_by_level": {lv: int(g[:, 8 + i].sum() / n) for i, lv in enumerate(LEVELS)},
+            "bytes_counted": "measured: sizes of the tensors handed to each level's collectives, summed over ranks",
+            "hcof": {k: v.name for k, v in cfg.hcof.items()}, "buckets": len(reducer.buckets),
+        })
+    elif world > 1:
+        per_step = ddp_bytes_by_level(task.model, cfg.topology, cfg.ddp_hook)
+        record.update({
+            "bytes_per_step_by_level": per_step,
+            "bytes_by_level": {lv: b * int(n) for lv, b in per_step.items()},
+            "bytes_counted": "modelled: a flat ring all-reduce of DDP's buckets over ranks laid out node by node",
+        })
+    return record
+
+
+def _mode_name(cfg: Config) -> str:
+    if cfg.hcof is not None:
+        return "hcof " + ",".join(f"{k}={v.name}" for k, v in cfg.hcof.items())
+    return "ddp fp32" if cfg.ddp_hook == "none" else f"ddp {cfg.ddp_hook} hook"
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in model.parameters()))
+
