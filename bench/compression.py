@@ -1,0 +1,530 @@
+"""Compression benchmark; prints JSON (and writes it with --out).
+
+CPU (this machine): digits-cnn quantized / pruned / both against the issue's goals, and minilm-l6
+end to end (sensitivity, assignment, quantization, evaluation) with its wall time.
+GPU (--device cuda): minilm-l6 and bert-base side by side — fp32, bf16, bf16 + torch.compile
+(reduce-overhead: CUDA graphs), torchao's uniform int8 / float8 (dynamic, compiled) and int4
+(weight-only, eager), and the sensitivity-chosen mix — at batch 1, 8 and 64 x 128 tokens; then, if
+time is left, ResNet-50 pruned and Llama-1B one-token decode. Every section checks a deadline and
+the JSON is rewritten after each measurement, so a run cut short still reports what it measured.
+
+    python bench/compression.py --device cpu --out bench/results/compression-DATE-cpu.json
+    python bench/compression.py --device cuda --deadline-s 540 --out $OUT/compression-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from workers.compression import engine, report, sensitivity  # noqa: E402
+from workers.compression.models import make_task, to_device  # noqa: E402
+from workers.compression.quantize import FULL, apply_simulated, apply_torchao  # noqa: E402
+
+START = time.perf_counter()
+# The GPU sections run on DEV; `--dry-run` points them at the CPU, eager only, to check the code paths.
+DEV = "cuda"
+COMPILE = True
+BATCHES = (1, 8, 64)
+
+
+class Bench:
+    def __init__(self, out: Path | None, deadline_s: float):
+        self.out = out
+        self.deadline = START + deadline_s
+        self.section_deadline = self.deadline
+        self.doc: dict = {
+            "benchmark": "compression",
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+            "host": platform.node(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "results": {},
+            "goals": [],
+            "skipped": [],
+            "errors": [],
+        }
+        if torch.cuda.is_available():
+            self.doc["gpu"] = torch.cuda.get_device_name()
+        try:
+            import torchao
+
+            self.doc["torchao"] = torchao.__version__
+        except Exception as exc:  # noqa: BLE001 - the report says why torchao is missing
+            self.doc["torchao"] = f"unavailable: {exc}"
+
+    def left(self) -> float:
+        return min(self.deadline, self.section_deadline) - time.perf_counter()
+
+    def section(self, until_s: float) -> None:
+        """Give the next section time up to `until_s` after start (the global deadline still holds)."""
+        self.section_deadline = START + until_s
+
+    def save(self) -> None:
+        self.doc["elapsed_s"] = round(time.perf_counter() - START, 1)
+        text = json.dumps(self.doc, indent=1, default=str)
+        if self.out:
+            tmp = self.out.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.out)
+
+    def goal(self, name: str, target: str, measured, met: bool | None) -> None:
+        self.doc["goals"].append({"goal": name, "target": target, "measured": measured, "met": met})
+        self.save()
+
+    def guard(self, label: str, need_s: float, fn, *args):
+        if self.left() < need_s:
+            self.doc["skipped"].append(f"{label}: {self.left():.0f} s left, needs about {need_s:.0f} s")
+            self.save()
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+            self.doc["errors"].append(
+                {"where": label, "error": f"{type(exc).__name__}: {exc}"[:600], "trace": traceback.format_exc()[-1500:]}
+            )
+            self.save()
+            return None
+
+
+# ------------------------------------------------------------------ CPU
+
+
+def cpu(bench: Bench, models: list[str]) -> None:
+    res = bench.doc["results"]
+    if "digits-cnn" in models:
+        runs = {
+            "quantized": engine.Options(model="digits-cnn", quantize="auto", keep_ratio=1.0, max_quality_drop=0.3),
+            "pruned": engine.Options(model="digits-cnn", quantize="off", keep_ratio=0.7),
+            "pruned+quantized": engine.Options(
+                model="digits-cnn", quantize="auto", keep_ratio=0.7, max_quality_drop=1.1
+            ),
+        }
+        for label, opts in runs.items():
+            r = bench.guard(f"digits-cnn {label}", 60, engine.run, opts)
+            if r is None:
+                continue
+            res[f"digits-cnn {label}"] = r
+            b, c = r["baseline"], r["compressed"]
+            drop = b["quality"] - c["quality"]
+            size = b["weight_bytes"] / c["weight_bytes"]
+            fewer = b["params"] / c["params"]
+            if label == "quantized":
+                bench.goal(
+                    "digits-cnn quantized",
+                    ">= 4x smaller weights, drop <= 0.3 points",
+                    {"weights_x": size, "drop_points": drop},
+                    size >= 4 and drop <= 0.3,
+                )
+            elif label == "pruned":
+                bench.goal(
+                    "digits-cnn pruned keep 0.7 + recovery",
+                    ">= 2x fewer params, drop <= 1.1 points",
+                    {"params_x": fewer, "drop_points": drop},
+                    fewer >= 2 and drop <= 1.1,
+                )
+            else:
+                bench.goal(
+                    "digits-cnn pruned + quantized",
+                    ">= 8x smaller, drop <= 1.1 points",
+                    {"weights_x": size, "drop_points": drop},
+                    size >= 8 and drop <= 1.1,
+                )
+    if "minilm-l6" in models:
+        r = bench.guard(
+            "minilm-l6 auto", 200, engine.run, engine.Options(model="minilm-l6", quantize="auto", keep_ratio=1.0)
+        )
+        if r is not None:
+            res["minilm-l6 auto"] = r
+            b, c = r["baseline"], r["compressed"]
+            bench.goal(
+                "minilm-l6 end to end on this CPU",
+                "<= 300 s (model load, sensitivity, assignment, quantize, evaluate)",
+                {
+                    "wall_s": r["wall_s"],
+                    "cpu_s": r["cpu_s"],
+                    "load_avg_1m_at_end": os.getloadavg()[0],
+                    "weights_x": b["weight_bytes"] / c["weight_bytes"],
+                    "fidelity": c["quality"],
+                    "nn_agreement": c.get("nn_agreement"),
+                },
+                r["wall_s"] <= 300,
+            )
+
+
+# ------------------------------------------------------------------ GPU
+
+
+def cuda_time_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
+    if DEV != "cuda":
+        return statistics.median([_wall_ms(fn) for _ in range(2)])
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _wall_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def encoder_inputs(task, name: str, batch: int) -> tuple:
+    if name == "minilm-l6":
+        ids, mask = task.example_inputs  # 8 real sentences padded to 128
+        reps = -(-batch // ids.shape[0])
+        return ids.repeat(reps, 1)[:batch].to(DEV), mask.repeat(reps, 1)[:batch].to(DEV)
+    gen = torch.Generator().manual_seed(batch)
+    return (
+        torch.randint(1000, 30522, (batch, 128), generator=gen).to(DEV),
+        torch.ones(batch, 128, dtype=torch.long).to(DEV),
+    )
+
+
+def fidelity(task, model, name) -> float:
+    batches = task.eval_batches if name == "minilm-l6" else [encoder_inputs(task, name, 64)]
+    with torch.inference_mode():
+        outs = [model(*to_device(b, DEV)).float() for b in batches]
+    ref = task.reference_eval if name == "minilm-l6" else task.gpu_reference
+    sims = [
+        torch.nn.functional.cosine_similarity(o.reshape(-1, o.shape[-1]), r.to(DEV).reshape(-1, r.shape[-1]), dim=1)
+        for o, r in zip(outs, ref, strict=True)
+    ]
+    return torch.cat(sims).mean().item()
+
+
+def encoders(bench: Bench, name: str) -> None:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        quantize_,
+    )
+
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    task = make_task(name)
+    fp32 = task.model.to(DEV).eval()
+    task.set_reference(fp32)
+    if name != "minilm-l6":
+        with torch.inference_mode():
+            task.gpu_reference = [fp32(*encoder_inputs(task, name, 64)).float().cpu()]
+    out = bench.doc["results"].setdefault(
+        f"{name} h200", {"real_weights": task.real_weights, "quality_metric": task.quality_metric, "variants": {}}
+    )
+    # Sensitivity and assignment on the GPU (fp32 fake-quant of one layer at a time), budget 0.01 cosine.
+    if DEV == "cuda":
+        sens = sensitivity.measure(task, fp32, sensitivity.default_formats(128))
+        assignment, info = sensitivity.auto_assign(task, fp32, sens, 0.01)
+    else:  # the dry run checks code paths, not the (slow on CPU) sweep
+        assignment, info = sensitivity.preset(fp32, 128), {"method": "preset (dry run)"}
+    assignment = {k: v for k, v in assignment.items() if v != FULL}
+    out["sensitivity_s"] = round(time.perf_counter() - t0, 1)
+    out["assignment_info"] = info
+    out["assignment_formats"] = {f: sum(1 for v in assignment.values() if v == f) for f in set(assignment.values())}
+    bench.save()
+    fp32_bytes = report.weight_bytes(fp32)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+
+    def uniform(cfg):
+        def build():
+            m = copy.deepcopy(bf16)
+            quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear))
+            return m
+
+        return build
+
+    def mix_kernels():
+        m = copy.deepcopy(fp32).to(torch.bfloat16)  # layers the mix keeps in fp32 run in bf16 here
+        m, simulated = apply_torchao(m, assignment, DEV)
+        out["mix_simulated_layers"] = simulated
+        return m
+
+    def mix_dequant():
+        return apply_simulated(copy.deepcopy(fp32), assignment).to(torch.bfloat16)
+
+    linear_only = {n: f for n, f in ((n, "int8") for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear))}
+    sizes = {
+        "fp32": fp32_bytes,
+        "bf16": fp32_bytes // 2,
+        "int8-dynamic": report.weight_bytes(fp32, linear_only),
+        "float8-dynamic": report.weight_bytes(fp32, linear_only),
+        "int4-weight-only": report.weight_bytes(fp32, {n: "int4_g128" for n in linear_only}),
+        "mix": report.weight_bytes(fp32, assignment),
+        "mix-dequant-on-load": report.weight_bytes(fp32, assignment),
+    }
+    # Most telling first: a deadline cuts the tail. torch.compile runs as reduce-overhead (inductor + CUDA graphs).
+    ro = "reduce-overhead"
+    variants = [
+        ("bf16", lambda: bf16, [None, ro]),
+        ("mix", mix_kernels, [None, ro]),
+        (
+            "int4-weight-only",
+            uniform(Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")),
+            [None],
+        ),
+        ("int8-dynamic", uniform(Int8DynamicActivationInt8WeightConfig()), [ro]),
+        ("float8-dynamic", uniform(Float8DynamicActivationFloat8WeightConfig()), [ro]),
+        ("mix-dequant-on-load", mix_dequant, [None]),
+        ("fp32", lambda: fp32, [None]),
+    ]
+    for label, build, modes in variants:
+        model = bench.guard(f"{name} {label} build", 15, build)
+        if model is None:
+            continue
+        entry = out["variants"].setdefault(label, {"weight_bytes": sizes[label], "latency_ms": {}})
+        entry["fidelity"] = bench.guard(f"{name} {label} fidelity", 5, fidelity, task, model, name)
+        if label == "mix-dequant-on-load":
+            entry["note"] = (
+                "artifact holds the packed mix; weights are unpacked to bf16 at load, so the GPU runs "
+                "exactly bf16's kernels and holds bf16-sized weights"
+            )
+        for mode in modes:
+            if mode is not None and not COMPILE:
+                continue
+            runner = model if mode is None else torch.compile(model, mode=mode, dynamic=False)
+            key = "eager" if mode is None else f"compile-{mode}"
+            for batch in BATCHES:
+                inputs = encoder_inputs(task, name, batch)
+
+                def step(r=runner, i=inputs):
+                    with torch.inference_mode():
+                        r(*i)
+
+                ms = bench.guard(f"{name} {label} {key} b{batch}", 45 if mode else 5, cuda_time_ms, step)
+                entry["latency_ms"].setdefault(key, {})[f"b{batch}x128"] = ms
+                bench.save()
+        del model
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    v = out["variants"]
+
+    def best(label):
+        lat = v.get(label, {}).get("latency_ms", {})
+        return {
+            b: min((m[b] for m in lat.values() if m.get(b) is not None), default=None)
+            for b in ("b1x128", "b8x128", "b64x128")
+        }
+
+    bf16_best, mix_best = best("bf16"), best("mix")
+    mix_fid = v.get("mix", {}).get("fidelity")
+    size_x = fp32_bytes / sizes["mix"]
+    bench.goal(
+        f"{name} mix on H200: weights and fidelity",
+        ">= 4x smaller than fp32, fidelity >= 0.99",
+        {"weights_x": size_x, "fidelity": mix_fid},
+        bool(mix_fid and size_x >= 4 and mix_fid >= 0.99),
+    )
+    ok = all(mix_best[b] is not None and bf16_best[b] is not None and mix_best[b] <= bf16_best[b] for b in bf16_best)
+    bench.goal(
+        f"{name} mix on H200: latency",
+        "no worse than the best bf16 at batch 1, 8, 64 x 128",
+        {"mix_best_ms": mix_best, "bf16_best_ms": bf16_best},
+        ok,
+    )
+
+
+def resnet(bench: Bench) -> None:
+    from workers.compression.prune import prune
+
+    torch._dynamo.reset()
+    task = make_task("resnet50")
+    base = task.model.to(DEV).eval()
+    out = bench.doc["results"].setdefault("resnet50 h200", {"real_weights": False, "variants": {}})
+    x = torch.randn(64 if DEV == "cuda" else 2, 3, 224, 224, device=DEV, dtype=torch.bfloat16).to(
+        memory_format=torch.channels_last
+    )
+    task.example_inputs = (torch.randn(2, 3, 224, 224),)
+    for label, keep in (("unpruned", 1.0), ("taylor keep 0.5", 0.5), ("taylor keep 0.4", 0.4)):
+        if keep < 1:
+            model = bench.guard(
+                f"resnet50 prune {keep}",
+                60,
+                lambda k=keep: prune(task, base, k, steps=1, taylor_batches=2, recovery_steps=0, round_to=8)[0],
+            )
+            if model is None:
+                continue
+        else:
+            model = base
+        m = copy.deepcopy(model).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        compiled = torch.compile(m, mode="reduce-overhead", dynamic=False) if COMPILE else m
+
+        def step(c=compiled):
+            with torch.inference_mode():
+                c(x)
+
+        ms = bench.guard(f"resnet50 {label} latency", 60, cuda_time_ms, step)
+        out["variants"][label] = {"params": report.params(model), "latency_ms_b64_bf16_cl_reduce_overhead": ms}
+        bench.save()
+    v = out["variants"]
+    if "unpruned" in v:
+        for label in ("taylor keep 0.5", "taylor keep 0.4"):
+            if (
+                label in v
+                and v[label]["latency_ms_b64_bf16_cl_reduce_overhead"]
+                and v["unpruned"]["latency_ms_b64_bf16_cl_reduce_overhead"]
+            ):
+                px = v["unpruned"]["params"] / v[label]["params"]
+                lx = (
+                    v["unpruned"]["latency_ms_b64_bf16_cl_reduce_overhead"]
+                    / v[label]["latency_ms_b64_bf16_cl_reduce_overhead"]
+                )
+                bench.goal(
+                    f"resnet50 {label}",
+                    ">= 3.2x fewer params and >= 2.5x lower latency",
+                    {"params_x": px, "latency_x": lx},
+                    px >= 3.2 and lx >= 2.5,
+                )
+
+
+def llama(bench: Bench) -> None:
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    task = make_task("llama-1b", smoke=DEV != "cuda")
+    lm = task.model.lm.to(torch.bfloat16).to(DEV).eval()
+    out = bench.doc["results"].setdefault(
+        "llama-1b h200 decode",
+        {
+            "real_weights": False,
+            "variants": {},
+            "setup": "batch 1, one token at position 511 of a 512-token static KV cache",
+        },
+    )
+
+    def decode_ms(model, label):
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=512)
+        except TypeError:
+            cache = StaticCache(
+                config=model.config, max_batch_size=1, max_cache_len=512, device=DEV, dtype=torch.bfloat16
+            )
+        tok = torch.tensor([[123]], device=DEV)
+        pos = torch.tensor([511], device=DEV)
+
+        def fwd(t, p):
+            return model(input_ids=t, past_key_values=cache, cache_position=p, use_cache=True).logits
+
+        compiled = torch.compile(fwd, mode="reduce-overhead", fullgraph=False, dynamic=False) if COMPILE else fwd
+
+        def step():
+            with torch.inference_mode():
+                compiled(tok, pos)
+
+        ms = cuda_time_ms(step, warmup=5, repeats=30)
+        out["variants"][label] = {"latency_ms_per_token": ms}
+        bench.save()
+        return ms
+
+    bf16_ms = bench.guard("llama bf16 decode", 90, decode_ms, lm, "bf16 + reduce-overhead")
+
+    def int4_copy():
+        q = copy.deepcopy(lm)
+        cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        quantize_(q, cfg, lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+        return q
+
+    q = bench.guard("llama int4 quantize", 30, int4_copy)
+    int4_ms = None
+    if q is not None:
+        int4_ms = bench.guard("llama int4 decode", 90, decode_ms, q, "torchao int4 weight-only + reduce-overhead")
+    from workers.compression.quantize import estimate_bytes
+
+    bf16_bytes = 2 * report.params(lm)
+    int4_bytes = (
+        sum(
+            estimate_bytes(tuple(m.weight.shape), "int4_g128") - 2 * m.weight.numel()
+            for n, m in lm.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        )
+        + bf16_bytes
+    )
+    out["weight_bytes"] = {"bf16": bf16_bytes, "int4 (lm_head and embeddings bf16)": int4_bytes}
+    if bf16_ms and int4_ms:
+        bench.goal(
+            "llama-1b decode",
+            "<= 0.6x bf16 + CUDA graphs latency, weights >= 3.5x smaller than bf16",
+            {"int4_over_bf16": int4_ms / bf16_ms, "weights_x": bf16_bytes / int4_bytes},
+            int4_ms / bf16_ms <= 0.6 and bf16_bytes / int4_bytes >= 3.5,
+        )
+
+
+def gpu(bench: Bench, models: list[str]) -> None:
+    if DEV == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # Shares of the deadline per section, so that one slow section cannot starve the rest.
+    total = bench.deadline - START
+    plan = [
+        ("minilm-l6", 0.38, encoders),
+        ("bert-base", 0.76, encoders),
+        ("resnet50", 0.88, None),
+        ("llama-1b", 1.0, None),
+    ]
+    for name, share, fn in plan:
+        if name not in models:
+            continue
+        bench.section(total * share)
+        if name == "resnet50":
+            bench.guard("resnet50 section", 30, resnet, bench)
+        elif name == "llama-1b":
+            bench.guard("llama-1b section", 40, llama, bench)
+        else:
+            bench.guard(f"{name} section", 60, fn, bench, name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated; default: digits-cnn,minilm-l6 on CPU, minilm-l6,bert-base,resnet50,llama-1b on CUDA",
+    )
+    p.add_argument("--deadline-s", type=float, default=3000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="run the GPU sections on the CPU, eager, to test them")
+    args = p.parse_args()
+    global DEV, COMPILE, BATCHES
+    if args.dry_run:
+        DEV, COMPILE, BATCHES = "cpu", False, (1,)
+    torch.set_num_threads(args.threads)
+    default = "digits-cnn,minilm-l6" if args.device == "cpu" else "minilm-l6,bert-base,resnet50,llama-1b"
+    models = (args.models or default).split(",")
+    bench = Bench(args.out, args.deadline_s)
+    bench.doc["device"] = args.device
+    (gpu if args.device == "cuda" or args.dry_run else cpu)(bench, models)
+    bench.save()
+    print(json.dumps(bench.doc, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

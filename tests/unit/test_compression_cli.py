@@ -1,0 +1,179 @@
+"""`python -m workers.compression` as a runner calls it: real processes, real files, no downloads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.compression import engine, models
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+torch.set_num_threads(1)  # the test machine is small and shared
+
+
+def compression(*args, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "workers.compression", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    proc = compression(
+        "--model",
+        "digits-cnn",
+        "--quantize",
+        "auto",
+        "--keep-ratio",
+        "0.7",
+        "--max-quality-drop",
+        "1.1",
+        "--prune-steps",
+        "2",
+        "--recovery-steps",
+        "80",
+        "--json-lines",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, out
+
+
+def test_a_digits_run_prints_progress_lines_then_the_report_last(digits_run):
+    proc, _ = digits_run
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    progress = [line for line in lines[:-1] if line["type"] == "progress"]
+    stages = [p["stage"] for p in progress]
+    assert {"baseline", "prune", "recover", "sensitivity", "evaluate", "done"} <= set(stages)
+    assert all(0 <= p["pct"] <= 100 for p in progress)
+    report = lines[-1]
+    assert report["type"] == "result"
+    for key in ("model", "device", "quality_metric", "baseline", "compressed", "layers", "simulated", "wall_s"):
+        assert key in report
+    for side in ("baseline", "compressed"):
+        assert set(report[side]) >= {"quality", "weight_bytes", "params", "macs", "latency_ms"}
+    for layer in report["layers"]:
+        assert set(layer) >= {"name", "format", "sensitivity", "bytes", "kept"}
+
+
+def test_a_digits_run_prunes_and_quantizes_within_its_budget(digits_run):
+    report = json.loads(digits_run[0].stdout.strip().splitlines()[-1])
+    base, comp = report["baseline"], report["compressed"]
+    assert base["params"] / comp["params"] >= 2.0
+    assert comp["macs"] < base["macs"]
+    assert base["weight_bytes"] / comp["weight_bytes"] >= 8.0
+    assert base["quality"] - comp["quality"] <= 1.1
+    assert report["simulated"] is True  # int4 has no CPU kernel
+    assert {layer["kept"] for layer in report["layers"] if layer["name"] != "classifier.3"} == {0.7}
+
+
+def test_the_artifact_reloads_in_a_fresh_process_with_the_reported_quality(digits_run):
+    proc, out = digits_run
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "model.safetensors"}
+    reload = subprocess.run(
+        [sys.executable, "-m", "workers.compression.artifact", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert reload.returncode == 0, reload.stderr[-2000:]
+    assert json.loads(reload.stdout.strip().splitlines()[-1])["quality"] == report["compressed"]["quality"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers_shapes"]["features.0"]["weight"] == [28, 1, 3, 3]
+    int4 = [k for k, e in manifest["tensors"].items() if e["format"].startswith("int4")]
+    assert int4, "expected at least one int4 layer"
+    assert all(
+        manifest["tensors"][k]["bytes"] < 4 * torch.Size(manifest["tensors"][k]["shape"]).numel() / 4 for k in int4
+    )
+
+
+def refused(proc, out: Path | None = None):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stdout == ""
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return proc.stderr
+
+
+def test_it_refuses_an_unknown_model(tmp_path):
+    err = refused(compression("--model", "gpt-17", "--json", "--out", str(tmp_path / "o")), tmp_path / "o")
+    assert "unknown model" in err
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5", "nan-ish"])
+def test_it_refuses_a_keep_ratio_outside_zero_to_one(ratio, tmp_path):
+    refused(
+        compression("--model", "digits-cnn", "--keep-ratio", ratio, "--json", "--out", str(tmp_path / "o")),
+        tmp_path / "o",
+    )
+
+
+def test_it_refuses_an_upload_that_is_not_safetensors(tmp_path):
+    pt = tmp_path / "weights.pt"
+    torch.save(models.DigitsCNN().state_dict(), pt)
+    err = refused(compression("--upload", str(pt), "--arch", "digits-cnn", "--json"))
+    assert "safetensors" in err
+    fake = tmp_path / "weights.safetensors"
+    fake.write_bytes(pt.read_bytes())  # a pickle by another name
+    err = refused(
+        compression("--upload", str(fake), "--arch", "digits-cnn", "--json", "--out", str(tmp_path / "o")),
+        tmp_path / "o",
+    )
+    assert "not a safetensors file" in err
+
+
+def test_it_refuses_weights_that_do_not_match_the_architecture(tmp_path):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(models.DigitsCNN(c1=32).state_dict(), str(wrong))
+    err = refused(
+        compression(
+            "--upload",
+            str(wrong),
+            "--arch",
+            "digits-cnn",
+            "--quantize",
+            "off",
+            "--keep-ratio",
+            "1",
+            "--json",
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        tmp_path / "o",
+    )
+    assert "do not match architecture 'digits-cnn'" in err
+
+
+def test_an_uploaded_model_is_compressed_like_the_catalog_one(tmp_path):
+    from safetensors.torch import save_file
+
+    upload = tmp_path / "mine.safetensors"
+    save_file(models.digits_cnn_trained().state_dict(), str(upload))
+    opts = engine.Options(upload=upload, arch="digits-cnn", quantize="preset", keep_ratio=1.0, latency_repeats=2)
+    report = engine.run(opts)
+    assert report["model"] == "upload:mine.safetensors"
+    assert report["baseline"]["quality"] > 90
+    assert {layer["format"] for layer in report["layers"]} == {"int4_g64"}
+    assert report["baseline"]["weight_bytes"] / report["compressed"]["weight_bytes"] > 6

@@ -1,0 +1,187 @@
+"""The compressed checkpoint: `model.safetensors` (packed weights) + `manifest.json` (formats, shapes).
+
+A fresh process rebuilds the catalog architecture, resizes every layer to the shapes in the manifest
+(pruning changed them), unpacks the weights and evaluates: `python -m workers.compression.artifact DIR`
+prints the quality it measures, which must equal the quality the compression run reported.
+Loading reads safetensors and JSON only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import BadInput
+from .quantize import FULL, pack, packed_bytes, unpack
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+REFERENCE = "reference.safetensors"
+FORMAT_VERSION = 1
+
+
+def pack_state(model: nn.Module, assignment: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors to store and the manifest entries that say how to read them back."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    weights_of = {f"{name}.weight": fmt for name, fmt in assignment.items()}
+    seen: dict[int, str] = {}
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen and value.numel() > 0:
+            entries[key] = {"format": "alias", "of": seen[value.data_ptr()], "shape": list(value.shape)}
+            continue
+        seen[value.data_ptr()] = key
+        fmt = weights_of.get(key, FULL if value.is_floating_point() else "raw")
+        if fmt == "raw":
+            tensors[key] = value.detach().cpu().contiguous()
+            entries[key] = {
+                "format": "raw",
+                "shape": list(value.shape),
+                "dtype": str(value.dtype).removeprefix("torch."),
+            }
+            continue
+        packed = pack(value.detach().cpu(), fmt)
+        for suffix, t in packed.items():
+            tensors[f"{key}.{suffix}" if suffix else key] = t
+        entries[key] = {"format": fmt, "shape": list(value.shape), "bytes": packed_bytes(packed)}
+    return tensors, entries
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict]:
+    """What resize_to needs to rebuild pruned layers."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.BatchNorm2d, nn.LayerNorm)):
+            shapes[name] = {"type": type(m).__name__, "weight": list(m.weight.shape)}
+        if hasattr(m, "attention_head_size") and hasattr(m, "query"):
+            shapes[name] = {"type": "attention", "heads": m.query.out_features // m.attention_head_size}
+    return shapes
+
+
+def resize_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
+    """Replace layers of a freshly built architecture by ones of the manifest's (pruned) sizes."""
+    modules = dict(model.named_modules())
+    for name, spec in shapes.items():
+        m = modules.get(name)
+        if m is None:
+            raise BadInput(f"the artifact has a layer {name!r} that the architecture does not")
+        w = spec.get("weight")
+        if spec["type"] == "attention":
+            m.num_attention_heads = spec["heads"]
+            m.all_head_size = spec["heads"] * m.attention_head_size
+            continue
+        if list(m.weight.shape) == w:
+            continue
+        if isinstance(m, nn.Linear):
+            new = nn.Linear(w[1], w[0], bias=m.bias is not None)
+        elif isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(
+                w[1] * m.groups, w[0], m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias=m.bias is not None
+            )
+        elif isinstance(m, nn.Embedding):
+            new = nn.Embedding(w[0], w[1], padding_idx=m.padding_idx)
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(w[0], eps=m.eps, momentum=m.momentum)
+        elif isinstance(m, nn.LayerNorm):
+            new = nn.LayerNorm(w, eps=m.eps)
+        else:
+            raise BadInput(f"cannot resize layer {name!r} of type {type(m).__name__}")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, leaf, new)
+    return model
+
+
+def save(
+    out_dir: Path,
+    model: nn.Module,
+    assignment: dict[str, str],
+    manifest: dict,
+    reference: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """Write the artifact into a temporary sibling and rename it into place; return the weight bytes."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tensors, entries = pack_state(model, assignment)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS))
+        if reference:
+            save_file(reference, str(tmp / REFERENCE))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        body = {**manifest, "format_version": FORMAT_VERSION, "tensors": entries, "layers_shapes": layer_shapes(model)}
+        (tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True))
+        if out_dir.exists():
+            out_dir.rmdir()  # only an empty folder may be replaced; the CLI checked that before starting
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sum(e.get("bytes", 0) for e in entries.values()) + sum(
+        tensors[k].numel() * tensors[k].element_size() for k, e in entries.items() if e["format"] == "raw"
+    )
+
+
+def load(art_dir: Path) -> tuple[nn.Module, dict]:
+    """The model an artifact stands for, with unpacked (simulated) weights, and its manifest."""
+    from safetensors.torch import load_file
+
+    from .models import build_architecture
+
+    art_dir = Path(art_dir)
+    manifest = json.loads((art_dir / MANIFEST).read_text())
+    model = build_architecture(manifest["arch"], smoke=manifest.get("smoke", False))
+    resize_to(model, manifest["layers_shapes"])
+    stored = load_file(str(art_dir / WEIGHTS))
+    state = {}
+    for key, entry in manifest["tensors"].items():
+        fmt = entry["format"]
+        if fmt == "alias":
+            continue
+        if fmt == "raw":
+            state[key] = stored[key]
+            continue
+        suffixes = [
+            k[len(key) + 1 :] for k in stored if k.startswith(key + ".") and k[len(key) + 1 :] in ("q", "scale", "zero")
+        ]
+        packed = {s: stored[f"{key}.{s}"] for s in suffixes} if suffixes else {"": stored[key]}
+        state[key] = unpack(packed, fmt, tuple(entry["shape"]))
+    for key, entry in manifest["tensors"].items():
+        if entry["format"] == "alias":
+            state[key] = state[entry["of"]]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), manifest
+
+
+def evaluate(art_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from .models import make_task
+
+    model, manifest = load(art_dir)
+    task = make_task(manifest["arch"], model=model, smoke=manifest.get("smoke", False))
+    ref_path = Path(art_dir) / REFERENCE
+    if ref_path.exists():
+        ref = load_file(str(ref_path))
+        task.reference_eval = [ref[f"eval.{i}"] for i in range(len(task.eval_batches))]
+    return {"model": manifest["model"], "quality": task.quality(model), **task.extra_quality(model)}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m workers.compression.artifact ARTIFACT_DIR", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    print(json.dumps(evaluate(Path(argv[0]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

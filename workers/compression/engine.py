@@ -1,0 +1,217 @@
+"""One compression run: validate, measure the baseline, prune, quantize, measure again, write the artifact."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import MODEL_NAMES, BadInput
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .models import Task
+
+Emit = Callable[[str, float], None]
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    quantize: str = "auto"
+    keep_ratio: float = 0.7
+    max_quality_drop: float | None = None
+    out: Path | None = None
+    upload: Path | None = None
+    arch: str | None = None
+    device: str = "cpu"
+    group_size: int = 64
+    prune_steps: int = 3
+    recovery_steps: int = 300
+    smoke: bool = False
+    latency_repeats: int = 7
+
+
+def validate(opts: Options) -> None:
+    """Everything that can be refused without loading weights is refused here, before any work or file.
+
+    It imports no torch, so a runner learns about a typo in a second, not after the ML stack loads.
+    """
+    if opts.upload is None and opts.model not in MODEL_NAMES:
+        raise BadInput(f"unknown model {opts.model!r}; the catalog has {', '.join(MODEL_NAMES)}")
+    if not (0.0 < opts.keep_ratio <= 1.0):
+        raise BadInput(f"--keep-ratio must be in (0, 1], got {opts.keep_ratio}")
+    if opts.quantize not in ("auto", "preset", "off"):
+        raise BadInput(f"--quantize must be auto, preset or off, got {opts.quantize!r}")
+    if opts.max_quality_drop is not None and opts.max_quality_drop < 0:
+        raise BadInput(f"--max-quality-drop must be >= 0, got {opts.max_quality_drop}")
+    if opts.group_size <= 0:
+        raise BadInput(f"--group-size must be positive, got {opts.group_size}")
+    if opts.upload is not None:
+        if opts.arch not in MODEL_NAMES:
+            raise BadInput(f"--upload needs --arch, one of {', '.join(MODEL_NAMES)}; got {opts.arch!r}")
+        if opts.upload.suffix != ".safetensors":
+            raise BadInput(f"uploads must be .safetensors files, got {opts.upload.name!r}")
+        if not opts.upload.is_file():
+            raise BadInput(f"upload {str(opts.upload)!r} does not exist")
+        with opts.upload.open("rb") as f:
+            head = f.read(8)
+        # A safetensors file starts with the little-endian length of its JSON header; a pickle or zip does not.
+        if len(head) < 8 or not (2 <= int.from_bytes(head, "little") <= 100_000_000):
+            raise BadInput(f"upload {opts.upload.name!r} is not a safetensors file")
+    if opts.out is not None:
+        if opts.out.exists() and (not opts.out.is_dir() or any(opts.out.iterdir())):
+            raise BadInput(f"--out {str(opts.out)!r} exists and is not an empty folder")
+        if not opts.out.parent.is_dir():
+            raise BadInput(f"--out parent folder {str(opts.out.parent)!r} does not exist")
+
+
+def load_upload(opts: Options) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import build_architecture
+
+    model = build_architecture(opts.arch, smoke=opts.smoke)
+    try:
+        state = load_file(str(opts.upload))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInput(f"upload {opts.upload.name!r} is not a readable safetensors file: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise BadInput(f"upload weights do not match architecture {opts.arch!r}: {detail[:300]}") from None
+    return model.eval()
+
+
+def measure(task: Task, model: nn.Module, assignment: dict[str, str] | None) -> tuple[dict, nn.Module]:
+    """Quality, size, parameters and MACs; latency is measured later, paired with the other model."""
+    from . import report
+    from .quantize import apply_simulated
+
+    quality_model = model if assignment is None else apply_simulated(copy.deepcopy(model), assignment)
+    return {
+        "quality": task.quality(quality_model),
+        "weight_bytes": report.weight_bytes(model, assignment),
+        "params": report.params(model),
+        "macs": report.macs(model, task.example_inputs),
+        **task.extra_quality(quality_model),
+    }, quality_model
+
+
+def run(opts: Options, emit: Emit | None = None) -> dict:
+    import torch
+
+    from . import artifact, report, sensitivity
+    from .models import make_task
+    from .prune import kept_fractions, prune
+    from .quantize import FULL, apply_torchao, candidate_formats
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    validate(opts)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda asked for, but no CUDA device is visible")
+    say = emit or (lambda stage, pct: None)
+    say("load", 0.0)
+    device = torch.device(opts.device)
+    if opts.upload is not None:
+        task = make_task(opts.arch, model=load_upload(opts), smoke=opts.smoke)
+        name = f"upload:{opts.upload.name}"
+    else:
+        task = make_task(opts.model, smoke=opts.smoke)
+        name = opts.model
+    model = task.model.to(device).eval()
+    task.set_reference(model)
+    max_drop = task.default_max_drop if opts.max_quality_drop is None else opts.max_quality_drop
+    say("baseline", 0.0)
+    baseline, _ = measure(task, model, None)
+    base_calib = task.calib_score(model)
+
+    pruned, kept, pruning = model, {}, None
+    if opts.keep_ratio < 1.0:
+        pruned, pruning = prune(
+            task,
+            model,
+            opts.keep_ratio,
+            steps=opts.prune_steps,
+            recovery_steps=opts.recovery_steps,
+            progress=lambda s, f: say(s, f),
+        )
+        kept = kept_fractions(model, pruned)
+
+    sens, quant_info = None, None
+    if opts.quantize == "auto":
+        formats = candidate_formats(opts.group_size)
+        sens = sensitivity.measure(task, pruned, formats, progress=lambda f: say("sensitivity", f))
+        spent = base_calib - task.calib_score(pruned)
+        budget = max(max_drop - max(spent, 0.0), 0.0)
+        say("assign", 0.0)
+        assignment, quant_info = sensitivity.auto_assign(task, pruned, sens, budget)
+        quant_info["calib_drop_from_pruning"] = spent
+    elif opts.quantize == "preset":
+        assignment = sensitivity.preset(pruned, opts.group_size)
+        quant_info = {"method": "fixed preset: attention Q/K/V fp8, other Linear/Conv int4, embeddings and norms fp32"}
+    else:
+        assignment = {}
+    assignment = {k: v for k, v in assignment.items() if v != FULL}
+
+    say("evaluate", 0.0)
+    executed, simulated_layers = None, list(assignment)
+    if device.type == "cuda" and assignment:
+        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, "cuda")
+    compressed, simulated_model = measure(task, pruned, assignment)
+    say("latency", 0.0)
+    baseline["latency_ms"], compressed["latency_ms"] = report.paired_latency_ms(
+        [model, executed or simulated_model], task.example_inputs, repeats=opts.latency_repeats
+    )
+
+    result = {
+        "model": name,
+        "arch": task.arch,
+        "device": str(device),
+        "quality_metric": task.quality_metric,
+        "data_source": task.data_source,
+        "real_weights": task.real_weights,
+        "max_quality_drop": max_drop,
+        "baseline": baseline,
+        "compressed": compressed,
+        "layers": report.layer_rows(pruned, assignment, sens, kept),
+        "simulated": bool(simulated_layers),
+        "execution": ("torchao kernels where they exist; " if device.type == "cuda" else "")
+        + (
+            f"{len(simulated_layers)} layer(s) simulated: weights unpacked to the compute dtype, "
+            "quality exactly that of the packed weights, sizes those of the packed tensors"
+            if simulated_layers
+            else "no simulated layers"
+        ),
+        "quantization": quant_info,
+        "pruning": pruning,
+        "notes": task.notes,
+        "threads": torch.get_num_threads(),
+    }
+    if opts.out is not None:
+        say("artifact", 0.0)
+        reference = None
+        if task.reference_eval is not None:
+            reference = {f"eval.{i}": t.contiguous() for i, t in enumerate(task.reference_eval)}
+        manifest = {
+            "model": name,
+            "arch": task.arch,
+            "smoke": opts.smoke,
+            "assignment": assignment,
+            "reported_quality": compressed["quality"],
+            "quality_metric": task.quality_metric,
+        }
+        artifact.save(opts.out, copy.deepcopy(pruned).cpu(), assignment, manifest, reference)
+        result["artifact"] = str(opts.out)
+    result["wall_s"] = time.perf_counter() - start
+    # CPU seconds of this process: on a shared machine, wall time also counts other processes' load.
+    result["cpu_s"] = time.process_time() - cpu_start
+    say("done", 1.0)
+    return result

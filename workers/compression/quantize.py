@@ -1,0 +1,205 @@
+"""Weight formats: fake quantization for measuring quality, real packing for size and artifacts.
+
+Every format here is weight-only: activations stay in the model's compute dtype. The packed form is
+what the artifact stores, so the bytes reported are bytes on disk, not a bits-per-weight estimate:
+int4 stores two nibbles per byte plus an fp16 scale and fp16 minimum per group; int8 and fp8 store
+one byte per weight plus one fp32 scale per output row; bf16 stores two bytes per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FULL = "fp32"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int  # payload bits per weight, before scales
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_format(name: str) -> tuple[str, int | None]:
+    """'int4_g64' -> ('int4', 64); others -> (name, None)."""
+    if name.startswith("int4_g"):
+        return "int4", int(name[len("int4_g") :])
+    if name in {FULL, "bf16", "fp8_e4m3", "int8"}:
+        return name, None
+    raise ValueError(f"unknown weight format {name!r}")
+
+
+def candidate_formats(group_size: int) -> list[str]:
+    return ["bf16", "fp8_e4m3", "int8", f"int4_g{group_size}"]
+
+
+def format_bits(name: str) -> int:
+    kind, _ = parse_format(name)
+    return {"fp32": 32, "bf16": 16, "fp8_e4m3": 8, "int8": 8, "int4": 4}[kind]
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """Weights as (output rows, inputs): Conv2d's (out, in, kh, kw) and Embedding's (vocab, dim) alike."""
+    return w.detach().reshape(w.shape[0], -1).float()
+
+
+def _effective_group(cols: int, group: int) -> int:
+    return min(group, cols)
+
+
+def pack(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """Packed tensors for one weight; keys are suffixes ('q', 'scale', 'zero') or '' for a plain cast."""
+    kind, group = parse_format(fmt)
+    if kind == FULL:
+        return {"": w.detach().float().contiguous()}
+    if kind == "bf16":
+        return {"": w.detach().to(torch.bfloat16).contiguous()}
+    rows = _rows(w)
+    if kind == "int8":
+        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.clamp(torch.round(rows / scale[:, None]), -127, 127).to(torch.int8)
+        return {"q": q.contiguous(), "scale": scale.contiguous()}
+    if kind == "fp8_e4m3":
+        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        q = (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return {"q": q.view(torch.uint8).contiguous(), "scale": scale.contiguous()}
+    # int4, asymmetric per group of `group` inputs along each row; the last group is zero-padded.
+    cols = rows.shape[1]
+    g = _effective_group(cols, group)
+    padded = math.ceil(cols / g) * g
+    if padded != cols:
+        rows = torch.nn.functional.pad(rows, (0, padded - cols))
+    grouped = rows.reshape(rows.shape[0], padded // g, g)
+    lo = grouped.amin(dim=2)
+    hi = grouped.amax(dim=2)
+    # fp16 parameters are what gets stored, so quantize against the rounded ones.
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
+    zero = lo.to(torch.float16)
+    q = torch.clamp(torch.round((grouped - zero.float()[..., None]) / scale.float()[..., None]), 0, 15).to(torch.uint8)
+    flat = q.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nibbles = (flat[0::2] | (flat[1::2] << 4)).contiguous()
+    return {"q": nibbles, "scale": scale.contiguous(), "zero": zero.contiguous()}
+
+
+def unpack(packed: dict[str, torch.Tensor], fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 weight that a packed tensor stands for (what simulated execution computes with)."""
+    kind, group = parse_format(fmt)
+    if kind in (FULL, "bf16"):
+        return packed[""].float().reshape(shape)
+    out_rows = shape[0]
+    cols = math.prod(shape[1:])
+    if kind == "int8":
+        return (packed["q"].float() * packed["scale"][:, None]).reshape(shape)
+    if kind == "fp8_e4m3":
+        q = packed["q"].view(torch.float8_e4m3fn).float()
+        return (q * packed["scale"][:, None]).reshape(shape)
+    g = _effective_group(cols, group)
+    n_groups = math.ceil(cols / g)
+    nibbles = packed["q"]
+    flat = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=1).reshape(-1)[: out_rows * n_groups * g]
+    grouped = flat.reshape(out_rows, n_groups, g).float()
+    deq = grouped * packed["scale"].float()[..., None] + packed["zero"].float()[..., None]
+    return deq.reshape(out_rows, n_groups * g)[:, :cols].reshape(shape)
+
+
+def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize then dequantize, in the weight's dtype and device."""
+    return unpack(pack(w, fmt), fmt, tuple(w.shape)).to(dtype=w.dtype, device=w.device)
+
+
+def packed_bytes(packed: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in packed.values())
+
+
+def estimate_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes pack() would produce for a weight of this shape, without packing it."""
+    kind, group = parse_format(fmt)
+    n = math.prod(shape)
+    rows, cols = shape[0], n // shape[0]
+    if kind == FULL:
+        return 4 * n
+    if kind == "bf16":
+        return 2 * n
+    if kind in ("int8", "fp8_e4m3"):
+        return n + 4 * rows
+    g = _effective_group(cols, group)
+    n_groups = math.ceil(cols / g)
+    return math.ceil(rows * n_groups * g / 2) + 4 * rows * n_groups
+
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose weight may change format; norms and biases always stay in full precision."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and m.weight.dim() >= 2}
+
+
+def apply_simulated(model: nn.Module, assignment: dict[str, str]) -> nn.Module:
+    """Replace each assigned layer's weight in place by its quantize-dequantize image."""
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name, fmt in assignment.items():
+            if fmt != FULL:
+                w = layers[name].weight
+                w.copy_(fake_quant(w, fmt))
+    return model
+
+
+def torchao_config(fmt: str, device: str):
+    """The torchao config that executes a format with real kernels on `device`, or None if there is none.
+
+    Facts behind the table (torchao 0.17/0.18): on CPU, Int8WeightOnly and Float8WeightOnly run,
+    int4 has no CPU packing (plain needs the mslk library, tile_packed_to_4d needs CUDA). On CUDA
+    sm80+, int4 runs with tile_packed_to_4d (tinygemm); fp8 needs sm89+.
+    """
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    kind, group = parse_format(fmt)
+    if kind == "int8":
+        return Int8WeightOnlyConfig()
+    if kind == "fp8_e4m3":
+        if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            return None
+        return Float8WeightOnlyConfig()
+    if kind == "int4" and device == "cuda":
+        return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+    return None
+
+
+def apply_torchao(model: nn.Module, assignment: dict[str, str], device: str) -> tuple[nn.Module, list[str]]:
+    """Execute the assignment with torchao where kernels exist; return the layers left simulated.
+
+    Embeddings and formats without kernels are fake-quantized instead (their quality is still the
+    packed weights' quality, their speed that of the compute dtype).
+    """
+    from torchao.quantization import quantize_
+
+    layers = dict(model.named_modules())
+    simulated = []
+    for name, fmt in assignment.items():
+        if fmt in (FULL, "bf16"):
+            continue
+        layer = layers[name]
+        cfg = torchao_config(fmt, device) if isinstance(layer, nn.Linear) else None
+        if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
+            cfg = None  # tinygemm's int4 takes bf16 activations only
+        if cfg is not None:
+            try:
+                quantize_(layer, cfg, filter_fn=lambda m, _fqn, target=layer: m is target)
+                continue
+            except (AssertionError, RuntimeError, NotImplementedError, ImportError):
+                pass  # no kernel for this shape or dtype here: simulate it, and say so
+        with torch.no_grad():
+            layer.weight.copy_(fake_quant(layer.weight, fmt))
+        simulated.append(name)
+    return model, simulated
