@@ -1,8 +1,10 @@
 """Node verbs: register, drain, activate, and the capacity the cluster could ever offer a job."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Min
 
@@ -19,6 +21,7 @@ class IllegalNodeTransition(Exception):
 
 
 def _announce(node: GpuNode) -> None:
+    forget_cluster_capacity()
     transaction.on_commit(lambda: node_changed.send(sender=GpuNode, node=node))
 
 
@@ -93,6 +96,25 @@ class Capacity:
         return None
 
 
-def cluster_capacity() -> Capacity:
+# Every submission asks whether the cluster could ever hold the job, but the answer only changes when
+# nodes come or go. Each process keeps it for DEEPOPT_CAPACITY_CACHE_SECONDS and forgets it at once
+# when it registers or changes a node itself; another process may see a node added in the last few
+# seconds late, and meanwhile refuse a job that only that node could hold.
+_capacity_cache: tuple[float, Capacity] | None = None
+
+
+def forget_cluster_capacity() -> None:
+    global _capacity_cache
+    _capacity_cache = None
+
+
+def cluster_capacity(*, cached: bool = False) -> Capacity:
+    """Per-node GPU counts and memory. `cached`: a few seconds old is good enough (job submission)."""
+    global _capacity_cache
+    max_age = settings.DEEPOPT_CAPACITY_CACHE_SECONDS
+    if cached and max_age and _capacity_cache is not None and time.monotonic() - _capacity_cache[0] < max_age:
+        return _capacity_cache[1]
     rows = Gpu.objects.values("node_id").annotate(n=Count("id"), mem=Min("memory_mb")).values_list("n", "mem")
-    return Capacity(nodes=list(rows))
+    capacity = Capacity(nodes=list(rows))
+    _capacity_cache = (time.monotonic(), capacity)
+    return capacity

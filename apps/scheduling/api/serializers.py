@@ -63,7 +63,7 @@ class JobCreateSerializer(StrictSerializer):
             errors.setdefault("resources", []).append(
                 f"{gpus} GPUs is over team {team.name}'s quota of {team.max_gpus} GPUs at once; it could never run.")
         if not errors:
-            never = cluster_capacity().why_never_fits(gpus, nodes, memory)
+            never = cluster_capacity(cached=True).why_never_fits(gpus, nodes, memory)
             if never:
                 errors["resources"] = [f"Larger than the cluster can ever hold. {never}"]
         if errors:
