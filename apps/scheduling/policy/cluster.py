@@ -1,20 +1,22 @@
 """Free GPUs and where a gang of GPUs fits: best fit on one node, whole nodes in one rack for more.
 
-Nodes are kept in buckets by their number of free GPUs, so best fit for a one-node job is a walk up
-from the bucket of its size, independent of the number of nodes. GPU memory requests that some GPUs
-of a node cannot meet take a slower path that counts the eligible GPUs node by node.
+Nodes sit in buckets by their number of free GPUs, so best fit for a one-node job is a walk up from
+the bucket of its size, independent of the number of nodes. Each node also keeps the expected end
+of every busy GPU, sorted, so the earliest time a node will have p GPUs free is one index away; that
+is what reservations are made of. GPU memory requests that some GPUs of a node cannot meet take a
+slower path that looks at the node's GPUs one by one.
 """
 from __future__ import annotations
 
-from bisect import insort
-from collections.abc import Hashable, Iterable
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Hashable, Iterable, Mapping
+from heapq import heapify, heappop, heappush
 
 INF = float("inf")
-_FREE = -1.0  # release time of a free GPU in the per-node release lists
 
 
 class Shape:
-    """What a job needs from the cluster: `nodes` nodes with `per_node` GPUs each of >= `memory_mb`."""
+    """What a job needs: `nodes` nodes with `per_node` GPUs each (of at least `memory_mb`)."""
 
     __slots__ = ("gpus", "key", "memory_mb", "nodes", "per_node")
 
@@ -30,11 +32,12 @@ class Shape:
         base, extra = divmod(self.gpus, self.nodes)
         return [base + 1] * extra + [base] * (self.nodes - extra)
 
-    def describe(self, gib: bool = True) -> str:
-        memory = f" with {self.memory_mb / 1024:g} GB" if self.memory_mb else ""
-        if self.nodes == 1:
-            return f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}{memory} on one node"
-        return f"{self.nodes} whole nodes of {self.per_node} GPUs{memory}"
+
+class _Hold:
+    __slots__ = ("end", "start", "where")
+
+    def __init__(self, where: list[tuple[int, list[Hashable]]], start: float, end: float):
+        self.where, self.start, self.end = where, start, end
 
 
 class ClusterState:
@@ -49,29 +52,30 @@ class ClusterState:
         self.gpu_memory: dict[Hashable, int] = {}
         self.gpu_index: dict[Hashable, int] = {}
         self.min_memory: list[int] = []
-        # Free GPU ids of each node, smallest memory first, so big-memory GPUs stay for those who ask.
+        # Free GPUs of each node as (memory, index, id), smallest memory first, so that big-memory
+        # GPUs stay free for the jobs that ask for them.
         self.free: list[list[tuple[int, int, Hashable]]] = []
         self.free_count: list[int] = []
         self.by_free: list[set[int]] = [set()]
-        # Estimated release time of each held GPU, for reservations; a job's est. end per GPU id.
-        self.release: dict[Hashable, float] = {}
-        self._release_sorted: list[list[float] | None] = []
-        self.holding: dict[Hashable, list[tuple[int, list[Hashable]]]] = {}
-        self.job_end: dict[Hashable, float] = {}
-        self.hidden: set[int] = set()  # nodes taken out of the buckets while a reservation holds them
+        self.hidden: set[int] = set()  # reserved nodes, out of the buckets for the rest of a pass
         self.total_free = 0  # on active nodes
-        self.active_gpus = 0
+        # Expected end of each busy GPU, and per node all of them sorted (INF: held by something
+        # the caller did not describe, which may never end).
+        self.gpu_end: dict[Hashable, float] = {}
+        self.ends: list[list[float]] = []
+        self.jobs: dict[Hashable, _Hold] = {}
+        self._overdue: list[tuple[float, int, Hashable]] = []
+        self._order = 0
+        # For each GPU count p, a heap of (when node n will have p GPUs free, n, version), stale
+        # entries dropped lazily: the earliest node for a one-node reservation without a scan.
+        self._version: list[int] = []
+        self.floor_memory = INF  # the smallest GPU memory of any node: asks up to it fit anywhere
+        self._ready: dict[int, list[tuple[float, int, int]]] = {}
 
     # -- building -------------------------------------------------------------------------------
-    def add_node(
-        self,
-        node_id: Hashable,
-        name: str,
-        rack: str,
-        active: bool,
-        gpus: Iterable[tuple[Hashable, int, int]],  # (gpu id, index, memory MB)
-        free_ids: Iterable[Hashable] | None = None,
-    ) -> int:
+    def add_node(self, node_id: Hashable, name: str, rack: str, active: bool,
+                 gpus: Iterable[tuple[Hashable, int, int]], free_ids: Iterable[Hashable] | None = None) -> int:
+        """Add a node; gpus are (GPU id, index, memory MB); free_ids None: all of them are free."""
         n = len(self.ids)
         gpus = list(gpus)
         self.ids.append(node_id)
@@ -85,110 +89,176 @@ class ClusterState:
             self.gpu_memory[gpu_id] = memory
             self.gpu_index[gpu_id] = index
         self.min_memory.append(min((m for _, _, m in gpus), default=0))
+        self.floor_memory = min(self.floor_memory, self.min_memory[n])
         free_set = set(self.gpu_ids[n]) if free_ids is None else set(free_ids)
-        free = sorted((memory, index, gpu_id) for gpu_id, index, memory in gpus if gpu_id in free_set)
-        for gpu_id, _, _ in gpus:
+        self.free.append(sorted((memory, index, gpu_id) for gpu_id, index, memory in gpus if gpu_id in free_set))
+        self.free_count.append(len(self.free[n]))
+        self.ends.append([])
+        for gpu_id in self.gpu_ids[n]:
             if gpu_id not in free_set:
-                self.release[gpu_id] = INF  # busy with something the caller did not describe
-        self.free.append(free)
-        self.free_count.append(len(free))
-        self._release_sorted.append(None)
+                self.gpu_end[gpu_id] = INF
+                self.ends[n].append(INF)
         while len(self.by_free) <= len(gpus):
             self.by_free.append(set())
         if active:
-            self.by_free[len(free)].add(n)
-            self.total_free += len(free)
-            self.active_gpus += len(gpus)
+            self.by_free[self.free_count[n]].add(n)
+            self.total_free += self.free_count[n]
+        self._version.append(0)
+        self._touch(n)
         return n
 
-    def hold(self, job_id: Hashable, gpus_by_node: dict[Hashable, Iterable[Hashable]], est_end: float) -> None:
-        """Record a running job's GPUs (already not free) and when it should give them back."""
-        held = []
+    def _touch(self, n: int) -> None:
+        """Node n changed: record when it will have 1, 2, ... GPUs free (-inf: now)."""
+        self._version[n] += 1
+        if not self.active[n]:
+            return
+        version, free, ends = self._version[n], self.free_count[n], self.ends[n]
+        for p in range(1, self.size[n] + 1):
+            if free >= p:
+                t = -INF
+            elif p - free - 1 < len(ends) and ends[p - free - 1] < INF:
+                t = ends[p - free - 1]
+            else:
+                break  # never, as far as anyone knows
+            heap = self._ready.get(p)
+            if heap is None:
+                heap = self._ready[p] = []
+            if len(heap) > 8 * len(self.ids) + 64:
+                # Mostly stale entries: keep the live ones only.
+                heap[:] = [e for e in heap if e[2] == self._version[e[1]]]
+                heapify(heap)
+            heappush(heap, (t, n, version))
+
+    def hold(self, job_id: Hashable, gpus_by_node: Mapping[Hashable, Iterable[Hashable]], start: float,
+             end: float, touched: set[int] | None = None) -> None:
+        """Record a running job's GPUs (already not free) and when it is expected to end; with
+        `touched`, the nodes are collected there for one `touch` call instead of re-indexed now."""
+        where = []
         for node_id, ids in gpus_by_node.items():
             n = self.index.get(node_id)
             if n is None:
                 continue
-            ids = list(ids)
+            ids = [g for g in ids if g in self.gpu_end]
             for gpu_id in ids:
-                self.release[gpu_id] = est_end
-            self._release_sorted[n] = None
-            held.append((n, ids))
-        self.holding[job_id] = held
-        self.job_end[job_id] = est_end
+                self._move_end(n, gpu_id, end)
+            if touched is None:
+                self._touch(n)
+            else:
+                touched.add(n)
+            where.append((n, ids))
+        self._track(job_id, _Hold(where, start, end))
+
+    def touch(self, nodes: Iterable[int]) -> None:
+        for n in nodes:
+            self._touch(n)
+
+    def _track(self, job_id: Hashable, hold: _Hold) -> None:
+        self.jobs[job_id] = hold
+        heappush(self._overdue, (hold.end, self._order, job_id))
+        self._order += 1
+
+    def _move_end(self, n: int, gpu_id: Hashable, end: float) -> None:
+        ends = self.ends[n]
+        old = self.gpu_end.get(gpu_id)
+        if old is not None:
+            del ends[bisect_left(ends, old)]
+        insort(ends, end)
+        self.gpu_end[gpu_id] = end
+
+    def refresh(self, now: float, grace: float) -> None:
+        """Re-estimate jobs that ran past their expected end: each is expected to run as long again
+        as it was expected to (doubling), since run times are heavy-tailed: a job that has outlived
+        its estimate is likely a long one."""
+        overdue = self._overdue
+        while overdue and overdue[0][0] <= now:
+            end, _, job_id = heappop(overdue)
+            hold = self.jobs.get(job_id)
+            if hold is None or hold.end != end:
+                continue
+            span = max(end - hold.start, grace)
+            while hold.start + span <= now:
+                span *= 2
+            hold.end = hold.start + span
+            for n, ids in hold.where:
+                for gpu_id in ids:
+                    self._move_end(n, gpu_id, hold.end)
+                self._touch(n)
+            heappush(overdue, (hold.end, self._order, job_id))
+            self._order += 1
 
     # -- queries --------------------------------------------------------------------------------
-    def max_free(self) -> int:
-        """The most free GPUs on one active node (a necessary bound; ignores reservation caps)."""
-        by_free = self.by_free
-        best = max((self.free_count[n] for n in self.hidden if self.active[n]), default=0)
-        for k in range(len(by_free) - 1, best, -1):
-            if by_free[k]:
-                return k
-        return best
-
     def _eligible_free(self, n: int, memory_mb: int | None) -> int:
         if not memory_mb or self.min_memory[n] >= memory_mb:
             return self.free_count[n]
         return sum(1 for memory, _, _ in self.free[n] if memory >= memory_mb)
 
-    def _available(self, n: int, memory_mb: int | None, caps: dict[int, int]) -> int:
-        free = self._eligible_free(n, memory_mb)
-        cap = caps.get(n)
-        return free if cap is None else min(free, cap)
+    def _pick(self, bucket: set[int], end: float | None) -> int:
+        """Among equally good nodes, the one whose jobs end closest after this one would (so that
+        long jobs gather on the same nodes and the others drain for whole-node jobs)."""
+        if end is None or len(bucket) == 1:
+            return min(bucket)
+        best = None
+        ends = self.ends
+        for n in bucket:
+            last = ends[n][-1] if ends[n] else -INF
+            key = (0, last - end, n) if last >= end else (1, end - last, n)
+            if best is None or key < best:
+                best = key
+        return best[2]
 
-    def fits_now(self, shape: Shape, caps: dict[int, int] | None = None) -> bool:
-        """Cheap necessary check before a placement search (ignores racks)."""
-        if self.total_free < shape.gpus:
-            return False
-        if shape.memory_mb is None and shape.nodes == 1 and not caps:
-            by_free = self.by_free
-            return any(by_free[k] for k in range(shape.per_node, len(by_free)))
-        return self.place(shape, caps) is not None
-
-    def place(self, shape: Shape, caps: dict[int, int] | None = None) -> list[tuple[int, int]] | None:
-        """Where the job would go now: [(node, GPU count)], or None. Does not allocate."""
+    def place(self, shape: Shape, caps: dict[int, int] | None = None, end: float | None = None
+              ) -> list[tuple[int, int]] | None:
+        """Where the job would go now, [(node, GPU count)], or None; allocates nothing. `caps` limits
+        what reserved (hidden) nodes may give."""
         caps = caps or {}
         if self.total_free < shape.gpus:
             return None
         if shape.nodes == 1:
-            n = self._best_single(shape.per_node, shape.memory_mb, caps)
+            n = self._best_single(shape.per_node, shape.memory_mb, caps, end)
             return None if n is None else [(n, shape.gpus)]
         return self._best_multi(shape, caps)
 
-    def _best_single(self, g: int, memory_mb: int | None, caps: dict[int, int]) -> int | None:
-        by_free = self.by_free
-        if memory_mb is None or all(self.min_memory[n] >= memory_mb for n in range(len(self.ids))):
-            best = None
-            for k in range(g, len(by_free)):
-                bucket = by_free[k]
-                if bucket:
-                    best = (k, min(bucket))
-                    break
-            for n in self.hidden:  # reserved nodes, usable up to their cap
-                if self.active[n] and min(self.free_count[n], caps.get(n, 0)) >= g:
-                    candidate = (self.free_count[n], n)
-                    if best is None or candidate < best:
-                        best = candidate
-            return None if best is None else best[1]
+    def _best_single(self, g: int, memory_mb: int | None, caps: dict[int, int], end: float | None = None
+                     ) -> int | None:
+        """Best fit: the node left with the fewest free GPUs, lowest index on a tie."""
         best = None
+        if memory_mb is None or memory_mb <= self.floor_memory:
+            by_free = self.by_free
+            for k in range(g, len(by_free)):
+                if by_free[k]:
+                    best = (k, self._pick(by_free[k], end))
+                    break
+            for n in self.hidden:
+                if self.active[n] and min(self.free_count[n], caps.get(n, 0)) >= g:
+                    if best is None or (self.free_count[n], n) < best:
+                        best = (self.free_count[n], n)
+            return None if best is None else best[1]
         for n in range(len(self.ids)):
             if not self.active[n] or self.free_count[n] < g:
                 continue
-            if self._available(n, memory_mb, caps if n in self.hidden else {}) >= g:
-                candidate = (self.free_count[n], n)
-                if best is None or candidate < best:
-                    best = candidate
+            available = self._eligible_free(n, memory_mb)
+            if n in self.hidden:
+                available = min(available, caps.get(n, 0))
+            if available >= g and (best is None or (self.free_count[n], n) < best):
+                best = (self.free_count[n], n)
         return None if best is None else best[1]
 
     def _best_multi(self, shape: Shape, caps: dict[int, int]) -> list[tuple[int, int]] | None:
+        """Nodes with the GPUs free, all in one rack when one rack can (the rack left with the fewest
+        free GPUs on the chosen nodes), else from the fewest racks."""
         p, k = shape.per_node, shape.nodes
         by_rack: dict[str, list[tuple[int, int]]] = {}
+        count = 0
         for n in range(len(self.ids)):
             if not self.active[n] or self.free_count[n] < p:
                 continue
-            if self._available(n, shape.memory_mb, caps if n in self.hidden else {}) >= p:
+            available = self._eligible_free(n, shape.memory_mb)
+            if n in self.hidden:
+                available = min(available, caps.get(n, 0))
+            if available >= p:
                 by_rack.setdefault(self.rack[n], []).append((self.free_count[n], n))
-        if sum(len(c) for c in by_rack.values()) < k:
+                count += 1
+        if count < k:
             return None
         best = None
         for rack, candidates in by_rack.items():
@@ -200,23 +270,37 @@ class ClusterState:
         if best is not None:
             chosen = best[1]
         else:
-            # No rack can take it alone: fill from the racks with the most room first, fewest racks.
             chosen = []
             for _, candidates in sorted(by_rack.items(), key=lambda kv: (-len(kv[1]), kv[0])):
                 chosen.extend(sorted(candidates)[: k - len(chosen)])
                 if len(chosen) == k:
                     break
-        return [(n, c) for (_, n), c in zip(sorted(chosen, key=lambda fn: fn[1]), shape.counts(), strict=True)]
+        nodes = sorted(n for _, n in chosen)
+        return list(zip(nodes, shape.counts(), strict=True))
+
+    def can_ever(self, shape: Shape) -> bool:
+        """Whether the active nodes could hold the job if they were all free."""
+        p, memory = shape.per_node, shape.memory_mb
+        nodes = 0
+        for n in range(len(self.ids)):
+            if self.active[n]:
+                eligible = self.size[n] if not memory or self.min_memory[n] >= memory else sum(
+                    1 for g in self.gpu_ids[n] if self.gpu_memory[g] >= memory)
+                nodes += eligible >= p
+        return nodes >= shape.nodes
 
     # -- changes --------------------------------------------------------------------------------
-    def _rebucket(self, n: int, old: int) -> None:
-        if self.active[n] and n not in self.hidden:
-            self.by_free[old].discard(n)
-            self.by_free[self.free_count[n]].add(n)
+    def _set_free_count(self, n: int, count: int) -> None:
+        old = self.free_count[n]
+        self.free_count[n] = count
+        if self.active[n]:
+            self.total_free += count - old
+            if n not in self.hidden:
+                self.by_free[old].discard(n)
+                self.by_free[count].add(n)
 
-    def allocate(
-        self, job_id: Hashable, where: list[tuple[int, int]], est_end: float, memory_mb: int | None = None
-    ) -> list[tuple[Hashable, list[Hashable]]]:
+    def allocate(self, job_id: Hashable, where: list[tuple[int, int]], start: float, end: float,
+                 memory_mb: int | None = None) -> list[tuple[Hashable, list[Hashable]]]:
         held, result = [], []
         for n, count in where:
             free = self.free[n]
@@ -226,102 +310,102 @@ class ClusterState:
                 positions = list(range(min(count, len(free))))
             if len(positions) < count:
                 raise ValueError(f"node {self.ids[n]} has no {count} free GPUs for job {job_id}")
-            picked = [free[i] for i in positions]
+            ids = [free[i][2] for i in positions]
             if memory_mb:
                 taken = set(positions)
                 self.free[n] = [entry for i, entry in enumerate(free) if i not in taken]
             else:
                 del free[:count]
-            ids = [gpu_id for _, _, gpu_id in picked]
+            ends = self.ends[n]
             for gpu_id in ids:
-                self.release[gpu_id] = est_end
-            old = self.free_count[n]
-            self.free_count[n] = old - count
-            if self.active[n]:
-                self.total_free -= count
-            self._rebucket(n, old)
-            self._release_sorted[n] = None
+                self.gpu_end[gpu_id] = end
+                insort(ends, end)
+            self._set_free_count(n, self.free_count[n] - count)
+            self._touch(n)
             held.append((n, ids))
             result.append((self.ids[n], ids))
-        self.holding[job_id] = held
-        self.job_end[job_id] = est_end
+        self._track(job_id, _Hold(held, start, end))
         return result
 
     def release_job(self, job_id: Hashable) -> None:
-        self.job_end.pop(job_id, None)
-        for n, ids in self.holding.pop(job_id, ()):
-            free = self.free[n]
+        hold = self.jobs.pop(job_id, None)
+        if hold is None:
+            return
+        for n, ids in hold.where:
+            free, ends = self.free[n], self.ends[n]
             for gpu_id in ids:
-                self.release.pop(gpu_id, None)
+                del ends[bisect_left(ends, self.gpu_end.pop(gpu_id))]
                 insort(free, (self.gpu_memory[gpu_id], self.gpu_index[gpu_id], gpu_id))
-            old = self.free_count[n]
-            self.free_count[n] = old + len(ids)
-            if self.active[n]:
-                self.total_free += len(ids)
-            self._rebucket(n, old)
-            self._release_sorted[n] = None
+            self._set_free_count(n, self.free_count[n] + len(ids))
+            self._touch(n)
 
     # -- reservations ---------------------------------------------------------------------------
-    def _releases(self, n: int) -> list[float]:
-        cached = self._release_sorted[n]
-        if cached is None:
-            release = self.release
-            cached = sorted(release.get(g, _FREE) for g in self.gpu_ids[n])
-            self._release_sorted[n] = cached
-        return cached
+    def _busy_ends(self, n: int, memory_mb: int | None) -> tuple[int, list[float]]:
+        """(free eligible GPUs, sorted expected ends of busy eligible GPUs) of node n."""
+        if not memory_mb or self.min_memory[n] >= memory_mb:
+            return self.free_count[n], self.ends[n]
+        ends = sorted(self.gpu_end[g] for g in self.gpu_ids[n]
+                      if g in self.gpu_end and self.gpu_memory[g] >= memory_mb)
+        return self._eligible_free(n, memory_mb), ends
 
-    def _ready_at(self, n: int, p: int, memory_mb: int | None, now: float, grace: float) -> float:
-        """When node n should have p eligible GPUs free, from the estimated ends of its jobs."""
-        if memory_mb and self.min_memory[n] < memory_mb:
-            times = sorted(
-                self.release.get(g, _FREE) for g in self.gpu_ids[n] if self.gpu_memory[g] >= memory_mb
-            )
-        else:
-            times = self._releases(n)
-        if len(times) < p:
-            return INF
-        t = times[p - 1]
-        if t == _FREE:
+    def ready_at(self, n: int, p: int, memory_mb: int | None, now: float) -> float:
+        """When node n is expected to have p eligible GPUs free."""
+        free, ends = self._busy_ends(n, memory_mb)
+        if free >= p:
             return now
-        # An overrunning job is expected to end soon, never in the past.
-        return max(t, now + grace)
+        k = p - free - 1
+        return ends[k] if k < len(ends) else INF
 
-    def earliest(self, shape: Shape, now: float, grace: float) -> tuple[float, list[tuple[int, int]]] | None:
-        """The earliest time the job could start if nothing else started, and the nodes it would use."""
+    def earliest(self, shape: Shape, now: float) -> tuple[float, list[tuple[int, int]]] | None:
+        """The earliest time the job could start if nothing else started, and on which nodes
+        (never nodes already reserved in this pass): one rack if that costs no time, else the
+        earliest nodes wherever they are."""
         p, k = shape.per_node, shape.nodes
-        ready = []
-        for n in range(len(self.ids)):
-            if self.active[n] and self.size[n] >= p:
-                t = self._ready_at(n, p, shape.memory_mb, now, grace)
-                if t < INF:
-                    ready.append((t, n))
+        if shape.memory_mb and shape.memory_mb > self.floor_memory:
+            ready = [(self.ready_at(n, p, shape.memory_mb, now), n) for n in range(len(self.ids))
+                     if self.active[n] and self.size[n] >= p and n not in self.hidden]
+            ready = sorted(entry for entry in ready if entry[0] < INF)
+        else:
+            ready = self._earliest_ready(p, k)
         if len(ready) < k:
             return None
-        ready.sort()
-        if k == 1:
-            t, n = ready[0]
-            return t, [(n, shape.gpus)]
-        any_time = ready[k - 1][0]
+        any_rack = ready[:k]
         best = None
-        by_rack: dict[str, list[tuple[float, int]]] = {}
-        for t, n in ready:
-            by_rack.setdefault(self.rack[n], []).append((t, n))
-        for rack, entries in by_rack.items():
-            if len(entries) >= k and (best is None or (entries[k - 1][0], rack) < best[0]):
-                best = ((entries[k - 1][0], rack), entries[:k])
-        chosen = best[1] if best is not None and best[0][0] <= any_time else ready[:k]
-        t = max(t for t, _ in chosen)
+        if k > 1:
+            by_rack: dict[str, list[tuple[float, int]]] = {}
+            for t, n in ready:
+                by_rack.setdefault(self.rack[n], []).append((t, n))
+            for rack, entries in by_rack.items():
+                if len(entries) >= k and (best is None or (entries[k - 1][0], rack) < best[0]):
+                    best = ((entries[k - 1][0], rack), entries[:k])
+        chosen = best[1] if best is not None and best[0][0] <= any_rack[-1][0] else any_rack
         nodes = sorted(n for _, n in chosen)
-        return t, list(zip(nodes, shape.counts(), strict=True))
+        return max(now, max(t for t, _ in chosen)), list(zip(nodes, shape.counts(), strict=True))
 
-    def spare_at(self, n: int, t: float, need: int, memory_mb: int | None, now: float, grace: float) -> int:
+    def _earliest_ready(self, p: int, k: int) -> list[tuple[float, int]]:
+        """(time, node) of every unreserved node that will have p GPUs free no later than the k-th
+        earliest one, earliest first, from the per-size heaps (-inf: free now)."""
+        heap, version, hidden = self._ready.get(p, []), self._version, self.hidden
+        taken: list[tuple[float, int, int]] = []
+        ready: list[tuple[float, int]] = []
+        while heap:
+            t, n, v = heap[0]
+            if v != version[n]:
+                heappop(heap)
+                continue
+            if len(ready) >= k and t > ready[k - 1][0]:
+                break
+            taken.append(heappop(heap))
+            if n not in hidden:
+                ready.append((t, n))
+        for entry in taken:
+            heappush(heap, entry)
+        return ready
+
+    def spare_at(self, n: int, t: float, need: int, memory_mb: int | None) -> int:
         """GPUs of node n that a job running past t may take without starving a reservation there."""
-        if memory_mb and self.min_memory[n] < memory_mb:
-            times = [self.release.get(g, _FREE) for g in self.gpu_ids[n] if self.gpu_memory[g] >= memory_mb]
-        else:
-            times = self._releases(n)
-        ready = sum(1 for r in times if r == _FREE or max(r, now + grace) <= t)
-        return max(0, ready - need)
+        free, ends = self._busy_ends(n, memory_mb)
+        return max(0, free + bisect_right(ends, t) - need)
 
     def hide(self, nodes: Iterable[int]) -> None:
         for n in nodes:

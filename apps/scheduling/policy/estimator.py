@@ -80,7 +80,3 @@ class RuntimeEstimator:
             if window is not None and len(window) >= config.estimate_min_samples:
                 return max(1.0, window.percentile(config.estimate_percentile))
         return float(config.runtime_priors_s.get(kind, 3600.0))
-
-    def samples(self, team: Hashable, kind: str) -> int:
-        window = self._windows.get((team, kind))
-        return len(window) if window else 0

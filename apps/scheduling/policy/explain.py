@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time as _time
 from collections.abc import Callable
-from heapq import merge
 from typing import TYPE_CHECKING
 
 from .types import Decision, Pending
@@ -27,11 +26,11 @@ def _duration(seconds: float) -> str:
 
 
 def default_format_time(t: float, now: float) -> str:
-    """Wall-clock UTC for epoch times; 'in 2 h 05 min' for the virtual clock of a replay."""
+    """'14:20 UTC (in 2 h 05 min)' for epoch times; '2 h 05 min from now' on a replay's virtual clock."""
     if t >= 1e9:
         stamp = _time.strftime("%H:%M" if t - now < 20 * 3600 else "%d %b %H:%M", _time.gmtime(t))
         return f"{stamp} UTC (in {_duration(t - now)})"
-    return f"in {_duration(t - now)}"
+    return f"{_duration(t - now)} from now"
 
 
 def _plural(n: int, word: str) -> str:
@@ -42,105 +41,133 @@ def _memory(shape) -> str:
     return f" with {shape.memory_mb / 1024:g} GB" if shape.memory_mb else ""
 
 
-def ordered(sched: Scheduler, now: float) -> list[tuple[tuple, Entry, float, float]]:
-    """Every queued job in scheduler order, with its start and finish tags."""
-    rows = []
-    wfq = sched.config.policy == "wfq"
-    aging = sched.config.aging_s
-    for flow in sched.flows.values():
-        subs = [s for s in flow.subs.values() if s.head < len(s.jobs)]
-        if not subs:
-            continue
-        level = sched.teams[flow.team].level(now)
-        finish = level
-        for entry in merge(*(s.jobs[s.head:] for s in subs), key=lambda e: e.seq):
-            start = finish
-            finish = start + entry.inc
-            if not wfq or now - entry.submit >= aging:
-                key = (0, 0.0, entry.seq)
-            else:
-                key = (1, finish, entry.seq)
-            rows.append((key, entry, start, finish))
-    rows.sort(key=lambda row: row[0])
-    return rows
+def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
+    """Every queued job as (aged, entry), in the order the next pass would take them: the jobs past
+    the aging bound oldest first, then the others by finish tag + fair-share level (the pass's
+    Scheduler.order_key, for the whole queue at once)."""
+    config = sched.config
+    queued = list(sched.queued.values())  # in arrival order, which the stable sort keeps on ties
+    if config.policy != "wfq":
+        return [(False, e) for e in queued]
+    aged_before = now - config.aging_s
+    levels = {team: book.level(now) * config.fair_share_weight for team, book in sched.teams.items()}
+    aged = [(True, e) for e in queued if e.submit <= aged_before]
+    rest = [e for e in queued if e.submit > aged_before]
+    rest.sort(key=lambda e: e.finish_tag + levels[e.team])
+    return aged + [(False, e) for e in rest]
+
+
+def _describe(code: str, entry: Entry, book, when: Callable[[float], str], first_hold, now: float) -> str:
+    """The text of a reason that depends only on the job's team, shape and estimate, not its place."""
+    shape = entry.shape
+    if code == "quota_per_job":
+        return (f"asks for {_plural(entry.gpus, 'GPU')}; team {book.name} may use at most "
+                f"{book.max_gpus_per_job} per job")
+    if code == "never_fits":
+        if shape.nodes == 1:
+            return f"no active node has {_plural(shape.gpus, 'GPU')}{_memory(shape)}"
+        return (f"needs {shape.nodes} active nodes with {_plural(shape.per_node, 'GPU')}{_memory(shape)} each; "
+                f"the cluster has fewer")
+    if code == "max_gpus":
+        text = f"team {book.name} is at {book.gpus_in_use}/{book.max_gpus} GPUs"
+        return text + (f" and this job needs {entry.gpus}" if book.gpus_in_use < book.max_gpus else "")
+    if code == "month_quota":
+        used = (book.month_used(now) + book.committed(now)) / 3600
+        return (f"over the monthly GPU-hour quota: team {book.name} has used or committed {used:.0f} of "
+                f"{book.month_quota_s / 3600:.0f} GPU-hours and this job needs about "
+                f"{entry.gpus * entry.est / 3600:.0f}")
+    if code == "reservation":
+        return (f"would delay job {first_hold.entry.id}, reserved for {when(first_hold.time)}; "
+                f"this job is expected to run {_duration(entry.est)}")
+    # capacity
+    if shape.nodes == 1:
+        return f"no active node has {_plural(shape.gpus, 'GPU')}{_memory(shape)} free"
+    return f"waiting for {shape.nodes} whole nodes with {shape.per_node} GPUs{_memory(shape)} free"
 
 
 def explain_pass(sched: Scheduler, decision: Decision, now: float,
                  format_time: Callable[[float, float], str] | None = None) -> None:
+    """Fill decision.pending: position, flow, tags, reason and reason code of every queued job.
+
+    The jobs of one sub-queue (same team, kind and shape) share most of their reason, so it is
+    worked out once per sub-queue; what depends on a job's estimate or place is added per job."""
     fmt = format_time or default_format_time
-    cluster = sched.cluster
-    config = sched.config
-    held = sched.reservation
-    fits_cache: dict[tuple, bool] = {}
+    times: dict[float, str] = {}
+
+    def when(t: float) -> str:
+        if t not in times:
+            times[t] = fmt(t, now)
+        return times[t]
+
+    cluster, config = sched.cluster, sched.config
     wfq = config.policy == "wfq"
+    holds = {held.entry.id: held for held in sched.reservations}
+    first_hold = min(sched.reservations, key=lambda h: h.time, default=None)
+    per_sub: dict = {}
+    texts: dict[tuple, str] = {}
+    aged_note = f"; queued over {_duration(config.aging_s)}, so it goes before newer jobs"
+    pending = decision.pending
 
-    def fits_ignoring_reservation(entry: Entry) -> bool:
-        key = entry.shape.key
-        if key not in fits_cache:
-            fits_cache[key] = cluster.place(entry.shape) is not None
-        return fits_cache[key]
+    def text(case: tuple, code: str, entry: Entry) -> str:
+        found = texts.get(case)
+        if found is None:
+            found = texts[case] = _describe(code, entry, sched.teams[entry.team], when, first_hold, now)
+        return found
 
-    for position, (key, entry, start, finish) in enumerate(ordered(sched, now), start=1):
-        shape = entry.shape
-        book = sched.teams[entry.team]
-        block = book.quota_block(entry.gpus, entry.est, now)
-        behind = position - 1
-        if block == "quota_per_job":
-            code = block
-            reason = (f"asks for {_plural(entry.gpus, 'GPU')}; team {book.name} may use at most "
-                      f"{book.max_gpus_per_job} per job")
-        elif not sched.can_ever(shape):
-            code = "never_fits"
-            if shape.nodes == 1:
-                reason = f"no active node has {_plural(shape.gpus, 'GPU')}{_memory(shape)}"
+    month_blocks: dict[tuple, bool] = {}
+    for position, (aged, entry) in enumerate(ordered(sched, now), start=1):
+        sub = entry.sub
+        static = per_sub.get(sub)
+        if static is None:
+            # (code, text) when the whole sub-queue waits for the same thing, else (None, fits now).
+            book = sched.teams[entry.team]
+            block = book.quota_block(entry.gpus, 0.0, now)
+            if block in ("quota_per_job", "max_gpus"):
+                static = (block, _describe(block, entry, book, when, first_hold, now))
+            elif not sched.can_ever(entry.shape):
+                static = ("never_fits", _describe("never_fits", entry, book, when, first_hold, now))
             else:
-                reason = (f"needs {shape.nodes} active nodes with {_plural(shape.per_node, 'GPU')}"
-                          f"{_memory(shape)} each; the cluster has fewer")
-        elif block == "max_gpus":
-            code = block
-            reason = f"team {book.name} is at {book.gpus_in_use}/{book.max_gpus} GPUs"
-            if book.gpus_in_use < book.max_gpus:
-                reason += f" and this job needs {entry.gpus}"
-        elif block == "month_quota":
-            code = block
-            used = (book.month_used(now) + book.committed(now)) / 3600
-            quota = book.month_quota_s / 3600
-            reason = (f"over the monthly GPU-hour quota: team {book.name} has used or committed "
-                      f"{used:.0f} of {quota:.0f} GPU-hours and this job needs about "
-                      f"{entry.gpus * entry.est / 3600:.0f}")
-        elif held is not None and held.entry is entry:
-            code = "reserved"
-            if shape.nodes == 1:
-                where = f"{_plural(shape.gpus, 'GPU')}{_memory(shape)} on one node"
-            else:
-                racks = {cluster.rack[n] for n, _ in held.nodes}
-                where = f"{shape.nodes} whole nodes{_memory(shape)}" + (" in one rack" if len(racks) == 1 else "")
-            reason = f"waiting for {where}; reserved for {fmt(held.time, now)}"
-        elif fits_ignoring_reservation(entry):
-            if held is not None and now + entry.est > held.time:
-                code = "reservation"
-                reason = (f"would delay job {held.entry.id}, reserved for {fmt(held.time, now)}, "
-                          f"and is expected to run {_duration(entry.est)}")
-            else:
-                code = "order"
-                reason = f"behind {_plural(behind, 'earlier job')} (strict arrival order, no backfill)"
+                static = (None, cluster.place(entry.shape) is not None)
+            per_sub[sub] = static
+        code, detail = static
+        if code is not None:
+            reason = detail
         else:
-            code = "capacity"
-            if shape.nodes == 1:
-                reason = f"no active node has {_plural(shape.gpus, 'GPU')}{_memory(shape)} free"
+            book = sched.teams[entry.team]
+            over_month = False
+            if book.month_quota_s is not None:
+                month_key = (entry.team, entry.gpus, entry.est)
+                if month_key not in month_blocks:
+                    month_blocks[month_key] = book.quota_block(entry.gpus, entry.est, now) == "month_quota"
+                over_month = month_blocks[month_key]
+            if over_month:
+                code, reason = "month_quota", text(("month_quota", sub, entry.est), "month_quota", entry)
+            elif entry.id in holds:
+                code, reason = "reserved", _reserved(entry, holds[entry.id], cluster, when)
+            elif detail and first_hold is not None and now + entry.est > first_hold.time:
+                code, reason = "reservation", text(("reservation", entry.est), "reservation", entry)
+            elif detail:
+                code = "order"
+                reason = f"behind {_plural(position - 1, 'earlier job')} (strict arrival order, no backfill)"
             else:
-                reason = f"waiting for {shape.nodes} whole nodes with {shape.per_node} GPUs{_memory(shape)} free"
-            if behind:
-                if wfq and key[0] == 0:
-                    what = "that waited longer"
-                elif wfq:
-                    what = "of higher fair-share priority"
-                else:
-                    what = "submitted earlier"
-                reason += f"; behind {_plural(behind, 'job')} {what}"
-        if key[0] == 0 and wfq:
-            reason += f"; queued over {_duration(config.aging_s)}, so it goes before newer jobs"
-        decision.pending[entry.id] = Pending(
-            position=position, flow=sched.flows[(entry.team, entry.kind)].label,
-            start_tag=start, finish_tag=finish, reason=reason, code=code,
-        )
+                code, reason = "capacity", text(("capacity", entry.shape.key), "capacity", entry)
+                if position > 1:
+                    if not wfq:
+                        what = "submitted earlier"
+                    else:
+                        what = "that waited longer" if aged else "of higher fair-share priority"
+                    jobs = "1 job" if position == 2 else f"{position - 1} jobs"
+                    reason = f"{reason}; behind {jobs} {what}"
+        if aged:
+            reason += aged_note
+        pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
+
+
+def _reserved(entry: Entry, held, cluster, when: Callable[[float], str]) -> str:
+    shape = entry.shape
+    if shape.nodes == 1:
+        where = f"{_plural(shape.gpus, 'GPU')}{_memory(shape)} on one node"
+    else:
+        one_rack = len({cluster.rack[n] for n, _ in held.nodes}) == 1
+        where = f"{shape.nodes} whole nodes{_memory(shape)}" + (" in one rack" if one_rack else "")
+    return f"waiting for {where}; reserved for {when(held.time)}"

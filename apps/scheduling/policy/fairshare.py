@@ -1,13 +1,12 @@
-"""Teams' standing: decayed past usage, committed future usage, quotas.
+"""Teams' standing: fair-share level, month usage, committed usage, quotas.
 
-A team's *level* is its share of the cluster, in normalised GPU-seconds (GPU-seconds / weight):
+A team's *level* is its decayed past usage per unit of weight, in the units of WFQ tags
+(GPU-seconds / weight). Each GPU-second it used counts 2^(-age / half-life), so a team that just used
+the cluster heavily yields to one that did not, and is forgiven over a few half-lives. The pass adds
+the level to the finish tags of the team's jobs.
 
-    level = (decayed past usage + estimated remaining GPU-seconds of its running jobs) / team weight
-
-Past usage decays with a half-life, so a team that just used the cluster heavily yields to one that
-did not, and is forgiven over time. Committed usage charges a job's whole estimate the moment it
-starts (as WFQ charges a packet's length when it is sent), so a team cannot grab every free GPU in the
-gap before its usage catches up; as the job runs, its charge moves from committed to past usage.
+Committed usage (GPU-seconds its running jobs are still expected to use) only serves the monthly
+quota: a job may start if used + committed + its own estimate fits in the month's GPU-hours.
 """
 from __future__ import annotations
 
@@ -125,8 +124,9 @@ class TeamBook:
         return max(0.0, self._sum_g_end - self._sum_g * now)
 
     def level(self, now: float) -> float:
+        """Decayed past usage per unit of weight, in the units of WFQ tags."""
         self._advance(now)
-        return (self.decayed + self.committed(now)) / self.weight
+        return self.decayed / self.weight
 
     def start(self, job_id: Hashable, gpus: int, now: float, est_end: float) -> None:
         self._advance(now)

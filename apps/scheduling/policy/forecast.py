@@ -4,34 +4,47 @@ from __future__ import annotations
 from collections.abc import Hashable
 from heapq import heappop, heappush
 
-from .engine import Scheduler
+from .engine import Scheduler, cycle_gc_paused
 from .estimator import RuntimeEstimator
+from .explain import ordered
 from .types import PolicyConfig, Snapshot
 
 
 def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
-                  config: PolicyConfig | None = None) -> dict[Hashable, float | None]:
+                  config: PolicyConfig | None = None, limit: int | None = None) -> dict[Hashable, float | None]:
     """When each queued job should start if nothing new arrives and every job runs its estimate.
 
-    None for a job that would not start at all (a quota it is over, a shape no active node has).
-    A running job past its estimate is assumed to end `overrun_grace_s` from now.
+    The queue is played forward with the same core: every job ends at its expected end (a running
+    job past its estimate is expected to run as long again, as reservations assume) and a pass runs
+    at each end. None for a job that would never start (a quota it is over, a shape no active node
+    has). With `limit`, the play stops once the first `limit` jobs in scheduler order have started
+    and the jobs it has not reached get None: the cost then follows `limit`, not the queue length.
     """
     config = config or PolicyConfig()
+    with cycle_gc_paused():
+        return _forecast(snapshot, estimator, config, limit)
+
+
+def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: PolicyConfig,
+              limit: int | None) -> dict[Hashable, float | None]:
     sched = Scheduler.from_snapshot(snapshot, estimator, config)
     now = snapshot.now
-    grace = config.overrun_grace_s
+    cluster = sched.cluster
+    # Overrunning jobs get their doubled estimates, the same the reservations are made of.
+    cluster.refresh(now, config.overrun_grace_s)
     ends: list[tuple[float, int, Hashable]] = []
-    order = 0
-    for job_id, (_, _, est_end) in sched.running.items():
-        heappush(ends, (est_end if est_end > now else now + grace, order, job_id))
-        order += 1
+    for order, job_id in enumerate(sched.running):
+        hold = cluster.jobs.get(job_id)
+        heappush(ends, (hold.end if hold is not None else now + config.overrun_grace_s, order, job_id))
+    order = len(ends)
     etas: dict[Hashable, float | None] = {}
-    while sched.queued:
+    wanted = set(sched.queued) if limit is None else {entry.id for _, entry in ordered(sched, now)[:limit]}
+    while wanted:
         decision = sched.schedule_pass(now)
         for job_id in decision.placements:
             etas[job_id] = now
-            est_end = sched.running[job_id][2]
-            heappush(ends, (max(est_end, now), order, job_id))
+            wanted.discard(job_id)
+            heappush(ends, (cluster.jobs[job_id].end, order, job_id))
             order += 1
         if not sched.queued or not ends:
             break

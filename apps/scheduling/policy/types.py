@@ -58,10 +58,11 @@ class QueuedJob:
     gpu_memory_mb: int | None = None  # minimum memory of each GPU, None: any GPU
     walltime_s: float | None = None
     attempt: int = 1
-    # The run-time estimate frozen when the job was first queued, so that its WFQ tags do not move
-    # under it as the estimator learns (classic WFQ stamps a packet once, on arrival). None: ask the
-    # estimator now.
+    # The run-time estimate and WFQ tags stamped when the job was first queued (Decision.tags hands
+    # them out; keep them): a job is stamped once, as WFQ stamps a packet on arrival. None: now.
     estimated_runtime_s: float | None = None
+    start_tag: float | None = None
+    finish_tag: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,22 +98,25 @@ class PolicyConfig:
     policy: str = "wfq"  # wfq | fifo (strict arrival order, no backfill) | firstfit (arrival order, greedy)
     kind_weights: Mapping[str, float] = field(default_factory=_default_kind_weights)
     priority_factors: Mapping[str, float] = field(default_factory=_default_priority_factors)
-    # Cost multiplier for a job that asks for GPU memory: 1 + memory_factor * min(1, asked / reference).
+    # Cost multiplier of a job that asks for GPU memory: 1 + memory_factor * min(1, asked / reference).
     memory_factor: float = 0.5
     memory_reference_mb: int = 81920
-    fair_share_half_life_s: float = 6 * 3600.0
-    # A job queued longer than this goes ahead of every job that is not, oldest first.
+    # Fair share with memory: past GPU-seconds count half after one half-life; the team's decayed
+    # usage / weight is added to its jobs' finish tags, times fair_share_weight.
+    fair_share_half_life_s: float = 24 * 3600.0
+    fair_share_weight: float = 1.0
+    # A job queued longer than this goes before every younger job, oldest first, with a reservation.
     aging_s: float = 24 * 3600.0
     backfill: bool = True
-    order_tag: str = 'finish'
-    lindy: bool = False
-    # Run-time estimator: which percentile of the recent completions, how many of them it keeps,
-    # how many it needs before it trusts a group, and the fallback when it has none.
+    reservation_depth: int = 1  # EASY: one reservation for the first job that cannot start...
+    max_reservations: int = 8  # ...plus one for each job past the aging bound, up to this many in all
+    # Run-time estimator: a percentile of the recent completions of a group, how many it keeps, how
+    # many it needs before it trusts a group, and the fallback per kind when it has none.
     estimate_percentile: float = 50.0
     estimate_window: int = 200
     estimate_min_samples: int = 3
     runtime_priors_s: Mapping[str, float] = field(default_factory=_default_runtime_priors)
-    # An overrunning job is assumed to need this much longer when nothing better is known.
+    # The least a job that has overrun its estimate is still expected to run.
     overrun_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class PolicyConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.fair_share_half_life_s < 0 or self.aging_s <= 0:
             raise ValueError("fair_share_half_life_s must be >= 0 and aging_s > 0")
+        if self.reservation_depth < 0 or self.max_reservations < 0:
+            raise ValueError("reservation_depth and max_reservations must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,10 @@ class Snapshot:
     running: Sequence[RunningJob]
     queued: Sequence[QueuedJob]
     teams: Sequence[TeamSpec]
+    # WFQ state the caller keeps between passes (Decision hands back the new values): the virtual time
+    # (None: the smallest start tag among queued jobs) and each flow's last finish tag, by (team, kind).
+    virtual_time: float | None = None
+    flow_finish: Mapping[tuple[Hashable, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,19 +147,24 @@ class Reservation:
     nodes: tuple[Hashable, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pending:
     position: int  # 1-based, among the jobs still queued after the pass, in scheduler order
     flow: str  # "team/kind"
-    start_tag: float
-    finish_tag: float  # virtual finish tag (normalised GPU-seconds); lower goes first
+    start_tag: float  # WFQ tags, in normalised GPU-seconds (GPU-seconds / weight)
+    finish_tag: float
     reason: str
-    code: str  # machine-readable reason: quota_per_job, never_fits, max_gpus, month_quota, reserved,
-    # reservation, capacity, order
+    # quota_per_job | never_fits | max_gpus | month_quota | reserved | reservation | capacity | order
+    code: str
 
 
 @dataclass(slots=True)
 class Decision:
     placements: dict[Hashable, list[tuple[Hashable, list[Hashable]]]] = field(default_factory=dict)
     reservations: dict[Hashable, Reservation] = field(default_factory=dict)
-    pending: dict[Hashable, Pending] = field(default_factory=dict)  # in scheduler order
+    pending: dict[Hashable, Pending] = field(default_factory=dict)  # every job still queued, in order
+    # What to keep for the next pass: every queued job's (estimate, start tag, finish tag), the
+    # virtual time, and each flow's last finish tag.
+    stamps: dict[Hashable, tuple[float, float, float]] = field(default_factory=dict)
+    virtual_time: float = 0.0
+    flow_finish: dict[tuple[Hashable, str], float] = field(default_factory=dict)
