@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+SLOTS ?= 2
+NAME ?= local-2
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run worker test lint bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -16,9 +18,14 @@ $(SETUP_STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(SETUP_STAMP)
 
-# Migrate, make the admin, start Redis if needed, then web + Celery worker + beat until Ctrl-C.
+# Migrate, make the admin and the local node, start Redis if needed, then web + Celery worker + beat
+# + the local node (its agent and worker; its GPUs, or SLOTS CPU slots) until Ctrl-C.
 run: setup
-	$(PY) scripts/run.py --port $(PORT)
+	$(PY) scripts/run.py --port $(PORT) --slots $(SLOTS)
+
+# Another local node in the foreground, reporting to the `make run` on PORT: make worker NAME=local-2 SLOTS=2
+worker: setup
+	$(PY) scripts/node.py --name $(NAME) --slots $(SLOTS) --port $(PORT)
 
 test: setup
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Container health checks for compose.yaml: `python docker/healthcheck.py web|worker|beat`; exit 0 is healthy."""
+"""Container health checks for compose.yaml: `python docker/healthcheck.py web|worker|beat|node`; exit 0 is healthy."""
 from __future__ import annotations
 
 import http.client
@@ -34,8 +34,18 @@ def beat() -> bool:
     return True
 
 
+def node() -> bool:
+    # A GPU node: the agent is the container's process, and the node's worker answers a ping.
+    from workers.celery_app import app
+
+    if b"workers.agent" not in Path("/proc/1/cmdline").read_bytes():
+        return False
+    replies = app.control.ping(timeout=5)
+    return any(name.endswith(f"@{socket.gethostname()}") for reply in replies for name in reply)
+
+
 if __name__ == "__main__":
-    checks = {"web": web, "worker": worker, "beat": beat}
+    checks = {"web": web, "worker": worker, "beat": beat, "node": node}
     if len(sys.argv) != 2 or sys.argv[1] not in checks:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(checks)}")
     try:

@@ -1,9 +1,12 @@
 """`make run`: everything DeepOpt needs on one machine, stopped together on Ctrl-C.
 
-Migrates, makes the first admin, makes sure Redis answers on REDIS_URL (starting a local one when it
-does not), then runs the web server, a Celery worker and Celery beat as children. Each child gets
-its own process group, so Ctrl-C reaches only this supervisor, which then stops the children in order
-and waits for them; if one child dies, the rest are stopped and the exit status is non-zero.
+Migrates, makes the first admin and this machine's local node (`ensure_local_node`: its GPUs, or SLOTS
+CPU slots, default 2; DEEPOPT_LOCAL_NODE names it, `off` starts none), makes sure Redis answers on
+REDIS_URL (starting a local one when it does not), then runs the web server, a Celery worker, Celery
+beat and the local node's agent (which starts the node's own worker on queue node.<name>) as children.
+Each child gets its own process group, so Ctrl-C reaches only this supervisor, which then stops the
+children in order and waits for them; if one child dies, the rest are stopped and the exit status is
+non-zero.
 """
 from __future__ import annotations
 
@@ -38,6 +41,17 @@ def worker_command() -> list[str]:
 def beat_command() -> list[str]:
     return [PYTHON, "-m", "celery", "-A", "deepopt_web", "beat", "--loglevel", "info",
             "--schedule", str(VAR / "celerybeat-schedule")]
+
+
+def node_command(name: str, port: int, slots: int) -> list[str]:
+    """A local node: its agent registers it with the web app and starts its Celery worker (workers/agent.py)."""
+    return [PYTHON, "-m", "workers.agent", "--server", f"http://127.0.0.1:{port}",
+            "--token-file", str(VAR / "nodes" / name / "token"), "--cpu-slots", str(slots)]
+
+
+def local_node_name(env: dict[str, str]) -> str | None:
+    name = (env.get("DEEPOPT_LOCAL_NODE") or "local-1").strip()
+    return None if name.lower() in {"off", "none", "0", "no"} else name
 
 
 def say(message: str) -> None:
@@ -83,10 +97,14 @@ class Supervisor:
     def stop_all(self, timeout: float = 15.0) -> None:
         """SIGTERM (a warm shutdown for Celery), then SIGKILL to whatever is left after `timeout`.
 
-        Redis, when we started it, goes last, so the worker and beat can still close their connections.
+        Local nodes go first, while the web app can still hear their reports (a running attempt is
+        reported interrupted, to be retried); Redis, when we started it, goes last, so the workers and
+        beat can still close their connections.
         """
         redis = [child for child in self.children if child.name == "redis-server"]
-        for batch in ([child for child in self.children if child not in redis], redis):
+        nodes = [child for child in self.children if child.name.startswith("local node")]
+        rest = [child for child in self.children if child not in redis and child not in nodes]
+        for batch in (nodes, rest, redis):
             for child in batch:
                 if child.alive():
                     _signal_group(child.process, signal.SIGTERM)
@@ -112,15 +130,20 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 # Migrate and make the admin in one interpreter: each Django start-up costs about two seconds.
 # Migrate's progress is swallowed; ensure_admin prints the generated password (once) to stdout.
 BOOTSTRAP = """
-import io, django
+import io, os, django
 django.setup()
 from django.core.management import call_command
 call_command("migrate", interactive=False, stdout=io.StringIO())
 call_command("ensure_admin")
+if os.environ.get("DEEPOPT_BOOTSTRAP_NODE"):
+    call_command("ensure_local_node", "--name", os.environ["DEEPOPT_BOOTSTRAP_NODE"],
+                 "--slots", os.environ["DEEPOPT_BOOTSTRAP_SLOTS"])
 """
 
 
-def bootstrap(env: dict[str, str]) -> str:
+def bootstrap(env: dict[str, str], node: str | None = None, slots: int = 2) -> str:
+    if node:
+        env = {**env, "DEEPOPT_BOOTSTRAP_NODE": node, "DEEPOPT_BOOTSTRAP_SLOTS": str(slots)}
     result = subprocess.run([PYTHON, "-c", BOOTSTRAP], cwd=ROOT, env=env,  # noqa: S603
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -214,7 +237,11 @@ def wait_for_port(port: int, child: Child, timeout: float = 60.0) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
+    parser.add_argument("--slots", type=int, default=int(os.environ.get("SLOTS") or 2),
+                        help="CPU slots of the local node when this machine has no GPU")
     args = parser.parse_args()
+    if args.slots < 1:
+        fail("SLOTS must be at least 1.")
 
     VAR.mkdir(exist_ok=True)
     env = dict(os.environ)
@@ -225,7 +252,10 @@ def main() -> int:
         fail(f"port {args.port} is in use; stop what holds it or choose another, e.g. PORT=8001 make run.")
 
     say("migrating the database")
-    admin_note = bootstrap(env)
+    node = local_node_name(env)
+    notes = bootstrap(env, node, args.slots).splitlines()
+    admin_note = "\n".join(line for line in notes if not line.endswith("/token."))
+    node_note = next((line for line in notes if line.endswith("/token.")), "")
 
     supervisor = Supervisor()
     # Handlers before any child starts: a Ctrl-C from here on must still stop what was started.
@@ -236,12 +266,16 @@ def main() -> int:
     web = supervisor.start("web server", web_command(args.port), env)
     supervisor.start("celery worker", worker_command(), env)
     supervisor.start("celery beat", beat_command(), env)
+    if node:
+        supervisor.start(f"local node {node}", node_command(node, args.port, args.slots), env)
 
     if wait_for_port(args.port, web) and not supervisor.stop_requested:
         admin = env.get("DEEPOPT_ADMIN_USER") or "admin"
         say(f"DeepOpt is running at http://127.0.0.1:{args.port}/  (Ctrl-C stops everything)")
         say(admin_note or f"Log in as your existing superuser (make run made it as '{admin}' and showed its "
                           f"password then; `.venv/bin/python manage.py changepassword {admin}` sets a new one).")
+        if node_note:
+            say(node_note)
     elif web.alive() and not supervisor.stop_requested:
         say(f"the web server has not opened port {args.port} yet; still waiting on it (Ctrl-C stops everything).")
 

@@ -88,3 +88,32 @@ class Gpu(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node.name}:{self.index} ({self.model})"
+
+
+class MetricSample(models.Model):
+    """One telemetry reading from a node's agent: a GPU (gpu_index set) or the host (gpu_index null).
+
+    For a GPU, `utilization` is the share of time a kernel ran and the memory fields are the GPU's; for
+    the host they are CPU use and host RAM. The forecaster rolls these up over time ranges, hence the
+    (node, gpu_index, ts) and (ts) indexes.
+    """
+
+    node = models.ForeignKey(GpuNode, on_delete=models.CASCADE, related_name="metric_samples")
+    gpu_index = models.PositiveSmallIntegerField(null=True, blank=True)
+    ts = models.DateTimeField()
+    utilization = models.FloatField(null=True, blank=True, help_text="Percent.")
+    memory_used_mb = models.PositiveIntegerField(null=True, blank=True)
+    memory_total_mb = models.PositiveIntegerField(null=True, blank=True)
+    temperature_c = models.FloatField(null=True, blank=True)
+    power_w = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["ts", "id"]
+        indexes = [
+            models.Index(fields=["node", "gpu_index", "ts"], name="metric_node_gpu_ts"),
+            models.Index(fields=["ts"], name="metric_ts"),
+        ]
+
+    def __str__(self) -> str:
+        where = "host" if self.gpu_index is None else f"gpu {self.gpu_index}"
+        return f"{self.node_id} {where} @ {self.ts:%Y-%m-%d %H:%M:%S}"

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Allocation, Job, JobEvent
+from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent
 
 
 class JobEventInline(admin.TabularInline):
@@ -30,6 +30,30 @@ class AllocationInline(admin.TabularInline):
         return False
 
 
+class AttemptRunInline(admin.TabularInline):
+    """Where each attempt ran: written by dispatch and the workers' reports, never by hand."""
+
+    model = AttemptRun
+    extra = 0
+    can_delete = False
+    fields = ["attempt", "rank", "node", "dispatched_at", "dispatch_count", "started_at", "seen_at", "finished_at",
+              "status", "exit_code", "pid"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+class JobArtifactInline(admin.TabularInline):
+    model = JobArtifact
+    extra = 0
+    fields = ["attempt", "name", "size", "sha256", "node", "created_at", "file"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "team", "kind", "priority", "gpus", "nodes", "state", "attempt", "submitted_at"]
@@ -40,7 +64,7 @@ class JobAdmin(admin.ModelAdmin):
     # State changes go through the state machine (services), never through a form field.
     readonly_fields = ["state", "attempt", "pending_reason", "result", "error", "submitted_at", "started_at",
                        "finished_at", "submitter"]
-    inlines = [AllocationInline, JobEventInline]
+    inlines = [AllocationInline, AttemptRunInline, JobArtifactInline, JobEventInline]
 
 
 @admin.register(JobEvent)

@@ -1,6 +1,8 @@
 """Jobs, their append-only event history and their GPU allocations."""
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -24,6 +26,8 @@ class Job(models.Model):
     class Kind(models.TextChoices):
         COMPRESSION = "compression", "Compression"
         TRAINING = "training", "Training"
+        # A quick job that checks a node end to end (workers/selftest.py): dispatch, progress, result, artifact.
+        SELFTEST = "selftest", "Self-test"
 
     class Priority(models.TextChoices):
         LOW = "low", "Low"
@@ -175,3 +179,71 @@ class QueueEntry(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.position} job {self.job_id}"
+
+
+class AttemptRun(models.Model):
+    """One node's share (rank) of one job attempt, as the dispatcher sent it and its worker ran it.
+
+    Written when the attempt is dispatched, claimed by the first report of a worker's run (`run_id`:
+    a second delivery of the same message cannot start the attempt twice), touched while the worker
+    reports (`seen_at`, so the reconciler notices a worker that died), closed by the result.
+    """
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="runs")
+    attempt = models.PositiveIntegerField()
+    rank = models.PositiveIntegerField(default=0)
+    world_size = models.PositiveIntegerField(default=1)
+    node = models.ForeignKey(GpuNode, on_delete=models.PROTECT, related_name="runs")
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    dispatch_count = models.PositiveIntegerField(default=0)
+    run_id = models.CharField(max_length=64, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    seen_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_seq = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=12, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "attempt", "rank"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "attempt", "rank"], name="one_run_per_job_attempt_rank"),
+        ]
+        indexes = [models.Index(fields=["finished_at", "seen_at"], name="run_open_seen")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} attempt {self.attempt} rank {self.rank} on {self.node_id}"
+
+
+def new_artifact_key() -> str:
+    return uuid.uuid4().hex
+
+
+def artifact_upload_to(artifact: JobArtifact, filename: str) -> str:
+    # A random directory: under DEBUG, MEDIA_URL serves MEDIA_ROOT without authentication, so a path
+    # made only of ids could be guessed; artifacts are meant for the job's team alone.
+    return f"artifacts/job-{artifact.job_id}/attempt-{artifact.attempt}/{artifact.key}/{filename}"
+
+
+class JobArtifact(models.Model):
+    """A file a job attempt produced (a compressed checkpoint, a report), uploaded by its worker."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts")
+    attempt = models.PositiveIntegerField()
+    name = models.CharField(max_length=200)
+    key = models.CharField(max_length=32, default=new_artifact_key, editable=False)
+    file = models.FileField(upload_to=artifact_upload_to, max_length=500)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    node = models.ForeignKey(GpuNode, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["job", "attempt", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "attempt", "name"], name="one_artifact_per_attempt_and_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} attempt {self.attempt}: {self.name}"

@@ -71,4 +71,16 @@ class TrainingSpec(StrictSerializer):
         return attrs
 
 
-SPEC_SERIALIZERS = {"compression": CompressionSpec, "training": TrainingSpec}
+class SelftestSpec(StrictSerializer):
+    """The self-test job (workers/selftest.py): integrates 4/(1+x²) over [0, 1] in `steps` chunks, one
+    progress line a chunk, and returns π with its error. It checks that a node runs jobs end to end
+    without the minutes a real model takes; `crash_at_step` checks that a failing runner is reported."""
+
+    steps = serializers.IntegerField(min_value=1, max_value=100_000, default=20)
+    step_seconds = serializers.FloatField(min_value=0.0, max_value=60.0, default=0.1,
+                                          help_text="Each chunk takes at least this long (paced).")
+    crash_at_step = serializers.IntegerField(min_value=1, max_value=100_000, required=False, allow_null=True,
+                                             default=None, help_text="Raise an error at this step.")
+
+
+SPEC_SERIALIZERS = {"compression": CompressionSpec, "training": TrainingSpec, "selftest": SelftestSpec}

@@ -13,3 +13,10 @@ def run_pass() -> dict:
     clear_pending()
     result = live_pass()
     return {"placed": result.placed, "queued": result.queued, "pass_ms": round(result.pass_ms, 1)}
+
+
+@shared_task(name="scheduling.reconcile", time_limit=120, soft_time_limit=100, acks_late=False, ignore_result=True)
+def reconcile() -> dict:
+    from .reconciler import reconcile as run
+
+    return run()

@@ -18,5 +18,7 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
 WHITENOISE_USE_FINDERS = True  # serve static/ without collectstatic while developing
 # Unit tests run passes explicitly; integration tests that need the real trigger set "celery".
 DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="off")
+# Unit tests allocate jobs on nodes that do not exist; integration tests that run real nodes set "celery".
+DEEPOPT_DISPATCH = env("DEEPOPT_DISPATCH", default="off")
 # Every test builds its own cluster: a capacity cached by the previous test would be wrong.
 DEEPOPT_CAPACITY_CACHE_SECONDS = 0
