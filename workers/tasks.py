@@ -24,12 +24,14 @@ from celery.signals import worker_shutting_down
 
 from .celery_app import app
 from .client import AgentClient, read_token
-from .runner import BadJob, RunnerProcess, build_command, final_checkpoint, runner_env
+from .runner import BadJob, RunnerProcess, build_command, checkpoint_dir, final_checkpoint, runner_env
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN = threading.Event()
+# When rank 0 has ended a multi-node job as succeeded, the other ranks are finishing too: let them.
+RANK_FINISH_GRACE_S = 15.0
 RESULT_RETRY_S = 600.0  # a result outlives a web app restart; after that the reconciler decides
 SHUTDOWN_RETRY_S = 10.0
 
@@ -77,11 +79,13 @@ class Handle:
     rank: int
     run: str
     stop_reason: str = ""
+    stop_state: str | None = None  # the job's state when the web app said stop
     wake: threading.Event = field(default_factory=threading.Event)
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, state: str | None = None) -> None:
         if not self.stop_reason:
             self.stop_reason = reason or "stop requested"
+            self.stop_state = state
         self.wake.set()
 
 
@@ -123,7 +127,7 @@ class Controller:
             for answer in body.get("attempts", []):
                 handle = handles.get((answer["job"], answer["attempt"], answer.get("rank", 0)))
                 if handle is not None and answer.get("action") == "stop":
-                    handle.request_stop(answer.get("reason", ""))
+                    handle.request_stop(answer.get("reason", ""), answer.get("state"))
 
 
 _controller: Controller | None = None
@@ -217,6 +221,9 @@ def execute(payload: dict, config: NodeConfig) -> dict:
         _upload(reporter, artifact_files(payload, config, out_dir, attempt_dir / "runner.log", status), rank)
     answer = _report_result(reporter, status, error, exit_code, runner, where)
     shutil.rmtree(out_dir, ignore_errors=True)
+    if status == "succeeded":
+        # Checkpoints only serve a retry; the final one is an artifact now.
+        shutil.rmtree(checkpoint_dir(payload, config.work_dir), ignore_errors=True)
     return {"status": status, "exit_code": exit_code, "answer": answer.get("status")}
 
 
@@ -228,6 +235,7 @@ def _relay(runner: RunnerProcess, reporter: Reporter, handle: Handle, config: No
     pending: list[dict] = [{"type": "spawned", "pid": runner.pid, "host": socket.gethostname(),
                             "spawned_at": time.time()}]
     last_sent = 0.0
+    finish_by = None
     while True:
         code = runner.poll()
         pending += runner.drain()
@@ -239,7 +247,9 @@ def _relay(runner: RunnerProcess, reporter: Reporter, handle: Handle, config: No
         if code is not None:
             return None
         reason = None
-        if handle.stop_reason:
+        if handle.stop_reason and handle.stop_state == "succeeded" and handle.rank > 0 and finish_by is None:
+            finish_by = now + RANK_FINISH_GRACE_S  # rank 0 is done; this rank is leaving its last barrier
+        if handle.stop_reason and (finish_by is None or now > finish_by):
             reason = "stopped"
         elif SHUTDOWN.is_set():
             reason = "interrupted"
@@ -249,7 +259,8 @@ def _relay(runner: RunnerProcess, reporter: Reporter, handle: Handle, config: No
             log.info("Stopping job %s attempt %s (%s).", handle.job, handle.attempt, handle.stop_reason or reason)
             runner.stop()
             return reason
-        handle.wake.wait(0.1)
+        if handle.wake.wait(0.1):
+            handle.wake.clear()  # woken once; the next waits sleep again (a rank's grace period must not spin)
 
 
 def _send(reporter: Reporter, lines: list[dict], handle: Handle) -> bool:
@@ -259,7 +270,8 @@ def _send(reporter: Reporter, lines: list[dict], handle: Handle) -> bool:
         log.warning("Progress report for job %s failed (%s); will resend.", handle.job, exc)
         return False
     if answer.get("stop") or answer["http"] != 200:
-        handle.request_stop(answer.get("reason") or answer.get("detail") or "the web app said stop")
+        reason = answer.get("reason") or answer.get("detail") or "the web app said stop"
+        handle.request_stop(reason, answer.get("state"))
     return True
 
 
