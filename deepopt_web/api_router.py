@@ -5,6 +5,7 @@ from rest_framework.routers import DefaultRouter
 from apps.accounts.api.views import MeView, TeamViewSet, TokenView, UserViewSet
 from apps.cluster.api.agent import AgentHeartbeatView, AgentOfflineView, AgentRegisterView
 from apps.cluster.api.views import NodeViewSet
+from apps.forecasting.api.views import ForecastViewSet, ScalingDecisionViewSet
 from apps.scheduling.api.agent import (
     AgentArtifactView,
     AgentAttemptsStatusView,
@@ -22,6 +23,8 @@ router.register("users", UserViewSet, basename="user")
 router.register("nodes", NodeViewSet, basename="node")
 router.register("jobs", JobViewSet, basename="job")
 router.register("queue", QueueViewSet, basename="queue")
+router.register("forecasts", ForecastViewSet, basename="forecast")
+router.register("scaling-decisions", ScalingDecisionViewSet, basename="scaling-decision")
 
 # The agent API (node token only; apps/cluster/authentication.py). The trailing slash is optional:
 # agents are not browsers and a POST cannot follow APPEND_SLASH's redirect.

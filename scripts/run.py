@@ -34,7 +34,7 @@ def web_command(port: int) -> list[str]:
 
 
 def worker_command() -> list[str]:
-    return [PYTHON, "-m", "celery", "-A", "deepopt_web", "worker", "-Q", "default", "-c", "1",
+    return [PYTHON, "-m", "celery", "-A", "deepopt_web", "worker", "-Q", "default", "-c", "2",
             "-n", "default@%h", "--loglevel", "info"]
 
 
@@ -138,6 +138,10 @@ call_command("ensure_admin")
 if os.environ.get("DEEPOPT_BOOTSTRAP_NODE"):
     call_command("ensure_local_node", "--name", os.environ["DEEPOPT_BOOTSTRAP_NODE"],
                  "--slots", os.environ["DEEPOPT_BOOTSTRAP_SLOTS"])
+# A first start gets four weeks of realistic load history, so the charts and forecasts mean something.
+from apps.cluster.models import Gpu
+if Gpu.objects.exists():
+    call_command("seed_history")
 """
 
 

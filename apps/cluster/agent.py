@@ -8,6 +8,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from apps.dashboard import fanout
+
 from .models import Gpu, GpuNode, MetricSample
 from .services import forget_cluster_capacity, set_node_state
 from .signals import node_changed
@@ -100,6 +102,7 @@ def record_heartbeat(node: GpuNode, *, host: dict | None, gpus: list[dict]) -> G
                            f"VALUES {values}", [value for row in rows for value in _adapt(row)])
         GpuNode.objects.filter(pk=node.pk).update(last_heartbeat_at=now)
     node.last_heartbeat_at = now
+    fanout.node_telemetry(node, host=host, gpus=gpus, ts=now)  # live node pages; no query
     return _revive(node)
 
 

@@ -1,2 +1,8 @@
-"""Websocket routes (all under /ws/). The live event stream `/ws/events/` belongs to the dashboard issue."""
-websocket_urlpatterns: list = []
+"""Websocket routes (all under /ws/)."""
+from django.urls import path
+
+from .consumers import EventsConsumer
+
+websocket_urlpatterns = [
+    path("ws/events/", EventsConsumer.as_asgi()),
+]

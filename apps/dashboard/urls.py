@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views
+from . import forecast_views, views
 
 # Page names are short and distinct from the API router's (job-detail, node-list, ...).
 urlpatterns = [
@@ -18,4 +18,6 @@ urlpatterns = [
     path("nodes/<int:pk>/state/", views.node_set_state, name="node-state"),
     path("teams/", views.team_list, name="teams"),
     path("teams/<int:pk>/", views.team_detail, name="team"),
+    path("forecasts/", forecast_views.forecasts, name="forecasts"),
+    path("forecasts/autoscaler/", forecast_views.autoscaler_switch, name="autoscaler-switch"),
 ]

@@ -25,7 +25,9 @@ from apps.scheduling.specs import COMPRESSION_MODELS, TRAINING_MODELS
 from apps.scheduling.states import LIVE, TERMINAL, IllegalTransition
 from apps.scheduling.usage import team_usage
 
+from . import live_context
 from .forms import NON_FIELD, JobForm
+from .load import load_context
 
 JOBS_PER_PAGE = 50
 RECENT_JOBS = 10
@@ -109,6 +111,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "recent_jobs": jobs.select_related("team", "submitter")[:RECENT_JOBS],
         "usage_rows": _usage_rows(teams),
         "single_team": len(teams) == 1,
+        "node_gpus_json": live_context.node_gpus_json(nodes),
+        **load_context(user),
     })
 
 
@@ -186,6 +190,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
                        and can_cancel_job(request.user, job)),
         "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,
+        **live_context.job_progress(job),
     })
 
 
@@ -228,6 +233,8 @@ def node_list(request: HttpRequest) -> HttpResponse:
     state = request.GET.get("state", "")
     if state in GpuNode.State.values:
         nodes = nodes.filter(state=state)
+    nodes = list(nodes)
+    live_context.attach_readings(nodes, lambda node: node.gpus.all())
     return render(request, "dashboard/node_list.html", {
         "nodes": nodes, "states": GpuNode.State.choices, "selected_state": state,
     })
@@ -244,6 +251,7 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
         job_team_id=Subquery(live.values("job__team_id")[:1]),
     ).order_by("index"))
     visible_teams = team_ids_of(request.user)
+    live_context.attach_readings([node], lambda _node: gpus)
     for gpu in gpus:
         # Another team's job may run on this team's node; its name is not ours to show.
         gpu.job_visible = gpu.busy and (request.user.is_staff or gpu.job_team_id in visible_teams)

@@ -17,8 +17,9 @@ from django.utils import timezone
 
 from apps.accounts.models import Team
 from apps.cluster.models import Gpu, GpuNode
+from apps.dashboard import fanout
 
-from . import policy
+from . import pass_stats, policy
 from .models import Allocation, Job, QueueEntry
 from .services import transition
 from .states import LIVE, JobState
@@ -164,7 +165,9 @@ def run_pass(now: datetime | None = None, *, with_etas: bool = True) -> PassResu
                 if with_etas and decision.pending else {})
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
-        _write_queue(decision, etas, now)
+        written = _write_queue(decision, etas, now)
+        fanout.queue_changed(snapshot, decision, etas, placed, written)  # live pages, after the commit
+    pass_stats.record_pass((time.perf_counter() - began) * 1000, policy_ms, len(placed), len(decision.pending))
     return PassResult(placed=placed, queued=len(decision.pending), policy_ms=policy_ms,
                       pass_ms=(time.perf_counter() - began) * 1000)
 
@@ -202,8 +205,8 @@ def _allocate(decision: policy.Decision, now: datetime) -> list[int]:
     return placed
 
 
-def _write_queue(decision: policy.Decision, etas: dict, now: datetime) -> None:
-    """Bring QueueEntry and Job.pending_reason in line with the pass, touching only what changed."""
+def _write_queue(decision: policy.Decision, etas: dict, now: datetime) -> set:
+    """Bring QueueEntry and Job.pending_reason in line with the pass, touching only what changed (returned)."""
     existing = {e.job_id: e for e in QueueEntry.objects.all()}
     stale = set(existing) - set(decision.pending)
     if stale:
@@ -235,3 +238,4 @@ def _write_queue(decision: policy.Decision, etas: dict, now: datetime) -> None:
         by_reason.setdefault(reason, []).append(job_id)
     for reason, ids in by_reason.items():
         Job.objects.filter(pk__in=ids, state=JobState.QUEUED).update(pending_reason=reason)
+    return stale | {e.job_id for e in created} | {e.job_id for e in changed}

@@ -24,6 +24,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from apps.cluster.models import GpuNode
+from apps.dashboard import fanout
 
 from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent
 from .services import transition
@@ -134,6 +135,7 @@ def progress(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str
                   for line in lines[-MAX_LINES_PER_REPORT:]]
         if events:
             JobEvent.objects.bulk_create(events)
+            fanout.job_progress(job, attempt, lines[-MAX_LINES_PER_REPORT:], rank=rank)  # live job page
             latest = events[-1]
             transaction.on_commit(lambda: job_changed.send(sender=Job, job=job, event=latest))
         return Answer("accepted", job.state, stop=job.state == JobState.CANCELLING)

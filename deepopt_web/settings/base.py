@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "apps.accounts",
     "apps.cluster",
     "apps.scheduling",
+    "apps.forecasting",
     "apps.dashboard",
 ]
 
@@ -118,6 +119,12 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# plotly.js comes from the installed plotly package (the version requirements.txt pins), not a CDN.
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    "deepopt_web.staticfinders.PlotlyFinder",
+]
 MEDIA_URL = "media/"
 MEDIA_ROOT = env.path("MEDIA_ROOT", default=str(VAR_DIR / "media"))
 STORAGES = {
@@ -173,12 +180,23 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# Live events (/ws/events/, apps/dashboard). Redis pub/sub by default: a group message is one PUBLISH that
+# each web process receives once and fans out to its sockets in memory, where RedisChannelLayer keeps a
+# Redis list per socket and sends to each (bench/websocket.py: 2,000 sockets meet p95 < 0.5 s only with
+# pub/sub; docs/architecture.md, "Live updates", has the numbers). CHANNEL_LAYER=core selects the other.
+CHANNELS_REDIS_URL = env("CHANNELS_REDIS_URL", default=REDIS_URL)
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "BACKEND": {"pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                    "core": "channels_redis.core.RedisChannelLayer"}[env("CHANNEL_LAYER", default="pubsub")],
+        # redis-py's default read timeout (5 s) equals the core layer's BZPOPMIN wait (5 s): idle sockets then
+        # fail with "Timeout reading" at random. A longer one still ends a read from a Redis that hangs.
+        "CONFIG": {"hosts": [{"address": CHANNELS_REDIS_URL, "socket_connect_timeout": 2, "socket_timeout": 10}]},
     }
 }
+# hub: one layer subscriber per process fans events out to its sockets (apps/dashboard/hub.py says why);
+# groups: each socket joins its groups on the layer itself, as in Channels' tutorial.
+DEEPOPT_LIVE_FANOUT = env("DEEPOPT_LIVE_FANOUT", default="hub")
 
 # Celery: namespaced settings (CELERY_*), JSON only, explicit limits.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
@@ -205,6 +223,11 @@ CELERY_BEAT_SCHEDULE = {
     # (apps/scheduling/reconciler.py). The database is the truth; this brings the cluster back in line.
     "reconciler": {"task": "scheduling.reconcile", "schedule": env.float("RECONCILER_INTERVAL_S", default=30.0),
                    "options": {"expires": 30.0}},
+    # Load series (apps/forecasting/series.py): this minute's points, then downsampling and retention.
+    "forecasting-rollup": {"task": "forecasting.rollup", "schedule": 60.0, "options": {"expires": 60.0}},
+    # New forecasts for every worthy series (refits are cached and daily), then the autoscaler acts on them.
+    "forecasting-refresh": {"task": "forecasting.refresh", "schedule": env.float("FORECAST_INTERVAL_S", default=300.0),
+                            "options": {"expires": 300.0}},
 }
 
 # The scheduler (apps/scheduling/policy). Keys are PolicyConfig fields; docs/scheduler.md explains each
@@ -251,3 +274,11 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# --- Prometheus /metrics (apps/dashboard/metrics.py) ---
+# Served to a request with `Authorization: Bearer <DEEPOPT_METRICS_TOKEN>` (empty: no token works) or
+# from an address in DEEPOPT_METRICS_ALLOW (comma-separated IPs or CIDR networks); anything else is refused.
+DEEPOPT_METRICS_TOKEN = env("DEEPOPT_METRICS_TOKEN", default="")
+DEEPOPT_METRICS_ALLOW = env.list("DEEPOPT_METRICS_ALLOW", default=["127.0.0.1", "::1"])
+# Scheduling passes record their timings in Redis (REDIS_URL) for /metrics; off skips that round trip.
+DEEPOPT_PASS_STATS = env.bool("DEEPOPT_PASS_STATS", default=True)

@@ -12,7 +12,13 @@ STORAGES = {
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# In memory, unless a test runs a real server whose events must cross processes (tests/browser/test_live.py
+# sets TEST_CHANNELS_REDIS_URL for the server it starts).
+if env("TEST_CHANNELS_REDIS_URL", default=""):
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                                  "CONFIG": {"hosts": [env("TEST_CHANNELS_REDIS_URL")]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
 WHITENOISE_USE_FINDERS = True  # serve static/ without collectstatic while developing
@@ -22,3 +28,6 @@ DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="off")
 DEEPOPT_DISPATCH = env("DEEPOPT_DISPATCH", default="off")
 # Every test builds its own cluster: a capacity cached by the previous test would be wrong.
 DEEPOPT_CAPACITY_CACHE_SECONDS = 0
+# Pass times go to Redis for /metrics; unit tests would write into db 0 of whatever Redis runs (or wait
+# on one that does not). tests/unit/test_metrics.py turns it on against its own database.
+DEEPOPT_PASS_STATS = env.bool("DEEPOPT_PASS_STATS", default=False)

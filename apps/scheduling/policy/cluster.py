@@ -299,6 +299,26 @@ class ClusterState:
                 self.by_free[old].discard(n)
                 self.by_free[count].add(n)
 
+    def set_active(self, node_id: Hashable, active: bool) -> None:
+        """Let a node take new work again, or stop giving it any (standby, draining). Its running
+        jobs stay where they are and give their GPUs back as usual; only new placements and
+        reservations see the change. A scheduler caches which shapes can ever fit (`can_ever`), so
+        its caller must forget that cache after a change of the active set."""
+        n = self.index[node_id]
+        if self.active[n] == active:
+            return
+        self.active[n] = active
+        sign = 1 if active else -1
+        self.total_free += sign * self.free_count[n]
+        if n not in self.hidden:  # a hidden node goes back to its bucket at unhide, if active
+            if active:
+                self.by_free[self.free_count[n]].add(n)
+            else:
+                self.by_free[self.free_count[n]].discard(n)
+        # The version bump makes the node's entries in the readiness heaps stale; an active node
+        # gets fresh ones.
+        self._touch(n)
+
     def allocate(self, job_id: Hashable, where: list[tuple[int, int]], start: float, end: float,
                  memory_mb: int | None = None) -> list[tuple[Hashable, list[Hashable]]]:
         held, result = [], []

@@ -1,0 +1,490 @@
+"""Load forecaster: Prophet's seasons, the latest observations for the level, empirical 80 % bands.
+
+Pure pandas/numpy/Prophet (no Django), so the backtest, the benches and the autoscaler replay use the
+very code the web process runs.
+
+Method (docs/forecasting.md, "Forecaster and backtest", has the measurements behind each choice):
+
+- Prophet (multiplicative seasonality, daily and weekly) is fitted on a schedule (`refit_every`, a
+  day by default) on at most `max_history` of data up to the refit time. Only its seasonal
+  multiplier M(t) is used between refits, kept as a one-period lookup table: Prophet's trend is
+  stale a few hours after a fit (a Prophet fitted once and never updated is 4-30x worse than
+  persistence), while the seasons stay valid.
+- The level comes from the latest observation y(t). Per horizon h the forecast is
+  y(t) + x(t, h) . beta_h, with features
+      seasonal   L(t) * (M(t+h) - M(t))     the change the seasons expect (L = mean of the last day)
+      reversion  mean of the last day - y(t)
+      latest     last raw sample inside the last step - y(t)   (only if the caller has it)
+  beta_h is a least-absolute-deviation fit on the last `calibration_window` of origins whose targets
+  are observed, then shrunk toward persistence (beta = 0) by a weight chosen on rolling
+  out-of-sample folds; a weight above 0 must beat persistence there by `margin`. On a series where
+  nothing beats persistence the forecast therefore is persistence.
+- The 80 % band is yhat + the 10 % and 90 % quantiles of those out-of-sample fold errors
+  (conformal), per calibrated horizon; other horizons interpolate in log h, and horizons beyond the
+  longest calibrated one widen with sqrt(h).
+- Short or flat history degrades instead of failing: weekly seasonality needs `min_weekly_history`,
+  daily `min_daily_history`; without either (or on a constant series) there is no Prophet and the
+  forecast is persistence (+ the reversion/latest correction when folds show it helps), with
+  empirical bands.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+STATE_VERSION = 1
+REFIT_EVERY = pd.Timedelta("1D")
+MAX_HISTORY = pd.Timedelta("28D")
+FEATURES = ("seasonal", "reversion", "latest")
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "calibration_window": "14D",   # origins used to fit the per-horizon correction and its bands
+    "fold_length": "2D",           # length of each rolling out-of-sample fold
+    "folds": 4,                    # at most this many folds (fewer on short history)
+    "margin": 0.02,                # a correction must beat persistence on the folds by 2 % to be used
+    "coverage": 0.8,               # nominal band coverage
+    "min_daily_history": "2D",     # Prophet's daily season needs this much data
+    "min_weekly_history": "14D",   # and its weekly season this much
+    "reversion_window": "1D",      # the level the reversion feature pulls toward
+    "ladder": 16,                  # horizons calibrated at each refit, log-spaced up to a day
+    "nonnegative": None,           # clip at 0; None: when the history has no negative value
+    "features": FEATURES,          # which correction features to use
+    "fold_wins": 0.0,              # a correction must also beat persistence in this share of the folds
+    "band_coverage": None,         # quantile level of the bands (None: `coverage`)
+    "finite_sample": True,         # widen the band quantiles for the effective number of errors
+}
+
+log = logging.getLogger(__name__)
+
+
+class ForecastError(ValueError):
+    """The history cannot be forecast (not a series on a regular time grid, no values at all)."""
+
+
+@dataclass
+class ForecastPath:
+    """One forecast from one origin."""
+
+    origin: pd.Timestamp          # the last observed time used
+    times: pd.DatetimeIndex       # origin + horizon, one per requested horizon
+    yhat: np.ndarray
+    lower: np.ndarray             # 80 % band (the forecaster's `coverage`)
+    upper: np.ndarray
+    method: str                   # e.g. "prophet(daily+weekly)+correction", "persistence (short history)"
+    horizons: list[pd.Timedelta] = field(default_factory=list)
+
+
+def _quiet_prophet() -> None:
+    """Silence cmdstanpy's INFO lines (two per fit). Its logger installs its own handler, and resets its
+    level, the first time it is used, so it is made to do that first."""
+    from cmdstanpy.utils import get_logger
+
+    get_logger()
+    for name in ("cmdstanpy", "prophet", "prophet.plot"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _td(value: Any) -> pd.Timedelta:
+    return value if isinstance(value, pd.Timedelta) else pd.Timedelta(value)
+
+
+def _lad(x: np.ndarray, t: np.ndarray, iterations: int = 25) -> np.ndarray:
+    """Least absolute deviations by iteratively reweighted least squares, with a tiny ridge so that an
+    all-zero feature (no latest sample, no season) gets a zero coefficient instead of a singular solve."""
+    n, p = x.shape
+    if n == 0 or p == 0:
+        return np.zeros(p)
+    ridge = np.eye(p) * (1e-6 * n * (np.mean(x * x, axis=0).max() + 1e-12))
+    floor = 1e-3 * (np.mean(np.abs(t)) + 1e-9)
+    weights = np.ones(n)
+    beta = np.zeros(p)
+    for _ in range(iterations):
+        xw = x * weights[:, None]
+        beta = np.linalg.solve(x.T @ xw + ridge, xw.T @ t)
+        weights = 1.0 / np.maximum(np.abs(t - x @ beta), floor)
+        weights /= weights.mean()
+    return beta
+
+
+def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
+
+
+class LoadForecaster:
+    """Prophet seasons + latest observations, refitted on a schedule, with conformal 80 % bands.
+
+    `update(history)` refits when due; `forecast(history, horizons)` is one table lookup and a dot
+    product per horizon, so a 24 h path of 288 points costs about a millisecond between refits.
+    """
+
+    def __init__(self, step: pd.Timedelta, *, refit_every: pd.Timedelta = REFIT_EVERY,
+                 max_history: pd.Timedelta | None = MAX_HISTORY, **options: Any) -> None:
+        self.step = _td(step)
+        if self.step <= pd.Timedelta(0):
+            raise ValueError(f"step must be positive, not {step}")
+        self.refit_every = _td(refit_every)
+        self.max_history = None if max_history is None else _td(max_history)
+        unknown = set(options) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown LoadForecaster options: {', '.join(sorted(unknown))}")
+        self.options = {**DEFAULT_OPTIONS, **options}
+        self.fit_seconds = 0.0          # total Prophet fit time so far
+        self.calibration_seconds = 0.0  # total time spent fitting the corrections and bands
+        self.refits = 0
+        self.fit_origin: pd.Timestamp | None = None
+        self.method = "unfitted"
+        self.model_json: str | None = None
+        self.season: np.ndarray | None = None       # M(t) over one period, from season_anchor at `step`
+        self.season_anchor: pd.Timestamp | None = None
+        self.season_period = pd.Timedelta(0)
+        self.calibration: dict[int, dict[str, Any]] = {}   # steps ahead -> beta, band quantiles, ...
+        self.nonnegative = bool(self.options["nonnegative"])
+
+    # -- history handling ------------------------------------------------------------------------
+    def _regular(self, history: pd.Series, latest: pd.Series | None = None) -> tuple[pd.Series, pd.Series | None]:
+        if not isinstance(history, pd.Series) or not isinstance(history.index, pd.DatetimeIndex):
+            raise ForecastError("history must be a pandas Series with a DatetimeIndex")
+        if len(history) == 0 or not history.notna().any():
+            raise ForecastError("history has no values")
+        index = history.index
+        if index.tz is not None:
+            history = history.tz_convert("UTC").tz_localize(None)
+            index = history.index
+        span = index[-1] - index[0]
+        if not index.is_monotonic_increasing or span != self.step * (len(index) - 1):
+            if index.has_duplicates or not index.is_monotonic_increasing:
+                history = history[~index.duplicated(keep="last")].sort_index()
+            grid = pd.date_range(history.index[0], history.index[-1], freq=self.step)
+            if len(grid) == 0 or grid[-1] != history.index[-1]:
+                raise ForecastError(f"history is not on a regular grid of {self.step}")
+            history = history.reindex(grid)
+        history = history.astype(float)
+        if latest is not None:
+            if latest.index.tz is not None:
+                latest = latest.tz_convert("UTC").tz_localize(None)
+            latest = latest.astype(float).reindex(history.index)
+        return history, latest
+
+    def _arrays(self, history: pd.Series, latest: pd.Series | None) -> dict[str, np.ndarray]:
+        raw = history.to_numpy(dtype=float)
+        filled = pd.Series(raw).ffill().bfill().to_numpy()
+        if latest is None:
+            last = filled
+        else:
+            last = latest.to_numpy(dtype=float)
+            last = np.where(np.isnan(last), filled, last)
+        window = max(1, int(_td(self.options["reversion_window"]) / self.step))
+        return {"raw": raw, "y": filled, "last": last, "level": _trailing_mean(filled, window)}
+
+    # -- refits ------------------------------------------------------------------------------------
+    def due(self, origin: pd.Timestamp) -> bool:
+        """A refit is due on the first call, every `refit_every`, and when asked for an origin before the
+        last fit (its model saw data after that origin)."""
+        return (self.fit_origin is None or origin < self.fit_origin
+                or origin - self.fit_origin >= self.refit_every)
+
+    def update(self, history: pd.Series, latest: pd.Series | None = None,
+               horizons: Sequence[pd.Timedelta] | None = None) -> bool:
+        """Refit Prophet and the corrections if due (`history`: tz-naive UTC, regular at `step`, NaN
+        allowed; `latest`: optional last raw sample inside each step, same index). Returns whether it
+        refitted."""
+        history, latest = self._regular(history, latest)
+        origin = history.index[-1]
+        if not self.due(origin):
+            return False
+        self._refit(history, latest, horizons)
+        return True
+
+    def _refit(self, history: pd.Series, latest: pd.Series | None,
+               horizons: Sequence[pd.Timedelta] | None) -> None:
+        began = time.perf_counter()
+        origin = history.index[-1]
+        if self.options["nonnegative"] is None:
+            self.nonnegative = bool(np.nanmin(history.to_numpy()) >= 0)
+        self._fit_prophet(history)
+        self.fit_origin = origin
+        self.refits += 1
+        calibration_began = time.perf_counter()
+        self._calibrate(history, latest, horizons)
+        self.calibration_seconds += time.perf_counter() - calibration_began
+        log.debug("refit at %s (%s) in %.2f s", origin, self.method, time.perf_counter() - began)
+
+    def _fit_prophet(self, history: pd.Series) -> None:
+        fit_data = history if self.max_history is None else history.loc[history.index[-1] - self.max_history:]
+        observed = fit_data.dropna()
+        span = observed.index[-1] - observed.index[0] if len(observed) else pd.Timedelta(0)
+        daily = span >= _td(self.options["min_daily_history"]) and self.step < pd.Timedelta("1D")
+        weekly = span >= _td(self.options["min_weekly_history"])
+        values = observed.to_numpy()
+        flat = len(values) == 0 or float(np.nanmax(values) - np.nanmin(values)) == 0.0
+        self.model_json = None
+        self.season = None
+        self.season_anchor = None
+        if flat or not (daily or weekly):
+            reason = "constant series" if flat else "short history"
+            self.method = f"persistence ({reason})"
+            return
+        from prophet import Prophet
+        from prophet.serialize import model_to_json
+
+        _quiet_prophet()  # after the import: cmdstanpy sets its own level when first imported
+
+        model = Prophet(seasonality_mode="multiplicative", daily_seasonality=daily, weekly_seasonality=weekly,
+                        yearly_seasonality=False, uncertainty_samples=0)
+        began = time.perf_counter()
+        try:
+            model.fit(pd.DataFrame({"ds": observed.index, "y": values}))
+        except Exception as exc:  # a Stan failure on an odd series must degrade, not stop the forecasts
+            self.fit_seconds += time.perf_counter() - began
+            log.warning("Prophet fit failed (%s); forecasting by persistence", exc)
+            self.method = "persistence (Prophet fit failed)"
+            return
+        self.fit_seconds += time.perf_counter() - began
+        self.season_period = pd.Timedelta("7D") if weekly else pd.Timedelta("1D")
+        anchor = history.index[-1]
+        points = max(1, math.ceil(self.season_period / self.step))
+        times = pd.date_range(anchor, periods=points, freq=self.step)
+        terms = model.predict(pd.DataFrame({"ds": times}))["multiplicative_terms"].to_numpy(dtype=float)
+        self.season = np.nan_to_num(terms)
+        self.season_anchor = anchor
+        self.model_json = model_to_json(model)
+        seasons = "+".join(name for name, on in (("daily", daily), ("weekly", weekly)) if on)
+        self.method = f"prophet({seasons})+correction"
+
+    def seasonal_terms(self, times: pd.DatetimeIndex | np.ndarray) -> np.ndarray:
+        """Prophet's multiplicative seasonal term M at `times` (0 without a model)."""
+        times = pd.DatetimeIndex(times)
+        if self.season is None or self.season_anchor is None:
+            return np.zeros(len(times))
+        phase = ((times - self.season_anchor) % self.season_period) / self.step
+        index = np.rint(np.asarray(phase, dtype=float)).astype(np.int64) % len(self.season)
+        return self.season[index]
+
+    # -- correction and bands ------------------------------------------------------------------------
+    def _ladder(self, horizons: Sequence[pd.Timedelta] | None) -> list[int]:
+        day = max(1, int(pd.Timedelta("1D") / self.step))
+        asked = sorted({self._steps(h) for h in horizons or ()})
+        top = max([day, *asked])
+        ladder = np.unique(np.rint(np.geomspace(1, top, int(self.options["ladder"]))).astype(int))
+        return sorted({*ladder.tolist(), *asked})
+
+    def _steps(self, horizon: pd.Timedelta) -> int:
+        horizon = _td(horizon)
+        if horizon <= pd.Timedelta(0):
+            raise ForecastError(f"horizon must be positive, not {horizon}")
+        return max(1, math.ceil(horizon / self.step - 1e-9))
+
+    def _features(self, arrays: dict[str, np.ndarray], origin_idx: np.ndarray, season: np.ndarray,
+                  k: int) -> np.ndarray:
+        y = arrays["y"][origin_idx]
+        return np.column_stack([
+            arrays["level"][origin_idx] * (season[origin_idx + k] - season[origin_idx]),
+            arrays["level"][origin_idx] - y,
+            arrays["last"][origin_idx] - y,
+        ])
+
+    def _calibrate(self, history: pd.Series, latest: pd.Series | None,
+                   horizons: Sequence[pd.Timedelta] | None) -> None:
+        arrays = self._arrays(history, latest)
+        n = len(history)
+        ladder = self._ladder(horizons)
+        times = pd.date_range(history.index[0], periods=n + max(ladder), freq=self.step)
+        season = self.seasonal_terms(times)
+        window = max(1, int(_td(self.options["calibration_window"]) / self.step))
+        fold = max(1, int(_td(self.options["fold_length"]) / self.step))
+        alpha = (1 - float(self.options["band_coverage"] or self.options["coverage"])) / 2
+        self.calibration = {}
+        for k in ladder:
+            self.calibration[k] = self._calibrate_horizon(arrays, season, n, k, window, fold, alpha)
+
+    def _calibrate_horizon(self, arrays: dict[str, np.ndarray], season: np.ndarray, n: int, k: int,
+                           window: int, fold: int, alpha: float) -> dict[str, Any]:
+        origins = np.arange(max(0, n - 1 - k - window), n - k)
+        target = arrays["raw"][origins + k] if len(origins) else np.array([])
+        keep = ~np.isnan(target)
+        origins, target = origins[keep], target[keep]
+        change = target - arrays["y"][origins]
+        if len(origins) < 2:
+            return {"beta": [0.0] * len(FEATURES), "weight": 0.0, "q": [0.0, 0.0], "n": int(len(origins)),
+                    "folds": 0, "mae_ratio": 1.0}
+        x = self._features(arrays, origins, season, k)
+        used = np.array([name in self.options["features"] for name in FEATURES], dtype=float)
+        x = x * used
+        # Rolling folds: the last `folds` blocks of `fold` origins, each predicted by a fit on the origins
+        # whose targets were observed before the block began (no look-ahead inside the calibration).
+        held_change, held_pred, fold_id = [], [], []
+        end = len(origins)
+        for _ in range(int(self.options["folds"])):
+            start = end - fold
+            train_end = start - k
+            if start <= 0 or train_end < max(fold // 2, 10):
+                break
+            beta = _lad(x[:train_end], change[:train_end])
+            held_change.append(change[start:end])
+            held_pred.append(x[start:end] @ beta)
+            fold_id.append(np.full(end - start, len(fold_id)))
+            end = start
+        if not held_change:
+            # Too short to validate anything: persistence, with its own in-sample errors as the band.
+            q = self._band(change, alpha, k)
+            return {"beta": [0.0] * len(FEATURES), "weight": 0.0, "q": q.tolist(), "n": int(len(origins)),
+                    "folds": 0, "mae_ratio": 1.0}
+        held_change_a = np.concatenate(held_change)
+        held_pred_a = np.concatenate(held_pred)
+        maes = np.array([np.mean(np.abs(held_change_a - w * held_pred_a)) for w in SHRINK_GRID])
+        best = int(np.argmin(maes))
+        if maes[best] > (1 - float(self.options["margin"])) * maes[0]:
+            best = 0
+        if best and self.options["fold_wins"]:
+            ids = np.concatenate(fold_id)
+            w = SHRINK_GRID[best]
+            wins = [np.mean(np.abs(held_change_a[ids == f] - w * held_pred_a[ids == f]))
+                    < np.mean(np.abs(held_change_a[ids == f])) for f in range(len(held_change))]
+            if np.mean(wins) < float(self.options["fold_wins"]):
+                best = 0
+        weight = SHRINK_GRID[best]
+        beta = weight * _lad(x, change) if weight > 0 else np.zeros(len(FEATURES))
+        residual = held_change_a - weight * held_pred_a
+        q = self._band(residual, alpha, k)
+        return {"beta": beta.tolist(), "weight": weight, "q": q.tolist(), "n": int(len(origins)),
+                "folds": len(held_change), "mae_ratio": float(maes[best] / maes[0]) if maes[0] > 0 else 1.0}
+
+    def _band(self, residual: np.ndarray, alpha: float, k: int) -> np.ndarray:
+        """The (alpha, 1 - alpha) quantiles of the errors, with the split-conformal finite-sample
+        correction for the effective sample size: errors of forecasts k steps ahead from consecutive
+        origins overlap, so n errors hold about n / k independent ones."""
+        level = 1 - alpha
+        if self.options["finite_sample"]:
+            n_eff = max(1.0, len(residual) / k)
+            level = min(1.0, math.ceil((n_eff + 1) * level) / n_eff)
+        return np.quantile(residual, [1 - level, level])
+
+    def _calibration_at(self, k: int) -> tuple[np.ndarray, float, float]:
+        """beta and band quantiles for k steps ahead: calibrated, interpolated in log k between the two
+        nearest calibrated horizons, or the longest one widened by sqrt(k / k_max)."""
+        if k in self.calibration:
+            c = self.calibration[k]
+            return np.asarray(c["beta"]), c["q"][0], c["q"][1]
+        ks = sorted(self.calibration)
+        if not ks:
+            return np.zeros(len(FEATURES)), 0.0, 0.0
+        if k > ks[-1]:
+            c = self.calibration[ks[-1]]
+            widen = math.sqrt(k / ks[-1])
+            return np.asarray(c["beta"]), c["q"][0] * widen, c["q"][1] * widen
+        if k < ks[0]:
+            c = self.calibration[ks[0]]
+            return np.asarray(c["beta"]), c["q"][0], c["q"][1]
+        hi = next(i for i in ks if i > k)
+        lo = max(i for i in ks if i < k)
+        f = (math.log(k) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        a, b = self.calibration[lo], self.calibration[hi]
+        beta = (1 - f) * np.asarray(a["beta"]) + f * np.asarray(b["beta"])
+        return beta, (1 - f) * a["q"][0] + f * b["q"][0], (1 - f) * a["q"][1] + f * b["q"][1]
+
+    # -- forecasts -----------------------------------------------------------------------------------
+    def forecast(self, history: pd.Series, horizons: Sequence[pd.Timedelta],
+                 latest: pd.Series | None = None) -> ForecastPath:
+        """Forecast `horizons` ahead of the last point of `history`, using nothing after it. Refits first
+        if due. Horizons are rounded up to whole steps."""
+        if len(horizons) == 0:
+            raise ForecastError("no horizons asked")
+        horizons = [_td(h) for h in horizons]
+        ks = [self._steps(h) for h in horizons]
+        history, latest = self._regular(history, latest)
+        origin = history.index[-1]
+        if self.due(origin):
+            self._refit(history, latest, horizons)
+        # Only the tail matters between refits: the last value, the last raw sample, the reversion level.
+        window = max(1, int(_td(self.options["reversion_window"]) / self.step))
+        tail = history.iloc[-window:].to_numpy(dtype=float)
+        observed = tail[~np.isnan(tail)]
+        if len(observed):
+            y0 = float(observed[-1])
+            level = float(np.mean(pd.Series(tail).ffill().dropna().to_numpy()))
+        else:
+            y0 = float(history.dropna().iloc[-1])
+            level = y0
+        last = y0
+        if latest is not None and not np.isnan(latest.iloc[-1]):
+            last = float(latest.iloc[-1])
+        times = pd.DatetimeIndex([origin + self.step * k for k in ks])
+        season_now = float(self.seasonal_terms(pd.DatetimeIndex([origin]))[0])
+        season_then = self.seasonal_terms(times)
+        yhat = np.empty(len(ks))
+        lower = np.empty(len(ks))
+        upper = np.empty(len(ks))
+        for i, k in enumerate(ks):
+            beta, q_lo, q_hi = self._calibration_at(k)
+            x = np.array([level * (season_then[i] - season_now), level - y0, last - y0])
+            yhat[i] = y0 + float(x @ beta)
+            lower[i] = yhat[i] + q_lo
+            upper[i] = yhat[i] + q_hi
+        if self.nonnegative:
+            yhat, lower, upper = (np.maximum(a, 0.0) for a in (yhat, lower, upper))
+        times = pd.DatetimeIndex([origin + h for h in horizons])
+        return ForecastPath(origin=origin, times=times, yhat=yhat, lower=lower, upper=upper,
+                            method=self.method, horizons=horizons)
+
+    # -- state -----------------------------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        """JSON-serialisable state: options, the fitted Prophet model (prophet.serialize JSON), its
+        seasonal table, and the per-horizon corrections and bands."""
+        def ts(value: pd.Timestamp | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        return {
+            "version": STATE_VERSION,
+            "step_s": self.step.total_seconds(),
+            "refit_every_s": self.refit_every.total_seconds(),
+            "max_history_s": None if self.max_history is None else self.max_history.total_seconds(),
+            "options": dict(self.options),
+            "fit_seconds": self.fit_seconds,
+            "calibration_seconds": self.calibration_seconds,
+            "refits": self.refits,
+            "fit_origin": ts(self.fit_origin),
+            "method": self.method,
+            "nonnegative": self.nonnegative,
+            "model_json": self.model_json,
+            "season": None if self.season is None else self.season.tolist(),
+            "season_anchor": ts(self.season_anchor),
+            "season_period_s": self.season_period.total_seconds(),
+            "calibration": {str(k): v for k, v in self.calibration.items()},
+        }
+
+    @classmethod
+    def load(cls, state: dict[str, Any]) -> LoadForecaster:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"forecaster state version {state.get('version')!r}, expected {STATE_VERSION}")
+        max_history = state["max_history_s"]
+        self = cls(pd.Timedelta(seconds=state["step_s"]), refit_every=pd.Timedelta(seconds=state["refit_every_s"]),
+                   max_history=None if max_history is None else pd.Timedelta(seconds=max_history),
+                   **state["options"])
+        self.fit_seconds = float(state["fit_seconds"])
+        self.calibration_seconds = float(state.get("calibration_seconds", 0.0))
+        self.refits = int(state.get("refits", 0))
+        self.fit_origin = None if state["fit_origin"] is None else pd.Timestamp(state["fit_origin"])
+        self.method = state["method"]
+        self.nonnegative = bool(state["nonnegative"])
+        self.model_json = state["model_json"]
+        self.season = None if state["season"] is None else np.asarray(state["season"], dtype=float)
+        self.season_anchor = None if state["season_anchor"] is None else pd.Timestamp(state["season_anchor"])
+        self.season_period = pd.Timedelta(seconds=state["season_period_s"])
+        self.calibration = {int(k): v for k, v in state["calibration"].items()}
+        return self
+
+    def prophet_model(self) -> Any:
+        """The fitted Prophet model (deserialised on demand), or None."""
+        if self.model_json is None:
+            return None
+        from prophet.serialize import model_from_json
+
+        return model_from_json(self.model_json)

@@ -1,0 +1,130 @@
+// Load charts (observed + forecast with its 80% band + active capacity) and the compression layer chart.
+// Data comes embedded in the page (json_script); a `forecast.updated` event from live.js makes the
+// chart fetch its series again from the REST API (same shape) and redraw in place.
+(function () {
+  "use strict";
+
+  var COLORS = { observed: "#2563eb", forecast: "#d97706", band: "rgba(217,119,6,0.18)", capacity: "#6b7280" };
+  var LAYOUT = {
+    margin: { l: 48, r: 12, t: 8, b: 36 },
+    showlegend: true,
+    legend: { orientation: "h", y: -0.18 },
+    xaxis: { type: "date" },
+    yaxis: { rangemode: "tozero" },
+    hovermode: "x unified",
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "rgba(0,0,0,0)",
+  };
+
+  function traces(chart) {
+    var out = [];
+    var f = chart.forecast;
+    if (f && f.t.length) {
+      // The band first so the lines draw over it: upper, then lower filled up to it.
+      out.push({ x: f.t, y: f.upper, mode: "lines", line: { width: 0 }, hoverinfo: "skip", showlegend: false, name: "upper" });
+      out.push({ x: f.t, y: f.lower, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: COLORS.band, name: "80% band", hoverinfo: "skip" });
+      out.push({ x: f.t, y: f.yhat, mode: "lines", line: { color: COLORS.forecast, dash: "dash", width: 2 }, name: "forecast" });
+    }
+    out.push({ x: chart.history.t, y: chart.history.y, mode: "lines", line: { color: COLORS.observed, width: 2 }, name: "observed" });
+    if (chart.capacity) {
+      var xs = chart.history.t.concat(f ? f.t : []);
+      if (xs.length) {
+        out.push({ x: [xs[0], xs[xs.length - 1]], y: [chart.capacity, chart.capacity], mode: "lines",
+                   line: { color: COLORS.capacity, dash: "dot", width: 1 }, name: "active GPUs" });
+      }
+    }
+    return out;
+  }
+
+  function meta(chart) {
+    var f = chart.forecast;
+    if (!f) return "no forecast yet: it needs an hour of data";
+    return "forecast from " + f.origin.slice(0, 16).replace("T", " ") + " UTC · " + f.method + " · " + f.compute_s + " s";
+  }
+
+  function draw(el, chart) {
+    var plot = el.querySelector("[data-chart-plot]");
+    window.Plotly.react(plot, traces(chart), LAYOUT, { displaylogo: false, responsive: true });
+    var label = el.querySelector("[data-chart-meta]");
+    if (label) label.textContent = meta(chart);
+    el.setAttribute("data-forecast-origin", chart.forecast ? chart.forecast.origin : "");
+  }
+
+  // The API's series detail -> the embedded shape (one place that knows both).
+  function fromApi(series, capacity) {
+    var h = series.history || [];
+    var f = series.forecast;
+    return {
+      id: series.id, key: series.key, label: series.label, metric: series.metric, capacity: capacity,
+      history: { t: h.map(function (p) { return p.ts; }), y: h.map(function (p) { return p.value; }) },
+      forecast: f ? {
+        origin: f.origin, method: f.method, compute_s: f.compute_s, refitted: f.refitted,
+        t: f.points.map(function (p) { return p.ts; }), yhat: f.points.map(function (p) { return p.yhat; }),
+        lower: f.points.map(function (p) { return p.lower; }), upper: f.points.map(function (p) { return p.upper; }),
+      } : null,
+    };
+  }
+
+  function setUpLoadChart(el) {
+    var data = JSON.parse(el.querySelector('script[type="application/json"]').textContent);
+    draw(el, data);
+    if (window.DeepOptLive) {
+      window.DeepOptLive.on("forecast.updated", function (event) {
+        if (!event || event.series !== data.key) return;
+        fetch("/api/v1/forecasts/" + data.id + "/?hours=24", { credentials: "same-origin", headers: { Accept: "application/json" } })
+          .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+          .then(function (series) { data = fromApi(series, data.capacity); draw(el, data); })
+          .catch(function () { /* the next forecast brings another try */ });
+      });
+    }
+  }
+
+  function setUpLayerChart(el) {
+    var source = document.getElementById("compression-layers");
+    if (!source) return;
+    var layers = JSON.parse(source.textContent);
+    var formats = {};
+    layers.forEach(function (l) { Object.keys(l.sensitivity_by_format || {}).forEach(function (f) { formats[f] = true; }); });
+    var names = layers.map(function (l) { return l.name; });
+    var out = Object.keys(formats).sort().map(function (fmt) {
+      return {
+        type: "bar", name: fmt, x: names,
+        y: layers.map(function (l) { return (l.sensitivity_by_format || {})[fmt]; }),
+        marker: { line: { width: layers.map(function (l) { return l.format === fmt ? 2 : 0; }), color: "#111827" } },
+        hovertemplate: "%{x}<br>" + fmt + ": drop %{y:.4f}<extra></extra>",
+      };
+    });
+    var chosen = { x: names, y: layers.map(function () { return 0; }), mode: "text", type: "scatter", name: "chosen",
+                   text: layers.map(function (l) { return l.format; }), textposition: "top center", showlegend: false, hoverinfo: "skip" };
+    out.push(chosen);
+    var layout = Object.assign({}, LAYOUT, { barmode: "group", xaxis: { type: "category", tickangle: -30 },
+      yaxis: { title: { text: "quality drop" } }, hovermode: "closest" });
+    window.Plotly.react(el, out, layout, { displaylogo: false, responsive: true });
+  }
+
+  // A new scaling decision goes on top of the decisions table, newest first.
+  function setUpDecisions(tbody) {
+    if (!window.DeepOptLive) return;
+    window.DeepOptLive.on("scaling.decision", function (d) {
+      var empty = tbody.querySelector(".empty-row");
+      if (empty) empty.remove();
+      var row = document.createElement("tr");
+      var cells = [d.at.slice(0, 16).replace("T", " "), d.action === "activate" ? "Bring back from standby" : "Drain to standby",
+                   d.node, d.forecast_peak.toFixed(1), String(d.active_capacity), d.reason];
+      cells.forEach(function (text, i) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        if (i === 3 || i === 4) td.className = "num";
+        row.appendChild(td);
+      });
+      tbody.insertBefore(row, tbody.firstChild);
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-decisions]").forEach(setUpDecisions);
+    if (!window.Plotly) return;
+    document.querySelectorAll(".load-chart").forEach(setUpLoadChart);
+    document.querySelectorAll("[data-layer-chart]").forEach(setUpLayerChart);
+  });
+})();

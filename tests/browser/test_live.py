@@ -1,0 +1,227 @@
+"""Live pages in a real browser, against a real ASGI server: daphne with the project's application and a
+Redis channel layer (database 12), on the test database. Alice submits a job through the form and
+watches it enter the queue, wait, start and report progress, without a reload; the server restarts
+and the page's socket comes back by itself. A screenshot of the dashboard is kept in var/test-artifacts/.
+
+The server is a second process, so the test database must be one that two processes can open:
+PostgreSQL (DATABASE_URL, as in .ci/run); on the in-memory SQLite test database the test skips.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from apps.cluster.models import GpuNode
+from apps.scheduling import reports
+from apps.scheduling.live import run_pass
+from apps.scheduling.models import Job
+from tests.conftest import COMPRESSION_JOB
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ARTIFACTS = ROOT / "var" / "test-artifacts"
+REDIS_DB = 12
+
+
+def redis_url() -> str:
+    return os.environ.get("TEST_CHANNELS_REDIS_URL") or f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+def database_url() -> str:
+    settings = connection.settings_dict
+    if connection.vendor != "postgresql":
+        pytest.skip("The live server is a second process and cannot open the in-memory SQLite test database; "
+                    "run with DATABASE_URL=postgres://… (as .ci/run does).")
+    user = settings.get("USER") or ""
+    password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{settings.get('HOST') or '127.0.0.1'}:{settings.get('PORT') or 5432}/{settings['NAME']}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daphne:
+    """`daphne deepopt_web.asgi:application` in a process group of its own; stop() and start() again on the
+    same port, as a deployment restarts it."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+        self.env, self.port, self.log = env, port, log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-v", "1", "-b", "127.0.0.1", "-p", str(self.port),
+             "deepopt_web.asgi:application"],
+            cwd=ROOT, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daphne exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("daphne did not listen within 30 s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def live_daphne(transactional_db, settings, tmp_path) -> Iterator[Daphne]:
+    import redis
+
+    url = redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except (redis.RedisError, OSError) as exc:
+        pytest.skip(f"Redis does not answer on {url} ({exc}); the live server's channel layer needs it.")
+    # This process publishes too (the scheduling pass, the worker's reports): through the same Redis.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                                           "CONFIG": {"hosts": [url]}}}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "deepopt_web.settings.test", "DATABASE_URL": database_url(),
+           "TEST_CHANNELS_REDIS_URL": url, "DEEPOPT_SCHEDULER_TRIGGER": "off", "DEEPOPT_DISPATCH": "off",
+           "PYTHONUNBUFFERED": "1"}
+    server = Daphne(env, free_port(), tmp_path / "daphne.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tabs(browser, live_daphne) -> Iterator[Callable]:
+    context = browser.new_context(base_url=live_daphne.url, viewport={"width": 1360, "height": 900})
+
+    def new_tab():
+        tab = context.new_page()
+        tab.set_default_timeout(15_000)
+        return tab
+
+    yield new_tab
+    context.close()
+
+
+def elsewhere(fn: Callable, *args, **kwargs):
+    """Run fn in another thread, as a worker or the scheduler would (no event loop there: the app's
+    publisher sends through its own thread), and return what it returned."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            result["error"] = exc
+        finally:
+            from apps.dashboard.events import flush_pending
+
+            flush_pending()
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def live(tab) -> None:
+    tab.wait_for_selector("#live-status[data-state=live]")
+
+
+def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tabs, alice, team_a, node_a,
+                                                                            client_for, live_daphne):
+    queue_tab = tabs()
+    queue_tab.goto("/queue/")
+    queue_tab.fill("#id_username", "alice")
+    queue_tab.fill("#id_password", "alice-pass-123")
+    queue_tab.click("button:has-text('Sign in')")
+    queue_tab.wait_for_url(re.compile(r"/queue/$"))
+    live(queue_tab)
+    assert "Nothing is waiting." in queue_tab.inner_text("[data-testid=queue-table]")
+    # Set on this page only: still there at the end means the page was never reloaded.
+    queue_tab.evaluate("window.__notReloaded = true")
+
+    form_tab = tabs()
+    form_tab.goto("/jobs/new/")
+    form_tab.fill("#id_name", "live quantize")
+    form_tab.select_option("#id_compression_model", "resnet50")
+    form_tab.fill("#id_gpus", "1")
+    form_tab.click("button:has-text('Submit job')")
+    form_tab.wait_for_url(re.compile(r"/jobs/\d+/$"))
+    job = Job.objects.get(name="live quantize")
+    live(form_tab)
+
+    # The new job appears in the queue page, before any scheduling pass.
+    row = queue_tab.wait_for_selector(f"[data-queue-row='{job.pk}']")
+    assert "live quantize" in row.inner_text()
+    assert "Waiting for the scheduler" in row.inner_text()
+
+    # A second job that cannot fit next to the first: it stays queued with a position and a reason.
+    api = client_for(alice)
+    big = elsewhere(api.post, "/api/v1/jobs/", {**COMPRESSION_JOB, "name": "waits for 8", "team": team_a.pk,
+                                                "resources": {"gpus": 8}}, format="json").json()["id"]
+    queue_tab.wait_for_selector(f"[data-queue-row='{big}']")
+    assert elsewhere(run_pass).placed == [job.pk]
+    queue_tab.wait_for_selector(f"[data-queue-row='{job.pk}']", state="detached")
+    queue_tab.wait_for_function(
+        f"document.querySelector(\"[data-queue-row='{big}'] [data-field=position]\").textContent.trim() === '1'")
+    reason = Job.objects.get(pk=big).pending_reason
+    assert reason
+    assert reason[:40] in queue_tab.inner_text(f"[data-queue-row='{big}'] [data-field=reason]")
+
+    # The job page follows its job: allocated, then running with the worker's progress and log.
+    form_tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'allocated'")
+    elsewhere(reports.progress, GpuNode.objects.get(pk=node_a.pk), job.pk, 1, rank=0, run_id="run-1", seq=1,
+              pid=4242, lines=[{"type": "progress", "stage": "quantize", "step": 3, "steps": 12, "loss": 0.5},
+                               {"type": "log", "message": "layer 3 of 12 quantized to int8"}])
+    form_tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'running'")
+    form_tab.wait_for_selector("text=layer 3 of 12 quantized to int8")
+    assert form_tab.inner_text("[data-live-progress] [data-field=progress-text]") == "quantize · step 3 of 12 · 25 %"
+    assert form_tab.get_attribute("[data-field=progress-bar]", "style") == "width: 25%;"
+
+    assert queue_tab.evaluate("window.__notReloaded") is True
+
+    dashboard = tabs()
+    dashboard.goto("/")
+    live(dashboard)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    dashboard.close()
+
+    # The server restarts: the page says so, reconnects by itself, and hears events again.
+    live_daphne.stop()
+    queue_tab.wait_for_selector("#live-status[data-state=reconnecting]")
+    live_daphne.start()
+    queue_tab.wait_for_selector("#live-status[data-state=live]", timeout=30_000)
+    assert elsewhere(api.post, f"/api/v1/jobs/{big}/cancel/").status_code == 200
+    queue_tab.wait_for_selector(f"[data-queue-row='{big}']", state="detached")
+    assert "Nothing is waiting." in queue_tab.inner_text("[data-testid=queue-table]")
+    assert queue_tab.evaluate("window.__notReloaded") is True

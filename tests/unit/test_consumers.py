@@ -1,0 +1,311 @@
+"""`/ws/events/` on the real ASGI application (origin check, session/token auth, routing, consumer) with
+the in-memory channel layer. Events come from the real code paths: a submission through the API, a
+scheduling pass, a worker's progress report, a heartbeat, a node drain.
+
+Bob is on Alice's team and hears her job's state, progress and log, her node's state and telemetry;
+Charlie (team B) hears none of it, and cannot subscribe to her job; Dana (staff) hears both teams."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.db import transaction
+from django.test import Client
+from rest_framework.authtoken.models import Token
+
+from apps.cluster.agent import record_heartbeat
+from apps.cluster.models import GpuNode
+from apps.cluster.services import set_node_state
+from apps.dashboard import events
+from apps.dashboard.consumers import CLOSE_UNAUTHENTICATED
+from apps.scheduling import reports
+from apps.scheduling.live import run_pass
+from deepopt_web.asgi import application
+from tests.conftest import COMPRESSION_JOB
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://localhost")
+CLUSTER_KEYS = {"scope", "queued", "placed", "running", "gpus_total", "gpus_busy"}
+
+
+def token_of(user) -> str:
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def session_cookie_of(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+async def open_socket(*, token: str | None = None, cookie: str | None = None, origin=ORIGIN) -> WebsocketCommunicator:
+    headers = [origin] if origin else []
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    path = "/ws/events/" + (f"?token={token}" if token is not None else "")
+    socket = WebsocketCommunicator(application, path, headers=headers)
+    socket.accepted, _ = await socket.connect()
+    return socket
+
+
+async def hello(socket: WebsocketCommunicator) -> dict:
+    message = await socket.receive_json_from()
+    assert message["type"] == "hello", message
+    return message["data"]
+
+
+async def until(socket: WebsocketCommunicator, last, timeout: float = 3) -> list[dict]:
+    """Every message up to and including the first for which last(message) is true."""
+    seen = []
+    while True:
+        message = await socket.receive_json_from(timeout)
+        seen.append(message)
+        if last(message):
+            return seen
+
+
+def sentinel(team) -> None:
+    events.publish([events.team_group(team.pk)], "test.sentinel", {"team": team.pk})
+
+
+def is_sentinel(team):
+    return lambda m: m["type"] == "test.sentinel" and m["data"]["team"] == team.pk
+
+
+@pytest.fixture(autouse=True)
+def clean_layer():
+    async_to_sync(get_channel_layer().flush)()
+
+
+def test_a_socket_without_credentials_is_refused_with_4401():
+    async def scenario():
+        socket = await open_socket()
+        assert socket.accepted
+        closed = await socket.receive_output()
+        assert closed == {"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED}
+        await socket.wait()
+
+    async_to_sync(scenario)()
+
+
+def test_an_unknown_token_is_refused_even_with_a_valid_session(bob):
+    cookie = session_cookie_of(bob)
+
+    async def scenario():
+        socket = await open_socket(token="0" * 40, cookie=cookie)
+        assert await socket.receive_output() == {"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED}
+
+    async_to_sync(scenario)()
+
+
+def test_an_inactive_users_token_is_refused(bob):
+    key = token_of(bob)
+    bob.is_active = False
+    bob.save()
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        assert await socket.receive_output() == {"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED}
+
+    async_to_sync(scenario)()
+
+
+def test_a_page_of_another_site_cannot_open_a_socket_with_the_users_cookie(bob):
+    cookie = session_cookie_of(bob)
+
+    async def scenario():
+        socket = await open_socket(cookie=cookie, origin=(b"origin", b"https://evil.example"))
+        assert not socket.accepted
+
+    async_to_sync(scenario)()
+
+
+def test_token_auth_joins_the_cluster_and_the_users_team_groups(bob, team_a):
+    key = token_of(bob)
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        assert socket.accepted
+        assert await hello(socket) == {"user": "bob", "staff": False, "groups": ["cluster", f"team.{team_a.pk}"]}
+        await socket.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_session_auth_works_and_a_staff_socket_joins_the_staff_group(dana, bob, team_a):
+    cookies = session_cookie_of(dana), session_cookie_of(bob)
+
+    async def scenario():
+        staff, member = [await open_socket(cookie=c) for c in cookies]
+        assert await hello(staff) == {"user": "dana", "staff": True, "groups": ["cluster"]}
+        assert (await hello(member))["groups"] == ["cluster", f"team.{team_a.pk}"]
+        await staff.disconnect()
+        await member.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_charlie_never_hears_team_a_while_bob_and_staff_do(alice, bob, charlie, dana, team_a, team_b, node_a,
+                                                           node_b, client_for):
+    keys = {name: token_of(user) for name, user in (("bob", bob), ("charlie", charlie), ("dana", dana))}
+    api = client_for(alice)
+
+    @database_sync_to_async
+    def submit() -> int:
+        response = api.post("/api/v1/jobs/", {**COMPRESSION_JOB, "team": team_a.pk}, format="json")
+        assert response.status_code == 201, response.content
+        return response.json()["id"]
+
+    @database_sync_to_async
+    def the_job_runs_and_reports(job_id: int) -> None:
+        set_node_state(node_b, GpuNode.State.DRAINING)  # so the job lands on Alice's node
+        assert run_pass().placed == [job_id]
+        answer = reports.progress(node_a, job_id, 1, rank=0, run_id="run-1", seq=1, pid=4321, lines=[
+            {"type": "progress", "stage": "quantize", "step": 3, "steps": 12, "loss": 0.25},
+            {"type": "log", "message": "layer 3 of 12 quantized to int8"},
+        ])
+        assert answer.status == "accepted"
+        record_heartbeat(node_a, host={"cpu_percent": 12.5, "memory_used_mb": 2048, "memory_total_mb": 8192},
+                         gpus=[{"index": 0, "utilization": 87.0, "memory_used_mb": 9000, "memory_total_mb": 143771}])
+        sentinel(team_a)
+        sentinel(team_b)
+
+    async def scenario():
+        bob_ws, charlie_ws, dana_ws = [await open_socket(token=keys[n]) for n in ("bob", "charlie", "dana")]
+        for socket in (bob_ws, charlie_ws, dana_ws):
+            await hello(socket)
+        job_id = await submit()
+
+        await bob_ws.send_json_to({"subscribe": "job", "id": job_id})
+        await charlie_ws.send_json_to({"subscribe": "job", "id": job_id})
+        await dana_ws.send_json_to({"subscribe": "job", "id": job_id})
+        heard = {"charlie": await until(charlie_ws, lambda m: m["type"] == "error"),
+                 "bob": await until(bob_ws, lambda m: m["type"] == "subscribed")}
+        assert heard["charlie"][-1]["data"] == {"message": f"No job {job_id} that you can see.",
+                                                "request": {"subscribe": "job", "id": job_id}}
+        dana_heard = await until(dana_ws, lambda m: m["type"] == "subscribed")
+
+        await the_job_runs_and_reports(job_id)
+        heard["bob"] += await until(bob_ws, is_sentinel(team_a))
+        heard["charlie"] += await until(charlie_ws, is_sentinel(team_b))
+        dana_heard += await until(dana_ws, is_sentinel(team_a))
+        if not any(is_sentinel(team_b)(m) for m in dana_heard):
+            dana_heard += await until(dana_ws, is_sentinel(team_b))
+        for socket in (bob_ws, charlie_ws, dana_ws):
+            assert await socket.receive_nothing(0.1)
+            await socket.disconnect()
+        return job_id, heard, dana_heard
+
+    job_id, heard, dana_heard = async_to_sync(scenario)()
+
+    def of_type(messages, type_):
+        return [m for m in messages if m["type"] == type_]
+
+    bob = heard["bob"]
+    states = [(m["data"]["from_state"], m["data"]["state"]) for m in of_type(bob, "job.state")]
+    assert states == [("", "queued"), ("queued", "allocated"), ("allocated", "running")]
+    new_job = of_type(bob, "job.state")[0]["data"]
+    assert (new_job["id"], new_job["team"], new_job["team_name"], new_job["submitter"]) == (
+        job_id, team_a.pk, "Team A", "alice")
+    assert set(new_job) >= {"name", "kind", "priority", "gpus", "submitted_at", "pending_reason"}
+    progress = of_type(bob, "job.progress")
+    assert len(progress) == 1
+    assert progress[0]["data"]["percent"] == 25.0
+    assert progress[0]["data"]["metrics"] == {"loss": 0.25}
+    assert progress[0]["data"]["lines"][1] == "log, layer 3 of 12 quantized to int8"
+    assert progress[0]["ts"].endswith("+00:00")
+    queue = [m["data"] for m in of_type(bob, "queue.changed") if m["data"]["scope"] == "team"]
+    assert queue
+    assert queue[-1]["usage"]["gpus_in_use"] == 1
+    assert queue[-1]["usage"]["running_jobs"] == 1
+    node_states = of_type(bob, "node.state")
+    assert [(m["data"]["id"], m["data"]["busy"]) for m in node_states] == [(node_a.pk, [0])]
+    telemetry = of_type(bob, "node.telemetry")
+    assert telemetry[0]["data"]["gpus"][0]["utilization"] == 87.0
+    assert not [m for m in bob if m["data"].get("team") == team_b.pk]
+
+    charlie = heard["charlie"]
+    assert [m["data"]["id"] for m in of_type(charlie, "node.state")] == [node_b.pk]
+    for message in charlie:
+        data = message["data"]
+        if message["type"] == "error":
+            continue
+        assert data.get("team") != team_a.pk, message
+        assert job_id not in (data.get("id"), data.get("job")), message
+        assert node_a.pk not in (data.get("node"),), message
+        if message["type"] == "queue.changed":
+            assert data["scope"] == "cluster", message
+            assert set(data) <= CLUSTER_KEYS, message
+    assert {m["type"] for m in charlie} <= {"queue.changed", "node.state", "test.sentinel", "error"}
+
+    dana_types = {(m["type"], m["data"].get("team")) for m in dana_heard}
+    assert {("job.progress", team_a.pk), ("node.telemetry", team_a.pk), ("node.state", team_b.pk)} <= dana_types
+    # Staff hear a job they follow once, through the staff group, not twice.
+    assert len(of_type(dana_heard, "job.progress")) == 1
+
+
+def test_a_subscription_needs_a_job_id_and_bad_messages_get_an_error(bob):
+    key = token_of(bob)
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        await hello(socket)
+        replies = []
+        for text in ('{"subscribe": "job", "id": "7"}', '{"subscribe": "team", "id": 1}', "not json", "[1]",
+                     '{"subscribe": "job", "id": 999999}', '{"type": "ping"}'):
+            await socket.send_to(text_data=text)
+            replies.append(await socket.receive_json_from())
+        await socket.disconnect()
+        return replies
+
+    replies = async_to_sync(scenario)()
+    assert [r["type"] for r in replies] == ["error"] * 5 + ["pong"]
+    assert replies[0]["data"]["message"] == "`id` must be a job id (a positive integer)."
+    assert "Only jobs" in replies[1]["data"]["message"]
+    assert replies[2]["data"]["message"] == "The message is not JSON."
+    assert replies[4]["data"]["message"] == "No job 999999 that you can see."
+
+
+def test_a_rolled_back_change_publishes_nothing(bob, team_a):
+    key = token_of(bob)
+
+    @database_sync_to_async
+    def rolled_back_then_committed() -> None:
+        try:
+            with transaction.atomic():
+                events.publish([events.team_group(team_a.pk)], "job.state", {"id": 1})
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        sentinel(team_a)
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        await hello(socket)
+        await rolled_back_then_committed()
+        heard = await until(socket, is_sentinel(team_a))
+        await socket.disconnect()
+        return heard
+
+    assert [m["type"] for m in async_to_sync(scenario)()] == ["test.sentinel"]
+
+
+def test_publishing_with_redis_down_neither_raises_nor_blocks(settings, team_a, caplog):
+    import time
+
+    settings.CHANNEL_LAYERS = {"default": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [{"address": "redis://127.0.0.1:9/0", "socket_connect_timeout": 0.2}]}}}
+    events._last_warning[:] = [0.0, 0]
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="apps.dashboard.events"):
+        for _ in range(20):
+            events.publish([events.team_group(team_a.pk)], "node.telemetry", {"node": 1})
+        assert time.perf_counter() - started < 0.1
+        assert events.flush_pending(timeout=5)
+    assert "live events fail" in caplog.text

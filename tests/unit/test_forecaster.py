@@ -1,0 +1,173 @@
+"""The load forecaster (apps/forecasting/forecaster.py) on synthetic series whose answers are known:
+a daily season plus noise, a short history, a constant series, gaps."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apps.forecasting.backtest import backtest, rolling_forecasts
+from apps.forecasting.forecaster import ForecastError, LoadForecaster
+
+STEP = pd.Timedelta("10min")
+# Shorter calibration than the defaults so that a week of synthetic data has several folds.
+FAST = {"calibration_window": "3D", "fold_length": "12h", "folds": 3}
+HORIZONS = [pd.Timedelta("10min"), pd.Timedelta("1h"), pd.Timedelta("6h")]
+
+
+def seasonal_series(days: int = 8, seed: int = 7) -> pd.Series:
+    """A daily cycle of +-60 around 200 with AR(1) noise: the season is predictable, the noise is not."""
+    rng = np.random.default_rng(seed)
+    index = pd.date_range("2024-03-04", periods=days * 144, freq=STEP)
+    hours = (index - index[0]) / pd.Timedelta("1h")
+    noise = np.zeros(len(index))
+    for i in range(1, len(index)):
+        noise[i] = 0.9 * noise[i - 1] + rng.normal(0, 4)
+    return pd.Series(200 + 60 * np.sin(2 * np.pi * hours / 24) + noise, index=index)
+
+
+@pytest.fixture(scope="module")
+def seasonal_backtest() -> dict:
+    series = seasonal_series()
+    return backtest(series, train_end=series.index[0] + pd.Timedelta("6D"), test_end=series.index[-1],
+                    horizons=HORIZONS, **FAST)
+
+
+def test_it_beats_persistence_at_one_hour_on_a_seasonal_series(seasonal_backtest):
+    one_hour = seasonal_backtest["horizons"]["1h"]
+    assert one_hour["n"] == 288
+    assert one_hour["mae"] < 0.8 * one_hour["mae_persistence"]
+    six_hours = seasonal_backtest["horizons"]["6h"]
+    assert six_hours["mae"] < 0.5 * six_hours["mae_persistence"]
+    assert seasonal_backtest["method"] == "prophet(daily)+correction"
+    assert seasonal_backtest["refits"] >= 2
+    assert seasonal_backtest["fit_s"] > 0
+
+
+def test_its_bands_cover_about_80_percent(seasonal_backtest):
+    for name, metrics in seasonal_backtest["horizons"].items():
+        assert 0.7 <= metrics["coverage80"] <= 0.9, (name, metrics)
+
+
+def test_a_24h_path_from_one_origin_is_cheap_with_bands_at_every_horizon():
+    series = seasonal_series(days=5)
+    forecaster = LoadForecaster(STEP, **FAST)
+    forecaster.update(series)
+    horizons = [STEP * k for k in range(1, 145)]
+    began = time.perf_counter()
+    path = forecaster.forecast(series, horizons)
+    assert time.perf_counter() - began < 0.5
+    assert len(path.times) == len(path.yhat) == len(path.lower) == len(path.upper) == 144
+    assert path.times[0] == series.index[-1] + STEP and path.times[-1] == series.index[-1] + pd.Timedelta("1D")
+    assert np.all(np.isfinite(path.yhat)) and np.all(path.lower <= path.upper)
+    assert np.all(path.lower <= path.yhat + 1e-9) and np.all(path.yhat <= path.upper + 1e-9)
+    # Bands widen with the horizon, and the forecast follows the season a day ahead.
+    assert (path.upper - path.lower)[-1] > (path.upper - path.lower)[0]
+    truth_tomorrow = 200 + 60 * np.sin(2 * np.pi * ((path.times - series.index[0]) / pd.Timedelta("1h")) / 24)
+    assert np.mean(np.abs(path.yhat - truth_tomorrow)) < np.mean(np.abs(series.iloc[-1] - truth_tomorrow))
+
+
+def test_dump_and_load_give_the_same_forecast():
+    series = seasonal_series(days=5)
+    forecaster = LoadForecaster(STEP, **FAST)
+    before = forecaster.forecast(series, HORIZONS)
+    state = json.loads(json.dumps(forecaster.dump()))
+    assert state["model_json"]  # the fitted Prophet travels with the state
+    again = LoadForecaster.load(state)
+    assert not again.update(series)  # nothing is due: the cached fit is used
+    after = again.forecast(series, HORIZONS)
+    assert after.method == before.method
+    np.testing.assert_array_equal(after.yhat, before.yhat)
+    np.testing.assert_array_equal(after.lower, before.lower)
+    np.testing.assert_array_equal(after.upper, before.upper)
+    assert again.fit_seconds == forecaster.fit_seconds
+    assert again.prophet_model() is not None
+
+
+def test_changing_data_after_the_origin_does_not_change_the_forecast():
+    series = seasonal_series(days=6)
+    changed = series.copy()
+    cut = len(series) - 100
+    changed.iloc[cut + 1:] += 500  # the future jumps; forecasts made before it must not know
+    origins = range(cut - 150, cut + 1)
+    a = list(rolling_forecasts(LoadForecaster(STEP, **FAST), series, origins, HORIZONS))
+    b = list(rolling_forecasts(LoadForecaster(STEP, **FAST), changed, origins, HORIZONS))
+    assert len(a) == len(b) == len(origins)
+    for (_, pa), (_, pb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(pa.yhat, pb.yhat)
+        np.testing.assert_array_equal(pa.upper, pb.upper)
+    # And the data after the origin is what a later forecast does use.
+    later_a = LoadForecaster(STEP, **FAST).forecast(series, HORIZONS)
+    later_b = LoadForecaster(STEP, **FAST).forecast(changed, HORIZONS)
+    assert later_b.yhat[0] > later_a.yhat[0] + 400
+
+
+def test_a_model_fitted_on_later_data_refits_before_forecasting_an_earlier_origin():
+    series = seasonal_series(days=6)
+    earlier = series.iloc[:-100]
+    fresh = LoadForecaster(STEP, **FAST).forecast(earlier, HORIZONS)
+    forecaster = LoadForecaster(STEP, **FAST)
+    forecaster.update(series)
+    path = forecaster.forecast(earlier, HORIZONS)
+    assert forecaster.refits == 2
+    np.testing.assert_allclose(path.yhat, fresh.yhat)
+
+
+def test_a_short_history_falls_back_to_persistence_with_bands():
+    series = seasonal_series(days=1).iloc[:100]  # 16 hours: no season can be fitted
+    forecaster = LoadForecaster(STEP, **FAST)
+    path = forecaster.forecast(series, HORIZONS)
+    assert path.method == "persistence (short history)"
+    assert forecaster.fit_seconds == 0
+    assert np.all(np.isfinite(path.yhat))
+    assert np.all(path.lower <= path.upper)
+    assert abs(path.yhat[0] - series.iloc[-1]) < 10
+    # A couple of points is still a forecast (a flat one), not a crash.
+    tiny = LoadForecaster(STEP).forecast(series.iloc[:2], HORIZONS)
+    assert np.all(tiny.yhat == series.iloc[1])
+
+
+def test_three_days_get_the_daily_season_only():
+    series = seasonal_series(days=3)
+    path = LoadForecaster(STEP, **FAST).forecast(series, HORIZONS)
+    assert path.method == "prophet(daily)+correction"
+
+
+def test_a_constant_series_forecasts_the_constant():
+    index = pd.date_range("2024-01-01", periods=3 * 144, freq=STEP)
+    path = LoadForecaster(STEP, **FAST).forecast(pd.Series(8.0, index=index), HORIZONS)
+    assert path.method == "persistence (constant series)"
+    assert np.all(path.yhat == 8.0) and np.all(path.lower == 8.0) and np.all(path.upper == 8.0)
+    zeros = LoadForecaster(STEP, **FAST).forecast(pd.Series(0.0, index=index), HORIZONS)
+    assert np.all(zeros.yhat == 0.0)
+
+
+def test_gaps_and_a_missing_last_step_are_bridged_and_counts_stay_nonnegative():
+    series = seasonal_series(days=4) - 150  # dips toward 0 at night
+    series = series.clip(lower=0)
+    series.iloc[200:260] = np.nan
+    series.iloc[-1] = np.nan
+    path = LoadForecaster(STEP, **FAST).forecast(series, HORIZONS)
+    assert np.all(np.isfinite(path.yhat)) and np.all(path.lower >= 0)
+    irregular = series.dropna().iloc[::2]  # not on the step grid any more, with duplicates removed
+    path = LoadForecaster(STEP, **FAST).forecast(irregular, HORIZONS)
+    assert np.all(np.isfinite(path.yhat))
+
+
+def test_a_horizon_between_steps_is_rounded_up_and_bad_input_is_refused():
+    series = seasonal_series(days=3)
+    forecaster = LoadForecaster(STEP, **FAST)
+    path = forecaster.forecast(series, [pd.Timedelta("5min"), pd.Timedelta("10min")])
+    assert path.times[0] == series.index[-1] + pd.Timedelta("5min")
+    assert path.yhat[0] == path.yhat[1]
+    with pytest.raises(ForecastError, match="horizon must be positive"):
+        forecaster.forecast(series, [pd.Timedelta(0)])
+    with pytest.raises(ForecastError, match="DatetimeIndex"):
+        forecaster.forecast(series.reset_index(drop=True), HORIZONS)
+    with pytest.raises(ForecastError, match="no values"):
+        forecaster.forecast(series * np.nan, HORIZONS)
+    with pytest.raises(TypeError, match="unknown LoadForecaster options: bogus"):
+        LoadForecaster(STEP, bogus=1)

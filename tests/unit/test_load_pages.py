@@ -1,0 +1,57 @@
+"""The dashboard's load section and the compression result's per-layer chart, as the pages render them."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from apps.forecasting.models import Forecast, Series
+from apps.forecasting.series import rollup_minute
+from apps.scheduling.models import Job
+
+pytestmark = pytest.mark.django_db
+
+
+def embedded(page: bytes, element_id: str) -> object:
+    pattern = rf'<script id="{re.escape(element_id)}" type="application/json">(.*?)</script>'
+    match = re.search(pattern, page.decode(), re.S)
+    assert match, f"no {element_id} data in the page"
+    return json.loads(match.group(1))
+
+
+def test_the_dashboard_charts_observed_load_forecast_and_capacity(bob, node_a, client):
+    rollup_minute()
+    rollup_minute(timezone.now() - timedelta(minutes=10))
+    series = Series.objects.get(key="cluster:all:allocated_gpus")
+    now = timezone.now()
+    Forecast.objects.create(series=series, origin=now, step_s=300, method="prophet+residual",
+                            points=[[(now + timedelta(minutes=5)).isoformat(), 2.0, 1.0, 3.0]])
+    client.force_login(bob)
+    page = client.get("/").content
+    chart = embedded(page, series.key)
+    assert chart["capacity"] == 8  # node_a's GPUs, all active
+    assert len(chart["history"]["t"]) == 2
+    assert chart["history"]["y"] == [0.0, 0.0]
+    assert chart["forecast"]["yhat"] == [2.0]
+    assert chart["forecast"]["lower"] == [1.0]
+    assert chart["forecast"]["upper"] == [3.0]
+    assert b"vendor/plotly.min.js" in page
+    assert b'data-testid="scaling-decisions"' in page
+
+
+def test_a_compression_result_shows_each_layers_precision_and_sensitivity(alice, job_of_alice, client):
+    layers = [{"name": "encoder.0.attn.q", "format": "fp8_e4m3", "sensitivity": 0.001,
+               "sensitivity_by_format": {"fp8_e4m3": 0.001, "int4_g64": 0.02}, "bytes": 4096, "kept": 1.0,
+               "shape": [64, 64]},
+              {"name": "encoder.0.mlp.fc1", "format": "int4_g64", "sensitivity": 0.004,
+               "sensitivity_by_format": {"fp8_e4m3": 0.0005, "int4_g64": 0.004}, "bytes": 2048, "kept": 0.7,
+               "shape": [128, 64]}]
+    Job.objects.filter(pk=job_of_alice.pk).update(result={"quality_metric": "cosine", "layers": layers})
+    client.force_login(alice)
+    page = client.get(f"/jobs/{job_of_alice.pk}/").content
+    assert embedded(page, "compression-layers") == layers
+    assert b"encoder.0.mlp.fc1" in page
+    assert b"int4_g64" in page
