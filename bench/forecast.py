@@ -83,6 +83,24 @@ def run_one(path: Path, column: str, split: str, *, latest: bool = True, **optio
     return result, time.perf_counter() - began
 
 
+def series_runs(csv: Path, *, quick: bool = False) -> list[tuple[str, Path, str, str, bool]]:
+    """(name, file, column, split, use the last raw sample of each step) for each backtest."""
+    runs = [("cluster/running/issue", csv, "running_gpu_num", "issue", True)]
+    if quick:
+        return runs
+    runs += [
+        ("cluster/running/issue/no-latest-sample", csv, "running_gpu_num", "issue", False),
+        ("cluster/running/two-weeks", csv, "running_gpu_num", "two-weeks", True),
+        ("cluster/running/one-week", csv, "running_gpu_num", "one-week", True),
+        ("cluster/pending/issue", csv, "pending_gpu_num", "issue", True),
+    ]
+    runs += [(f"tenant/{t}/running/issue", DATA / f"{t}.csv.gz", "running_gpu_num", "issue", True) for t in TENANTS]
+    runs += [("tenant/vc6YE/pending/issue", DATA / "vc6YE.csv.gz", "pending_gpu_num", "issue", True),
+             ("tenant/vcvlY/running/two-weeks", DATA / "vcvlY.csv.gz", "running_gpu_num", "two-weeks", True),
+             ("tenant/vcpDC/running/one-week", DATA / "vcpDC.csv.gz", "running_gpu_num", "one-week", True)]
+    return runs
+
+
 def write_cluster_csv(target: Path) -> None:
     frames = [pd.read_csv(f, parse_dates=["time"]).set_index("time") for f in sorted(DATA.glob("*.csv.gz"))]
     total = sum(f[["running_gpu_num", "pending_gpu_num"]] for f in frames)
@@ -141,20 +159,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "helios-earth-cluster-sum.csv"
         write_cluster_csv(csv)
-        runs: list[tuple[str, Path, str, str, bool]] = [
-            ("cluster/running/issue", csv, "running_gpu_num", "issue", True)]
-        if not args.quick:
-            runs += [
-                ("cluster/running/issue/no-latest-sample", csv, "running_gpu_num", "issue", False),
-                ("cluster/running/two-weeks", csv, "running_gpu_num", "two-weeks", True),
-                ("cluster/running/one-week", csv, "running_gpu_num", "one-week", True),
-                ("cluster/pending/issue", csv, "pending_gpu_num", "issue", True),
-            ]
-            runs += [(f"tenant/{t}/running/issue", DATA / f"{t}.csv.gz", "running_gpu_num", "issue", True)
-                     for t in TENANTS]
-            runs += [("tenant/vc6YE/pending/issue", DATA / "vc6YE.csv.gz", "pending_gpu_num", "issue", True),
-                     ("tenant/vcvlY/running/two-weeks", DATA / "vcvlY.csv.gz", "running_gpu_num", "two-weeks", True),
-                     ("tenant/vcpDC/running/one-week", DATA / "vcpDC.csv.gz", "running_gpu_num", "one-week", True)]
+        runs = series_runs(csv, quick=args.quick)
         for name, path, column, split, latest in runs:
             result, wall = run_one(path, column, split, latest=latest, **options)
             out["series"][name] = summarize(name, result, wall)

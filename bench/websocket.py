@@ -5,7 +5,7 @@
 
 Starts DeepOpt's real ASGI application under daphne (one process, `deepopt_web.settings.production`,
 DEBUG off) on its own PostgreSQL database (DATABASE_URL, default
-postgres://root@127.0.0.1:5432/deepopt_bench_ws: dropped and created, migrated, seeded) and its own Redis
+postgres://root@127.0.0.1:5432/deepopt_ws_bench: dropped and created, migrated, seeded) and its own Redis
 database (12) as the channel layer. Then, for each configuration (channel layer: Redis pub/sub or
 the core RedisChannelLayer; fan-out: DeepOpt's per-process hub, or every socket in its groups as in
 Channels' tutorial; the first is DeepOpt's default) and each client count N:
@@ -22,6 +22,9 @@ Channels' tutorial; the first is DeepOpt's default) and each client count N:
      team's copy, and only that: a copy of another team's is counted as an error);
 3. measures each delivery's latency (the client's wall clock when its socket had the frame, minus the
    time in the event: one host, one clock) and waits up to 10 s for every socket before the next event.
+
+Before that it measures what publishing costs the publisher (`publisher` in the JSON): CPU per event from
+sync code, through the pipelined background sender and through the layer's asyncio client.
 
 Errors: sockets that failed to open or authenticate, deliveries missing after 10 s, sockets closed
 under load, and deliveries to the wrong team. Goals (issue 7): 500 clients p95 < 150 ms; 2,000 clients no
@@ -51,7 +54,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path[:0] = [str(ROOT)]
 
-DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/deepopt_bench_ws"
+DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/deepopt_ws_bench"
 BENCH_REDIS_DB = 12
 DELIVERY_TIMEOUT_S = 10.0
 GOALS = {500: 0.150, 2000: 0.500}
@@ -203,6 +206,7 @@ class Bench:
         self.received: list[tuple[float, Client, bytes]] = []
         self.closed: list[str] = []
         self.closing = False
+        self.timeout_s = DELIVERY_TIMEOUT_S
 
 
 async def open_clients(port: int, accounts: list[tuple[str, int]], bench: Bench) -> tuple[list[Client], list[str]]:
@@ -245,7 +249,7 @@ async def run_events(scenario: str, clients: list[Client], team_ids: list[int], 
     for seq in range(count):
         bench.received.clear()
         publish_event(scenario, seq, team_ids)
-        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        deadline = time.monotonic() + bench.timeout_s
         while time.monotonic() < deadline:
             if sum(1 for r in bench.received if b'"bench.ping"' in r[2]) >= len(clients):
                 break
@@ -288,6 +292,49 @@ def _pct(values: list[float], p: float) -> float | None:
     return round(ordered[index] * 1000, 1)
 
 
+def publisher_cost(redis_url: str, count: int = 5000) -> dict:
+    """CPU per `events.publish` of a small event to one team (two groups with staff's), from sync code as
+    the app's publishers run (request threads, Celery): the pipelined sender, and the layer's own asyncio
+    client (what every publish cost before the sender pipelined). Nobody listens: the publisher's cost."""
+    import resource
+
+    from channels.layers import channel_layers
+    from django.conf import settings
+
+    from apps.dashboard import events
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": LAYERS["pubsub"], "CONFIG": {"hosts": [redis_url]}}}
+    channel_layers.backends.clear()
+    data = {"id": 1, "team": 1, "name": "quantize minilm", "state": "queued", "priority": "normal", "gpus": 1}
+    events.publish(["team.1"], "job.state", data)
+    events.flush_pending()
+    began, wall = cpu(), time.perf_counter()
+    for _ in range(count):
+        events.publish(["team.1"], "job.state", data)
+    caller_s = time.perf_counter() - wall
+    events.flush_pending(60)
+    pipelined = {"cpu_us_per_event": round((cpu() - began) / count * 1e6, 1),
+                 "caller_us_per_event": round(caller_s / count * 1e6, 1)}
+
+    layer = channel_layers["default"]
+    groups = events._scoped(["team.1"])
+
+    async def through_layer() -> None:
+        for _ in range(count):
+            await events._group_send(layer, groups, {"type": events.LAYER_MESSAGE_TYPE,
+                                                     "text": events.encode("job.state", data)})
+
+    began = cpu()
+    asyncio.run(through_layer())
+    layer_path = {"cpu_us_per_event": round((cpu() - began) / count * 1e6, 1)}
+    return {"events": count, "groups_per_event": len(groups), "pipelined_sender": pipelined,
+            "layer_asyncio_client": layer_path}
+
+
 def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
     log = log_path.open("w")
     process = subprocess.Popen([sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port),
@@ -323,7 +370,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(layer: str, fanout: str, sizes: list[int], accounts: list[tuple[str, int]], team_ids: list[int],
-                  env: dict, events_per_run: int, log_dir: Path) -> list[dict]:
+                  env: dict, events_per_run: int, log_dir: Path, timeout_s: float) -> list[dict]:
     from channels.layers import channel_layers
     from django.conf import settings
 
@@ -341,6 +388,7 @@ async def measure(layer: str, fanout: str, sizes: list[int], accounts: list[tupl
         redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # the core layer keeps groups in Redis
         server = start_server(env, port, log_dir / f"daphne-{layer}-{fanout}-{size}.log")
         bench = Bench()
+        bench.timeout_s = timeout_s
         clients: list[Client] = []
         try:
             began = time.perf_counter()
@@ -386,6 +434,8 @@ def main() -> int:
     parser.add_argument("--clients", default="500,2000")
     parser.add_argument("--events", type=int, default=10, help="events per scenario and client count")
     parser.add_argument("--teams", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=DELIVERY_TIMEOUT_S,
+                        help="seconds to wait for every socket to get an event; later ones count as missing")
     parser.add_argument("--configs", default="pubsub:hub,pubsub:groups,core:hub,core:groups",
                         help="LAYER:FANOUT pairs; LAYER pubsub|core, FANOUT hub|groups; the first is the default")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
@@ -411,11 +461,13 @@ def main() -> int:
 
     import psutil
 
+    publisher = publisher_cost(args.redis_url)
+    print(json.dumps({"publisher": publisher}), file=sys.stderr)
     results = []
     for layer, fanout in configs:
         results += asyncio.run(measure(layer, fanout, sizes, accounts, team_ids,
                                        {**env, "CHANNEL_LAYER": layer, "DEEPOPT_LIVE_FANOUT": fanout},
-                                       args.events, log_dir))
+                                       args.events, log_dir, args.timeout))
     report = {
         "bench": "websocket",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -426,8 +478,9 @@ def main() -> int:
         "clients": "this process, one asyncio loop, minimal RFC 6455 client; token auth; users round-robin "
                    f"over {len(team_ids)} teams, none staff",
         "events_per_scenario": args.events,
-        "delivery_timeout_s": DELIVERY_TIMEOUT_S,
+        "delivery_timeout_s": args.timeout,
         "goals": {"500": "p95 < 150 ms", "2000": "no error and p95 < 500 ms"},
+        "publisher": publisher,
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -142,6 +142,12 @@ if os.environ.get("DEEPOPT_BOOTSTRAP_NODE"):
 from apps.cluster.models import Gpu
 if Gpu.objects.exists():
     call_command("seed_history")
+# The first forecasts now rather than at beat's first refresh, five minutes from now (a few seconds:
+# one Prophet fit per series with data; later refits are daily and cached).
+from apps.forecasting.services import latest_forecast, refresh_forecasts
+from datetime import timedelta
+if latest_forecast("cluster:all:allocated_gpus", max_age=timedelta(minutes=10)) is None:
+    refresh_forecasts()
 """
 
 

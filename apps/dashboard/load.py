@@ -7,22 +7,31 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Q
+import pandas as pd
+from django.db.models import Exists, OuterRef, Subquery
 from django.utils import timezone
 
 from apps.cluster.models import Gpu, GpuNode
 from apps.forecasting.api.views import visible_series
-from apps.forecasting.models import AutoscalerPolicy, Forecast, ScalingDecision, Series
-from apps.forecasting.series import ALLOCATED, CLUSTER_KEY, QUEUED, history
+from apps.forecasting.models import AutoscalerPolicy, Forecast, ScalingDecision, Series, SeriesPoint
+from apps.forecasting.series import ALLOCATED, CLUSTER_KEY, QUEUED, histories
 from apps.forecasting.services import STEP
 
 CHART_HOURS = 24
 
 
-def chart_payload(series: Series, *, hours: int = CHART_HOURS, capacity: int | None = None) -> dict:
+def chart_payloads(series: list[Series], *, hours: int = CHART_HOURS, capacity_of: dict | None = None) -> list[dict]:
+    """Charts of several series: two queries in all (their points, their latest forecasts)."""
     now = timezone.now()
-    observed = history(series, step=STEP, since=now - timedelta(hours=hours), until=now).dropna()
-    forecast = Forecast.objects.filter(series=series).order_by("-origin").first()
+    observed = histories(series, step=STEP, since=now - timedelta(hours=hours), until=now)
+    newest = Forecast.objects.filter(series=OuterRef("series_id")).order_by("-origin").values("pk")[:1]
+    forecasts = {f.series_id: f for f in Forecast.objects.filter(
+        series_id__in=[s.pk for s in series], pk=Subquery(newest))}
+    return [chart_payload(s, observed[s.pk].dropna(), forecasts.get(s.pk), (capacity_of or {}).get(s.key))
+            for s in series]
+
+
+def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None, capacity: int | None) -> dict:
     payload = {
         "id": series.pk, "key": series.key, "label": series.label, "metric": series.metric,
         "history": {"t": [t.tz_localize("UTC").isoformat() for t in observed.index],
@@ -47,21 +56,17 @@ def cluster_charts(user) -> list[dict]:  # noqa: ANN001
     """The dashboard's charts: the cluster's allocated GPUs (with active capacity) and queued demand."""
     keys = [CLUSTER_KEY.format(metric=ALLOCATED), CLUSTER_KEY.format(metric=QUEUED)]
     by_key = {s.key: s for s in Series.objects.filter(key__in=keys)}
-    charts = []
-    for key in keys:
-        if key in by_key:
-            capacity = active_capacity() if key.endswith(ALLOCATED) else None
-            charts.append(chart_payload(by_key[key], capacity=capacity))
-    return charts
+    series = [by_key[k] for k in keys if k in by_key]
+    return chart_payloads(series, capacity_of={keys[0]: active_capacity()}) if series else []
 
 
 def all_charts(user) -> list[dict]:  # noqa: ANN001
     """Every series the user may see that has a forecast or points (the forecasts page)."""
-    series = Series.objects.filter(visible_series(user)).filter(
-        Q(forecasts__isnull=False) | Q(points__isnull=False)).distinct().select_related("team").order_by("scope", "key")
-    capacity = active_capacity()
-    return [chart_payload(s, capacity=capacity if s.key == CLUSTER_KEY.format(metric=ALLOCATED) else None)
-            for s in series]
+    has_data = (Exists(Forecast.objects.filter(series=OuterRef("pk")))
+                | Exists(SeriesPoint.objects.filter(series=OuterRef("pk"))))
+    series = list(Series.objects.filter(visible_series(user)).filter(has_data).select_related("team")
+                  .order_by("scope", "key"))
+    return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_capacity()})
 
 
 def recent_decisions(user, limit: int = 10) -> list[ScalingDecision]:  # noqa: ANN001

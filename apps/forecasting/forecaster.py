@@ -6,25 +6,26 @@ very code the web process runs.
 Method (docs/forecasting.md, "Forecaster and backtest", has the measurements behind each choice):
 
 - Prophet (multiplicative seasonality, daily and weekly) is fitted on a schedule (`refit_every`, a
-  day by default) on at most `max_history` of data up to the refit time. Only its seasonal
-  multiplier M(t) is used between refits, kept as a one-period lookup table: Prophet's trend is
-  stale a few hours after a fit (a Prophet fitted once and never updated is 4-30x worse than
-  persistence), while the seasons stay valid.
-- The level comes from the latest observation y(t). Per horizon h the forecast is
-  y(t) + x(t, h) . beta_h, with features
-      seasonal   L(t) * (M(t+h) - M(t))     the change the seasons expect (L = mean of the last day)
-      reversion  mean of the last day - y(t)
-      latest     last raw sample inside the last step - y(t)   (only if the caller has it)
-  beta_h is a least-absolute-deviation fit on the last `calibration_window` of origins whose targets
-  are observed, then shrunk toward persistence (beta = 0) by a weight chosen on rolling
-  out-of-sample folds; a weight above 0 must beat persistence there by `margin`. On a series where
-  nothing beats persistence the forecast therefore is persistence.
-- The 80 % band is yhat + the 10 % and 90 % quantiles of those out-of-sample fold errors
-  (conformal), per calibrated horizon; other horizons interpolate in log h, and horizons beyond the
-  longest calibrated one widen with sqrt(h).
+  day by default) on at most `max_history` of data up to the refit time. Between refits only its
+  seasonal term M(t) is used, kept as a lookup table over one period: Prophet's trend is stale hours
+  after a fit (a Prophet fitted once and never updated is 4-30x worse than persistence on the Helios
+  series), while the seasons stay valid.
+- The level comes from the latest observation y(t). Per horizon h (k steps) the forecast is
+  y(t) + x(t, h) . beta_k, with x (FEATURES; the default uses the first four here):
+      seasonal   L(t) * (M(t+h) - M(t))    the change Prophet's seasons expect (L: mean of the last day)
+      reversion  L(t) - y(t)               pull toward the last day's mean
+      latest     last raw sample inside the last step - y(t)   (when the caller has finer data)
+      yesterday  y(t+h-1d) - y(t-1d)       the same change a day earlier (h <= 1 day)
+  beta_k is a least-absolute-deviation fit on the origins of the last `calibration_window` whose
+  targets are observed, shrunk toward persistence (beta = 0) by a weight chosen on rolling
+  out-of-sample folds: a weight above 0 must beat persistence on the pooled folds by `margin` and in
+  `fold_wins` of them. Where nothing beats persistence, the forecast is persistence.
+- The 80 % band is yhat + the 10 % and 90 % quantiles of the out-of-sample fold errors (split
+  conformal, widened for the effective number of errors when they overlap), per calibrated horizon;
+  other horizons interpolate in log h, longer ones widen with sqrt(h).
 - Short or flat history degrades instead of failing: weekly seasonality needs `min_weekly_history`,
-  daily `min_daily_history`; without either (or on a constant series) there is no Prophet and the
-  forecast is persistence (+ the reversion/latest correction when folds show it helps), with
+  daily `min_daily_history`; without either, or on a constant series, there is no Prophet and the
+  forecast is persistence (plus the other corrections where the folds show they help), with
   empirical bands.
 """
 from __future__ import annotations
@@ -42,24 +43,26 @@ import pandas as pd
 STATE_VERSION = 1
 REFIT_EVERY = pd.Timedelta("1D")
 MAX_HISTORY = pd.Timedelta("28D")
-FEATURES = ("seasonal", "reversion", "latest")
+FEATURES = ("seasonal", "reversion", "reversion_long", "latest", "yesterday", "last_week")
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
+    "features": ("seasonal", "reversion", "latest", "yesterday"),  # the correction's inputs, of FEATURES
     "calibration_window": "14D",   # origins used to fit the per-horizon correction and its bands
     "fold_length": "2D",           # length of each rolling out-of-sample fold
     "folds": 4,                    # at most this many folds (fewer on short history)
-    "margin": 0.02,                # a correction must beat persistence on the folds by 2 % to be used
+    "loss": "lad",                 # "lad" (median: what MAE rewards) or "ls" (least squares)
+    "margin": 0.02,                # a correction must beat persistence on the pooled folds by 2 %
+    "fold_wins": 0.75,             # and in at least this share of the folds
     "coverage": 0.8,               # nominal band coverage
+    "band_coverage": None,         # quantile level of the bands (None: `coverage`)
+    "finite_sample": True,         # widen the band quantiles for the effective number of errors
     "min_daily_history": "2D",     # Prophet's daily season needs this much data
     "min_weekly_history": "14D",   # and its weekly season this much
     "reversion_window": "1D",      # the level the reversion feature pulls toward
+    "long_reversion_window": "3D",  # and the optional long one
     "ladder": 16,                  # horizons calibrated at each refit, log-spaced up to a day
     "nonnegative": None,           # clip at 0; None: when the history has no negative value
-    "features": FEATURES,          # which correction features to use
-    "fold_wins": 0.0,              # a correction must also beat persistence in this share of the folds
-    "band_coverage": None,         # quantile level of the bands (None: `coverage`)
-    "finite_sample": True,         # widen the band quantiles for the effective number of errors
 }
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,20 @@ def _lad(x: np.ndarray, t: np.ndarray, iterations: int = 25) -> np.ndarray:
         weights = 1.0 / np.maximum(np.abs(t - x @ beta), floor)
         weights /= weights.mean()
     return beta
+
+
+def _autocorrelation_time(x: np.ndarray, max_lag: int) -> float:
+    x = x - x.mean()
+    var = float(x @ x)
+    if var == 0:
+        return 1.0
+    tau = 1.0
+    for lag in range(1, min(max_lag, len(x) - 1) + 1):
+        rho = float(x[:-lag] @ x[lag:]) / var
+        if rho <= 0:
+            break
+        tau += 2 * rho
+    return tau
 
 
 def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -173,7 +190,25 @@ class LoadForecaster:
             latest = latest.astype(float).reindex(history.index)
         return history, latest
 
-    def _arrays(self, history: pd.Series, latest: pd.Series | None) -> dict[str, np.ndarray]:
+    def _lags(self, y: np.ndarray, idx: np.ndarray, ks: np.ndarray) -> dict[str, np.ndarray]:
+        """The change the same k steps saw one period earlier: y(t+k-P) - y(t-P), for P a day and a week;
+        0 where the history does not reach back, or where t+k-P would be after the origin (k > P)."""
+        out = {}
+        for name, period in (("yesterday", "1D"), ("last_week", "7D")):
+            p = max(1, int(pd.Timedelta(period) / self.step))
+            ok = (idx - p >= 0) & (ks <= p)
+            delta = np.zeros(len(idx))
+            delta[ok] = y[idx[ok] + ks[ok] - p] - y[idx[ok] - p]
+            out[name] = delta
+        return out
+
+    def _window(self, option: str) -> int:
+        return max(1, int(_td(self.options[option]) / self.step))
+
+    def _arrays(self, history: pd.Series, latest: pd.Series | None, *, tail_only: bool = False,
+                ) -> dict[str, np.ndarray]:
+        """The inputs of the features at every point of `history` (or at its last point only): the value
+        (gaps carried forward), the last raw sample, and the trailing means the reversions pull toward."""
         raw = history.to_numpy(dtype=float)
         filled = pd.Series(raw).ffill().bfill().to_numpy()
         if latest is None:
@@ -181,8 +216,12 @@ class LoadForecaster:
         else:
             last = latest.to_numpy(dtype=float)
             last = np.where(np.isnan(last), filled, last)
-        window = max(1, int(_td(self.options["reversion_window"]) / self.step))
-        return {"raw": raw, "y": filled, "last": last, "level": _trailing_mean(filled, window)}
+        short, long = self._window("reversion_window"), self._window("long_reversion_window")
+        if tail_only:
+            return {"y": filled[-1:], "last": last[-1:], "level": np.array([filled[-short:].mean()]),
+                    "level_long": np.array([filled[-long:].mean()])}
+        return {"raw": raw, "y": filled, "last": last, "level": _trailing_mean(filled, short),
+                "level_long": _trailing_mean(filled, long)}
 
     # -- refits ------------------------------------------------------------------------------------
     def due(self, origin: pd.Timestamp) -> bool:
@@ -282,14 +321,23 @@ class LoadForecaster:
             raise ForecastError(f"horizon must be positive, not {horizon}")
         return max(1, math.ceil(horizon / self.step - 1e-9))
 
-    def _features(self, arrays: dict[str, np.ndarray], origin_idx: np.ndarray, season: np.ndarray,
-                  k: int) -> np.ndarray:
-        y = arrays["y"][origin_idx]
-        return np.column_stack([
-            arrays["level"][origin_idx] * (season[origin_idx + k] - season[origin_idx]),
-            arrays["level"][origin_idx] - y,
-            arrays["last"][origin_idx] - y,
-        ])
+    def _features(self, arrays: dict[str, np.ndarray], idx: np.ndarray | int, season_now: np.ndarray | float,
+                  season_then: np.ndarray | float, lags: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The correction's inputs (columns in FEATURES order; unused ones zero) at origins `idx`, for
+        targets whose seasonal terms are `season_then`. Used by both the calibration and the forecast."""
+        y = arrays["y"][idx]
+        columns = {
+            "seasonal": arrays["level"][idx] * (season_then - season_now),
+            "reversion": arrays["level"][idx] - y,
+            "reversion_long": arrays["level_long"][idx] - y,
+            "latest": arrays["last"][idx] - y,
+            "yesterday": (lags or {}).get("yesterday", 0.0),
+            "last_week": (lags or {}).get("last_week", 0.0),
+        }
+        used = self.options["features"]
+        shape = np.broadcast(*columns.values()).shape
+        return np.column_stack([np.broadcast_to(columns[name], shape) if name in used else np.zeros(shape)
+                                for name in FEATURES])
 
     def _calibrate(self, history: pd.Series, latest: pd.Series | None,
                    horizons: Sequence[pd.Timedelta] | None) -> None:
@@ -315,9 +363,8 @@ class LoadForecaster:
         if len(origins) < 2:
             return {"beta": [0.0] * len(FEATURES), "weight": 0.0, "q": [0.0, 0.0], "n": int(len(origins)),
                     "folds": 0, "mae_ratio": 1.0}
-        x = self._features(arrays, origins, season, k)
-        used = np.array([name in self.options["features"] for name in FEATURES], dtype=float)
-        x = x * used
+        x = self._features(arrays, origins, season[origins], season[origins + k],
+                           self._lags(arrays["y"], origins, np.full(len(origins), k)))
         # Rolling folds: the last `folds` blocks of `fold` origins, each predicted by a fit on the origins
         # whose targets were observed before the block began (no look-ahead inside the calibration).
         held_change, held_pred, fold_id = [], [], []
@@ -327,7 +374,7 @@ class LoadForecaster:
             train_end = start - k
             if start <= 0 or train_end < max(fold // 2, 10):
                 break
-            beta = _lad(x[:train_end], change[:train_end])
+            beta = self._fit(x[:train_end], change[:train_end])
             held_change.append(change[start:end])
             held_pred.append(x[start:end] @ beta)
             fold_id.append(np.full(end - start, len(fold_id)))
@@ -351,19 +398,26 @@ class LoadForecaster:
             if np.mean(wins) < float(self.options["fold_wins"]):
                 best = 0
         weight = SHRINK_GRID[best]
-        beta = weight * _lad(x, change) if weight > 0 else np.zeros(len(FEATURES))
+        beta = weight * self._fit(x, change) if weight > 0 else np.zeros(len(FEATURES))
         residual = held_change_a - weight * held_pred_a
         q = self._band(residual, alpha, k)
         return {"beta": beta.tolist(), "weight": weight, "q": q.tolist(), "n": int(len(origins)),
                 "folds": len(held_change), "mae_ratio": float(maes[best] / maes[0]) if maes[0] > 0 else 1.0}
 
+    def _fit(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if self.options["loss"] == "lad":
+            return _lad(x, t)
+        ridge = np.eye(x.shape[1]) * (1e-6 * len(t) * (np.mean(x * x, axis=0).max() + 1e-12))
+        return np.linalg.solve(x.T @ x + ridge, x.T @ t)
+
     def _band(self, residual: np.ndarray, alpha: float, k: int) -> np.ndarray:
         """The (alpha, 1 - alpha) quantiles of the errors, with the split-conformal finite-sample
-        correction for the effective sample size: errors of forecasts k steps ahead from consecutive
-        origins overlap, so n errors hold about n / k independent ones."""
+        correction for the effective number of errors: errors of forecasts k steps ahead from consecutive
+        origins overlap, so n errors hold about n / tau independent ones, tau the integrated
+        autocorrelation time (sum of the initial positive autocorrelations, at most 2k lags)."""
         level = 1 - alpha
-        if self.options["finite_sample"]:
-            n_eff = max(1.0, len(residual) / k)
+        if self.options["finite_sample"] and len(residual) > 2:
+            n_eff = len(residual) / _autocorrelation_time(residual, 2 * k)
             level = min(1.0, math.ceil((n_eff + 1) * level) / n_eff)
         return np.quantile(residual, [1 - level, level])
 
@@ -403,31 +457,17 @@ class LoadForecaster:
         origin = history.index[-1]
         if self.due(origin):
             self._refit(history, latest, horizons)
-        # Only the tail matters between refits: the last value, the last raw sample, the reversion level.
-        window = max(1, int(_td(self.options["reversion_window"]) / self.step))
-        tail = history.iloc[-window:].to_numpy(dtype=float)
-        observed = tail[~np.isnan(tail)]
-        if len(observed):
-            y0 = float(observed[-1])
-            level = float(np.mean(pd.Series(tail).ffill().dropna().to_numpy()))
-        else:
-            y0 = float(history.dropna().iloc[-1])
-            level = y0
-        last = y0
-        if latest is not None and not np.isnan(latest.iloc[-1]):
-            last = float(latest.iloc[-1])
-        times = pd.DatetimeIndex([origin + self.step * k for k in ks])
-        season_now = float(self.seasonal_terms(pd.DatetimeIndex([origin]))[0])
-        season_then = self.seasonal_terms(times)
-        yhat = np.empty(len(ks))
-        lower = np.empty(len(ks))
-        upper = np.empty(len(ks))
-        for i, k in enumerate(ks):
-            beta, q_lo, q_hi = self._calibration_at(k)
-            x = np.array([level * (season_then[i] - season_now), level - y0, last - y0])
-            yhat[i] = y0 + float(x @ beta)
-            lower[i] = yhat[i] + q_lo
-            upper[i] = yhat[i] + q_hi
+        filled = history.ffill().bfill().to_numpy()
+        lags = self._lags(filled, np.full(len(ks), len(filled) - 1), np.asarray(ks))
+        arrays = self._arrays(history, latest, tail_only=True)
+        season_now = self.seasonal_terms(pd.DatetimeIndex([origin]))
+        season_then = self.seasonal_terms(pd.DatetimeIndex([origin + self.step * k for k in ks]))
+        x = self._features(arrays, np.zeros(len(ks), dtype=int), season_now, season_then, lags)
+        calibrated = [self._calibration_at(k) for k in ks]
+        beta = np.array([c[0] for c in calibrated])
+        yhat = arrays["y"][0] + np.sum(x * beta, axis=1)
+        lower = yhat + np.array([c[1] for c in calibrated])
+        upper = yhat + np.array([c[2] for c in calibrated])
         if self.nonnegative:
             yhat, lower, upper = (np.maximum(a, 0.0) for a in (yhat, lower, upper))
         times = pd.DatetimeIndex([origin + h for h in horizons])
@@ -435,9 +475,10 @@ class LoadForecaster:
                             method=self.method, horizons=horizons)
 
     # -- state -----------------------------------------------------------------------------------
-    def dump(self) -> dict[str, Any]:
-        """JSON-serialisable state: options, the fitted Prophet model (prophet.serialize JSON), its
-        seasonal table, and the per-horizon corrections and bands."""
+    def dump(self, *, include_model: bool = True) -> dict[str, Any]:
+        """JSON-serialisable state: options, the fitted Prophet model (prophet.serialize JSON; most of the
+        size, about 1.5 MB for 28 days at 5 minutes, and not needed to forecast: `include_model=False`
+        leaves it out), its seasonal table, and the per-horizon corrections and bands."""
         def ts(value: pd.Timestamp | None) -> str | None:
             return None if value is None else value.isoformat()
 
@@ -453,7 +494,7 @@ class LoadForecaster:
             "fit_origin": ts(self.fit_origin),
             "method": self.method,
             "nonnegative": self.nonnegative,
-            "model_json": self.model_json,
+            "model_json": self.model_json if include_model else None,
             "season": None if self.season is None else self.season.tolist(),
             "season_anchor": ts(self.season_anchor),
             "season_period_s": self.season_period.total_seconds(),

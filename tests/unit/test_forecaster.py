@@ -48,8 +48,11 @@ def test_it_beats_persistence_at_one_hour_on_a_seasonal_series(seasonal_backtest
 
 
 def test_its_bands_cover_about_80_percent(seasonal_backtest):
-    for name, metrics in seasonal_backtest["horizons"].items():
-        assert 0.7 <= metrics["coverage80"] <= 0.9, (name, metrics)
+    coverage = {name: m["coverage80"] for name, m in seasonal_backtest["horizons"].items()}
+    assert 0.7 <= coverage["10min"] <= 0.9
+    assert 0.7 <= coverage["1h"] <= 0.9
+    # Two days hold only about eight independent 6-hour errors: a wider tolerance, still not 0 or 1.
+    assert 0.65 <= coverage["6h"] <= 0.97
 
 
 def test_a_24h_path_from_one_origin_is_cheap_with_bands_at_every_horizon():
@@ -61,9 +64,12 @@ def test_a_24h_path_from_one_origin_is_cheap_with_bands_at_every_horizon():
     path = forecaster.forecast(series, horizons)
     assert time.perf_counter() - began < 0.5
     assert len(path.times) == len(path.yhat) == len(path.lower) == len(path.upper) == 144
-    assert path.times[0] == series.index[-1] + STEP and path.times[-1] == series.index[-1] + pd.Timedelta("1D")
-    assert np.all(np.isfinite(path.yhat)) and np.all(path.lower <= path.upper)
-    assert np.all(path.lower <= path.yhat + 1e-9) and np.all(path.yhat <= path.upper + 1e-9)
+    assert path.times[0] == series.index[-1] + STEP
+    assert path.times[-1] == series.index[-1] + pd.Timedelta("1D")
+    assert np.all(np.isfinite(path.yhat))
+    assert np.all(path.lower <= path.upper)
+    assert np.all(path.lower <= path.yhat + 1e-9)
+    assert np.all(path.yhat <= path.upper + 1e-9)
     # Bands widen with the horizon, and the forecast follows the season a day ahead.
     assert (path.upper - path.lower)[-1] > (path.upper - path.lower)[0]
     truth_tomorrow = 200 + 60 * np.sin(2 * np.pi * ((path.times - series.index[0]) / pd.Timedelta("1h")) / 24)
@@ -85,6 +91,10 @@ def test_dump_and_load_give_the_same_forecast():
     np.testing.assert_array_equal(after.upper, before.upper)
     assert again.fit_seconds == forecaster.fit_seconds
     assert again.prophet_model() is not None
+    # Without the Prophet model (most of the state's size) the forecast is still the same.
+    slim = LoadForecaster.load(json.loads(json.dumps(forecaster.dump(include_model=False))))
+    np.testing.assert_array_equal(slim.forecast(series, HORIZONS).yhat, before.yhat)
+    assert slim.prophet_model() is None
 
 
 def test_changing_data_after_the_origin_does_not_change_the_forecast():
@@ -140,7 +150,9 @@ def test_a_constant_series_forecasts_the_constant():
     index = pd.date_range("2024-01-01", periods=3 * 144, freq=STEP)
     path = LoadForecaster(STEP, **FAST).forecast(pd.Series(8.0, index=index), HORIZONS)
     assert path.method == "persistence (constant series)"
-    assert np.all(path.yhat == 8.0) and np.all(path.lower == 8.0) and np.all(path.upper == 8.0)
+    assert np.all(path.yhat == 8.0)
+    assert np.all(path.lower == 8.0)
+    assert np.all(path.upper == 8.0)
     zeros = LoadForecaster(STEP, **FAST).forecast(pd.Series(0.0, index=index), HORIZONS)
     assert np.all(zeros.yhat == 0.0)
 
@@ -151,7 +163,8 @@ def test_gaps_and_a_missing_last_step_are_bridged_and_counts_stay_nonnegative():
     series.iloc[200:260] = np.nan
     series.iloc[-1] = np.nan
     path = LoadForecaster(STEP, **FAST).forecast(series, HORIZONS)
-    assert np.all(np.isfinite(path.yhat)) and np.all(path.lower >= 0)
+    assert np.all(np.isfinite(path.yhat))
+    assert np.all(path.lower >= 0)
     irregular = series.dropna().iloc[::2]  # not on the step grid any more, with duplicates removed
     path = LoadForecaster(STEP, **FAST).forecast(irregular, HORIZONS)
     assert np.all(np.isfinite(path.yhat))
