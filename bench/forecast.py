@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from apps.forecasting.backtest import backtest, load_series, parse_horizons, static_prophet_mae  # noqa: E402
+from apps.forecasting.forecaster import LoadForecaster  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "metrics" / "helios-earth-2020-05"
 STEP = pd.Timedelta("10min")
@@ -101,6 +103,28 @@ def series_runs(csv: Path, *, quick: bool = False) -> list[tuple[str, Path, str,
     return runs
 
 
+def diagnostics(series: pd.Series, train_end: pd.Timestamp) -> dict[str, Any]:
+    """Why 1 hour ahead is hard on the cluster sum: how little its 10-minute changes remember, and how
+    much the daily and weekly seasons Prophet finds move it in an hour and in 6 hours."""
+    test = series[series.index >= train_end]
+    change = test.diff().dropna()
+    forecaster = LoadForecaster(STEP)
+    forecaster.update(series[series.index < train_end])
+    times = pd.date_range(train_end, periods=7 * 144, freq=STEP)
+    season = forecaster.seasonal_terms(times)
+    level = float(series[series.index < train_end].iloc[-144:].mean())
+    return {
+        "series": "cluster sum of running_gpu_num, test part of the issue's split",
+        "autocorrelation_of_10min_changes": {
+            f"lag{lag}": round(float(change.autocorr(lag)), 4) for lag in (1, 2, 3, 6)},
+        "mean_abs_10min_change": round(float(change.abs().mean()), 3),
+        "mean_abs_seasonal_change_gpus": {
+            name: round(float(np.mean(np.abs(level * (season[k:] - season[:-k])))), 3)
+            for name, k in (("1h", 6), ("6h", 36))},
+        "method_at_train_end": forecaster.method,
+    }
+
+
 def write_cluster_csv(target: Path) -> None:
     frames = [pd.read_csv(f, parse_dates=["time"]).set_index("time") for f in sorted(DATA.glob("*.csv.gz"))]
     total = sum(f[["running_gpu_num", "pending_gpu_num"]] for f in frames)
@@ -132,12 +156,18 @@ def main() -> int:
     parser.add_argument("--out", help="also write the JSON to this file")
     parser.add_argument("--quick", action="store_true", help="the cluster sum with the issue's split only")
     parser.add_argument("--no-command", action="store_true", help="skip the run through manage.py")
+    parser.add_argument("--write-csv", metavar="PATH",
+                        help="only write the cluster-sum CSV (the command's input) to PATH and exit")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="forecaster option (e.g. refit_every=6h, coverage=0.82); for experiments")
     args = parser.parse_args()
     if not DATA.is_dir():
         message = {"skipped": f"{DATA} is missing: the Helios data is not on this machine"}
         print(json.dumps(message) if args.json else message["skipped"])
+        return 0
+    if args.write_csv:
+        write_cluster_csv(Path(args.write_csv))
+        print(args.write_csv)
         return 0
     options: dict[str, Any] = {}
     for item in args.option:
@@ -167,6 +197,7 @@ def main() -> int:
         train_end, test_end = SPLITS["issue"]
         out["reference_prophet_fitted_once"] = static_prophet_mae(
             series, train_end=pd.Timestamp(train_end), test_end=pd.Timestamp(test_end) + pd.Timedelta("1D") - STEP)
+        out["diagnostics"] = diagnostics(series, pd.Timestamp(train_end))
         if not args.no_command and not options:
             out["command"] = run_command(csv)
     out["summary"] = _summary(out)

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from apps.scheduling.states import LIVE, TERMINAL
+
 from .events import CLUSTER, job_group, publish, team_group
 
 QUEUE_ENTRIES_PER_TEAM = 100  # the queue page shows 50 a page; a team's message carries its first 100
 LOG_LINES_PER_EVENT = 50
 LOG_LINE_CHARS = 300
-LIVE_STATES = ("allocated", "running", "cancelling")  # hold GPUs (scheduling.states.LIVE)
 
 
 def _cached(obj, field: str):  # noqa: ANN001, ANN202
@@ -55,10 +56,13 @@ def on_job_changed(sender, job=None, event=None, **kwargs) -> None:  # noqa: ANN
         return
     data = job_state_data(job, event)
     from_state = data["from_state"]
-    if from_state in LIVE_STATES and job.state not in LIVE_STATES:
+    if from_state in LIVE and job.state not in LIVE:
         # The job gave its GPUs back: its team's usage and its nodes' GPUs changed.
         data["usage"] = team_usage_data(job.team_id)
         _publish_released_nodes(job.pk)
+    elif from_state == "queued" and job.state in TERMINAL:
+        # Cancelled (or failed) while queued: no pass will speak of the job again, so its team's counts go now.
+        data["usage"] = team_usage_data(job.team_id)
     publish([team_group(job.team_id)], "job.state", data)
 
 

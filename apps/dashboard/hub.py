@@ -2,12 +2,12 @@
 
 With Channels' usual wiring every socket joins its groups itself: a group event is then taken off the
 layer, decoded and dispatched once per socket, through a task switch and an `asyncio.wait` of that
-socket's consumer. bench/websocket.py measured that at about 0.3 ms of server CPU per socket and event on
-this project's 2-core machine (p95 ≈ 0.5 s for 1,000 sockets, deliveries missing for 2,000), against
-issue 7's goal of p95 < 0.5 s for 2,000. The hub joins each group once for all of the process's sockets
-(one `group_add` on the layer, as a consumer would), receives each event once, and hands the
-already-encoded text to each member socket in a plain loop; docs/architecture.md ("Live updates") has
-the numbers of both.
+socket's consumer. bench/websocket.py measured that at about 0.26 ms of server CPU per socket and event on
+this project's 2-core machine (p95 0.37-0.43 s for 500 sockets; at 2,000, 0.86 s or no delivery at all),
+against issue 7's goals of p95 < 0.15 s for 500 and < 0.5 s for 2,000. The hub joins each group once for
+all of the process's sockets (one `group_add` on the layer, as a consumer would), receives each event
+once, and hands the already-encoded text to each member socket in a plain loop: about 0.08 ms per socket
+(p95 0.06-0.09 s for 500, 0.30-0.32 s for 2,000); docs/architecture.md ("Live updates") has the table.
 
 Scoping is unchanged: a socket is a member of exactly the groups the consumer joined for it after its
 checks, and the hub delivers a group's event to that group's members only. A hub belongs to one event
@@ -73,7 +73,14 @@ class Hub:
 
     async def _receive(self) -> None:
         while True:
-            message = await self.layer.receive(self.channel)
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis gone for a moment: keep the hub, try again
+                log.warning("The live-event hub could not read from the channel layer.", exc_info=True)
+                await asyncio.sleep(1)
+                continue
             members = self.members.get(message.get("group", ""))
             if not members:
                 continue

@@ -138,8 +138,8 @@ def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
 class LoadForecaster:
     """Prophet seasons + latest observations, refitted on a schedule, with conformal 80 % bands.
 
-    `update(history)` refits when due; `forecast(history, horizons)` is one table lookup and a dot
-    product per horizon, so a 24 h path of 288 points costs about a millisecond between refits.
+    `update(history)` refits when due; between refits `forecast(history, horizons)` is a table lookup
+    and a dot product per horizon (about 10 ms for the dashboard's 112 horizons over 28 days of history).
     """
 
     def __init__(self, step: pd.Timedelta, *, refit_every: pd.Timedelta = REFIT_EVERY,

@@ -181,9 +181,9 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Live events (/ws/events/, apps/dashboard). Redis pub/sub by default: a group message is one PUBLISH that
-# each web process receives once and fans out to its sockets in memory, where RedisChannelLayer keeps a
-# Redis list per socket and sends to each (bench/websocket.py: 2,000 sockets meet p95 < 0.5 s only with
-# pub/sub; docs/architecture.md, "Live updates", has the numbers). CHANNEL_LAYER=core selects the other.
+# each web process receives once, where RedisChannelLayer keeps a Redis list per channel. bench/websocket.py
+# with 2,000 sockets: p95 0.30-0.32 s on pub/sub, 0.23-0.67 s on core (docs/architecture.md, "Live
+# updates", has the table). CHANNEL_LAYER=core selects the other.
 CHANNELS_REDIS_URL = env("CHANNELS_REDIS_URL", default=REDIS_URL)
 CHANNEL_LAYERS = {
     "default": {

@@ -127,4 +127,9 @@
     document.querySelectorAll(".load-chart").forEach(setUpLoadChart);
     document.querySelectorAll("[data-layer-chart]").forEach(setUpLayerChart);
   });
+  // A job that finishes while its page is open: live.js swaps the report region in; draw its chart.
+  document.addEventListener("deepopt:refreshed", function () {
+    if (!window.Plotly) return;
+    document.querySelectorAll("[data-layer-chart]:not(.js-plotly-plot)").forEach(setUpLayerChart);
+  });
 })();

@@ -326,7 +326,7 @@
       if (TERMINAL.indexOf(data.state) >= 0 || data.state === "cancelling") {
         all("form[data-live-cancel]").forEach(function (form) { form.remove(); });
       }
-      refresh(["job-status", "job-overview", "job-allocations", "job-result", "job-events"]);
+      refresh(["job-status", "job-overview", "job-allocations", "job-result", "job-report", "job-events"]);
     });
 
     on("job.progress", function (data) {

@@ -206,13 +206,19 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
     form_tab.wait_for_selector("text=layer 3 of 12 quantized to int8")
     assert form_tab.inner_text("[data-live-progress] [data-field=progress-text]") == "quantize · step 3 of 12 · 25 %"
     assert form_tab.get_attribute("[data-field=progress-bar]", "style") == "width: 25%;"
+    # The parts of the page that events do not carry are fetched again: overview, GPUs held, history.
+    form_tab.wait_for_function(
+        "document.querySelector('[data-live-region=job-overview] .badge').innerText.trim() === 'running'")
+    assert "a-node-1" in form_tab.inner_text("[data-live-region=job-allocations]")
+    assert "Started on a-node-1" in form_tab.inner_text("[data-live-region=job-events]")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    form_tab.screenshot(path=str(ARTIFACTS / "job-live.png"), full_page=True)
 
     assert queue_tab.evaluate("window.__notReloaded") is True
 
     dashboard = tabs()
     dashboard.goto("/")
     live(dashboard)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
     dashboard.close()
 

@@ -30,6 +30,7 @@ from rest_framework.test import APIClient
 from apps.accounts.models import Membership, Team
 from apps.accounts.services import create_user
 from apps.cluster.models import Gpu, GpuNode
+from apps.forecasting.models import ScalingDecision, Series
 from apps.scheduling.models import Allocation, Job, JobEvent, QueueEntry
 
 PERSONAS = ("anonymous", "alice", "bob", "charlie", "dana")
@@ -48,13 +49,18 @@ class World:
     job_b: Job
     # A user on no team, for the member endpoints to add.
     newcomer: Any
+    # Each team's allocated-GPUs series, and one scaling decision about each team's node.
+    series_a: Any = None
+    series_b: Any = None
+    decision_a: Any = None
+    decision_b: Any = None
 
     def user(self, persona: str):  # noqa: ANN201
         return None if persona == "anonymous" else self.users[persona]
 
     def ids(self) -> dict[str, int]:
         return {"team_a": self.team_a.pk, "node_a": self.node_a.pk, "job_a": self.job_a.pk,
-                "bob": self.users["bob"].pk}
+                "bob": self.users["bob"].pk, "series_a": self.series_a.pk}
 
 
 def build_world(*, team_a, team_b, alice, bob, charlie, dana, node_a, node_b) -> World:  # noqa: ANN001
@@ -70,9 +76,16 @@ def build_world(*, team_a, team_b, alice, bob, charlie, dana, node_a, node_b) ->
                                   finish_tag=float(position), reason="Waiting.", code="waiting",
                                   updated_at=timezone.now())
     newcomer = create_user(username="erin", password="erin-pass-123")
+    series = {team: Series.objects.create(key=f"team:{team.pk}:allocated_gpus", scope="team",
+                                          metric="allocated_gpus", team=team) for team in (team_a, team_b)}
+    decisions = {node: ScalingDecision.objects.create(action="standby", node=node, node_name=node.name,
+                                                      reason="idle", forecast_peak=0.0, active_capacity=12)
+                 for node in (node_a, node_b)}
     return World(team_a=team_a, team_b=team_b,
                  users={"alice": alice, "bob": bob, "charlie": charlie, "dana": dana},
-                 node_a=node_a, node_b=node_b, job_a=job_a, job_b=job_b, newcomer=newcomer)
+                 node_a=node_a, node_b=node_b, job_a=job_a, job_b=job_b, newcomer=newcomer,
+                 series_a=series[team_a], series_b=series[team_b],
+                 decision_a=decisions[node_a], decision_b=decisions[node_b])
 
 
 Body = dict | Callable[[World], dict] | None
@@ -153,6 +166,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("jobs-cancel", "post", "/api/v1/jobs/{job_a}/cancel/", _expect(401, 200, 403, 404, 200)),
     Endpoint("jobs-events", "get", "/api/v1/jobs/{job_a}/events/", _expect(401, 200, 200, 404, 200)),
     Endpoint("queue-list", "get", "/api/v1/queue/", _expect(401, 200, 200, 200, 200)),
+    Endpoint("forecasts-list", "get", "/api/v1/forecasts/", _expect(401, 200, 200, 200, 200)),
+    Endpoint("forecasts-detail", "get", "/api/v1/forecasts/{series_a}/", _expect(401, 200, 200, 404, 200)),
+    Endpoint("scaling-decisions-list", "get", "/api/v1/scaling-decisions/", _expect(401, 200, 200, 200, 200)),
 )
 
 
@@ -220,6 +236,9 @@ LIST_ENDPOINTS: dict[str, tuple[str, Callable[[World], tuple[int, int]], Callabl
     "nodes": ("/api/v1/nodes/", lambda w: (w.node_a.pk, w.node_b.pk), lambda row: row["id"]),
     "jobs": ("/api/v1/jobs/", lambda w: (w.job_a.pk, w.job_b.pk), lambda row: row["id"]),
     "queue": ("/api/v1/queue/", lambda w: (w.job_a.pk, w.job_b.pk), lambda row: row["job"]["id"]),
+    "forecasts": ("/api/v1/forecasts/", lambda w: (w.series_a.pk, w.series_b.pk), lambda row: row["id"]),
+    "scaling-decisions": ("/api/v1/scaling-decisions/", lambda w: (w.decision_a.pk, w.decision_b.pk),
+                          lambda row: row["id"]),
 }
 # Which of (team A's object, team B's object) each persona sees.
 LIST_VISIBILITY = {

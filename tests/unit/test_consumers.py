@@ -375,3 +375,27 @@ def test_the_pipelined_publisher_reaches_a_real_redis_pubsub_layer(settings, tea
     assert message["type"] == events.LAYER_MESSAGE_TYPE
     assert message["group"] == group
     assert json.loads(message["text"])["data"] == {"id": 7, "state": "queued"}
+
+
+def test_a_job_cancelled_in_the_queue_brings_its_teams_counts_with_it(alice, bob, team_a, node_a, client_for):
+    key = token_of(bob)
+    api = client_for(alice)
+
+    @database_sync_to_async
+    def submit_and_cancel() -> int:
+        job_id = api.post("/api/v1/jobs/", {**COMPRESSION_JOB, "team": team_a.pk}, format="json").json()["id"]
+        assert api.post(f"/api/v1/jobs/{job_id}/cancel/").status_code == 200
+        return job_id
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        await hello(socket)
+        job_id = await submit_and_cancel()
+        heard = await until(socket, lambda m: m["type"] == "job.state" and m["data"]["state"] == "cancelled")
+        await socket.disconnect()
+        return job_id, heard
+
+    job_id, heard = run(scenario)
+    submitted, cancelled = (m["data"] for m in heard if m["type"] == "job.state")
+    assert (submitted["id"], submitted["state"], "usage" in submitted) == (job_id, "queued", False)
+    assert cancelled["usage"] == {"gpus_in_use": 0, "gpu_hours_this_month": 0.0, "queued_jobs": 0, "running_jobs": 0}
