@@ -13,12 +13,13 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, Max, OuterRef
 from django.utils import timezone
 
 from apps.cluster.models import GpuNode
 from apps.cluster.services import set_node_state
-from apps.scheduling.models import Allocation
+from apps.scheduling.models import Allocation, Job
+from apps.scheduling.states import JobState
 
 from . import autoscaler
 from .models import AutoscalerPolicy, Forecast, ForecasterState, ScalingDecision, Series
@@ -143,10 +144,13 @@ def autoscale(now: datetime | None = None) -> list[ScalingDecision]:
         nodes = list(GpuNode.objects.annotate(busy=Exists(busy)).prefetch_related("gpus"))
         views = [autoscaler.NodeView(n.name, len(n.gpus.all()), n.state, n.busy) for n in nodes]
         last = ScalingDecision.objects.order_by("-created_at").values_list("created_at", flat=True).first()
+        # A job larger than the active nodes allocates nothing, so no forecast would ever ask for the
+        # nodes it needs: the largest queued job is a floor under the active capacity.
+        largest = Job.objects.filter(state=JobState.QUEUED).aggregate(g=Max("gpus"))["g"] or 0
         plan = autoscaler.plan(
             views, peak, now.timestamp(),
             low_since=policy.low_since.timestamp() if policy.low_since else None,
-            last_change_at=last.timestamp() if last else None, config=_config(policy))
+            last_change_at=last.timestamp() if last else None, config=_config(policy), min_capacity=largest)
         policy.low_since = datetime.fromtimestamp(plan.low_since, tz=UTC) if plan.low_since else None
         policy.save(update_fields=["low_since", "updated_at"])
         decisions = []

@@ -47,6 +47,18 @@ def test_a_forecast_over_80_percent_brings_standby_nodes_back(node_a, node_b):
     assert state(node_b) == GpuNode.State.ACTIVE
 
 
+def test_a_queued_job_larger_than_the_active_nodes_brings_nodes_back_whatever_the_forecast(
+        alice, team_a, node_a, node_b, client_for):
+    set_node_state(node_a, GpuNode.State.STANDBY)  # 4 GPUs (node_b) stay active
+    # Fits only node_a: it allocates nothing, so no forecast of allocated GPUs would ever grow.
+    submit(client_for(alice), team_a, 8)
+    forecast(peak=0.0)
+    [decision] = autoscale(NOW)
+    assert decision.action == "activate"
+    assert decision.node_name == node_a.name
+    assert "8 GPUs" in decision.reason
+
+
 def test_it_drains_an_idle_node_only_after_the_forecast_stayed_low(node_a, node_b):
     forecast(peak=1.0)
     assert autoscale(NOW) == []  # low since now: hysteresis
