@@ -48,6 +48,7 @@ SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "features": ("seasonal", "reversion", "latest", "yesterday"),  # the correction's inputs, of FEATURES
+    "candidates": None,            # feature sets to choose from per horizon, simplest first (None: features)
     "calibration_window": "14D",   # origins used to fit the per-horizon correction and its bands
     "fold_length": "2D",           # length of each rolling out-of-sample fold
     "folds": 4,                    # at most this many folds (fewer on short history)
@@ -323,7 +324,7 @@ class LoadForecaster:
 
     def _features(self, arrays: dict[str, np.ndarray], idx: np.ndarray | int, season_now: np.ndarray | float,
                   season_then: np.ndarray | float, lags: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The correction's inputs (columns in FEATURES order; unused ones zero) at origins `idx`, for
+        """The correction's inputs (columns in FEATURES order) at origins `idx`, for
         targets whose seasonal terms are `season_then`. Used by both the calibration and the forecast."""
         y = arrays["y"][idx]
         columns = {
@@ -334,10 +335,8 @@ class LoadForecaster:
             "yesterday": (lags or {}).get("yesterday", 0.0),
             "last_week": (lags or {}).get("last_week", 0.0),
         }
-        used = self.options["features"]
         shape = np.broadcast(*columns.values()).shape
-        return np.column_stack([np.broadcast_to(columns[name], shape) if name in used else np.zeros(shape)
-                                for name in FEATURES])
+        return np.column_stack([np.broadcast_to(columns[name], shape) for name in FEATURES])
 
     def _calibrate(self, history: pd.Series, latest: pd.Series | None,
                    horizons: Sequence[pd.Timedelta] | None) -> None:
@@ -362,47 +361,55 @@ class LoadForecaster:
         change = target - arrays["y"][origins]
         if len(origins) < 2:
             return {"beta": [0.0] * len(FEATURES), "weight": 0.0, "q": [0.0, 0.0], "n": int(len(origins)),
-                    "folds": 0, "mae_ratio": 1.0}
-        x = self._features(arrays, origins, season[origins], season[origins + k],
-                           self._lags(arrays["y"], origins, np.full(len(origins), k)))
+                    "folds": 0, "mae_ratio": 1.0, "features": []}
+        x_all = self._features(arrays, origins, season[origins], season[origins + k],
+                               self._lags(arrays["y"], origins, np.full(len(origins), k)))
         # Rolling folds: the last `folds` blocks of `fold` origins, each predicted by a fit on the origins
         # whose targets were observed before the block began (no look-ahead inside the calibration).
-        held_change, held_pred, fold_id = [], [], []
+        blocks = []
         end = len(origins)
         for _ in range(int(self.options["folds"])):
             start = end - fold
-            train_end = start - k
-            if start <= 0 or train_end < max(fold // 2, 10):
+            if start <= 0 or start - k < max(fold // 2, 10):
                 break
-            beta = self._fit(x[:train_end], change[:train_end])
-            held_change.append(change[start:end])
-            held_pred.append(x[start:end] @ beta)
-            fold_id.append(np.full(end - start, len(fold_id)))
+            blocks.append((start, end))
             end = start
-        if not held_change:
+        if not blocks:
             # Too short to validate anything: persistence, with its own in-sample errors as the band.
             q = self._band(change, alpha, k)
             return {"beta": [0.0] * len(FEATURES), "weight": 0.0, "q": q.tolist(), "n": int(len(origins)),
-                    "folds": 0, "mae_ratio": 1.0}
-        held_change_a = np.concatenate(held_change)
-        held_pred_a = np.concatenate(held_pred)
-        maes = np.array([np.mean(np.abs(held_change_a - w * held_pred_a)) for w in SHRINK_GRID])
-        best = int(np.argmin(maes))
-        if maes[best] > (1 - float(self.options["margin"])) * maes[0]:
-            best = 0
-        if best and self.options["fold_wins"]:
-            ids = np.concatenate(fold_id)
-            w = SHRINK_GRID[best]
-            wins = [np.mean(np.abs(held_change_a[ids == f] - w * held_pred_a[ids == f]))
-                    < np.mean(np.abs(held_change_a[ids == f])) for f in range(len(held_change))]
+                    "folds": 0, "mae_ratio": 1.0, "features": []}
+        held = np.concatenate([change[a:b] for a, b in blocks])
+        fold_id = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(blocks)])
+        persistence_mae = float(np.mean(np.abs(held)))
+        fold_persistence = [np.mean(np.abs(held[fold_id == i])) for i in range(len(blocks))]
+        margin = float(self.options["margin"])
+        best = {"mae": persistence_mae, "weight": 0.0, "features": (), "pred": np.zeros(len(held))}
+        # Candidate feature sets, simplest first: a richer one must beat the best so far by `margin` on
+        # the pooled folds, and persistence in `fold_wins` of the folds.
+        for subset in self.options["candidates"] or [self.options["features"]]:
+            mask = np.array([name in subset for name in FEATURES], dtype=float)
+            x = x_all * mask
+            pred = np.concatenate([x[a:b] @ self._fit(x[:a - k], change[:a - k]) for a, b in blocks])
+            maes = [float(np.mean(np.abs(held - w * pred))) for w in SHRINK_GRID]
+            i = int(np.argmin(maes))
+            if SHRINK_GRID[i] == 0 or maes[i] > (1 - margin) * best["mae"]:
+                continue
+            w = SHRINK_GRID[i]
+            wins = [np.mean(np.abs(held[fold_id == f] - w * pred[fold_id == f])) < fold_persistence[f]
+                    for f in range(len(blocks))]
             if np.mean(wins) < float(self.options["fold_wins"]):
-                best = 0
-        weight = SHRINK_GRID[best]
-        beta = weight * self._fit(x, change) if weight > 0 else np.zeros(len(FEATURES))
-        residual = held_change_a - weight * held_pred_a
-        q = self._band(residual, alpha, k)
-        return {"beta": beta.tolist(), "weight": weight, "q": q.tolist(), "n": int(len(origins)),
-                "folds": len(held_change), "mae_ratio": float(maes[best] / maes[0]) if maes[0] > 0 else 1.0}
+                continue
+            best = {"mae": maes[i], "weight": w, "features": tuple(subset), "pred": w * pred}
+        if best["weight"] > 0:
+            mask = np.array([name in best["features"] for name in FEATURES], dtype=float)
+            beta = best["weight"] * self._fit(x_all * mask, change)
+        else:
+            beta = np.zeros(len(FEATURES))
+        q = self._band(held - best["pred"], alpha, k)
+        return {"beta": beta.tolist(), "weight": best["weight"], "q": q.tolist(), "n": int(len(origins)),
+                "folds": len(blocks), "features": list(best["features"]),
+                "mae_ratio": best["mae"] / persistence_mae if persistence_mae > 0 else 1.0}
 
     def _fit(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         if self.options["loss"] == "lad":
