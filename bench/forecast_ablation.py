@@ -31,17 +31,25 @@ import forecast as bench  # noqa: E402
 from apps.forecasting import forecaster as forecaster_module  # noqa: E402
 from apps.forecasting.backtest import backtest, load_series, parse_horizons  # noqa: E402
 
-DEFAULT = forecaster_module.DEFAULT_OPTIONS["features"]
+CHOSEN = [list(c) for c in forecaster_module.DEFAULT_OPTIONS["candidates"]]
+FOUR = ["seasonal", "latest", "yesterday", "reversion"]
+
+
+def without(name: str) -> list[list[str]]:
+    return [[f for f in c if f != name] for c in CHOSEN]
+
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "chosen (defaults)": {},
-    "persistence (no correction)": {"features": []},
-    "seasonal only": {"features": ["seasonal"]},
-    "without latest": {"features": [f for f in DEFAULT if f != "latest"]},
-    "without yesterday": {"features": [f for f in DEFAULT if f != "yesterday"]},
-    "without reversion": {"features": [f for f in DEFAULT if f != "reversion"]},
-    "without seasonal": {"features": [f for f in DEFAULT if f != "seasonal"]},
-    "plus last_week": {"features": [*DEFAULT, "last_week"]},
-    "plus reversion_long (3 days)": {"features": [*DEFAULT, "reversion_long"]},
+    "persistence (no correction)": {"candidates": []},
+    "one set: seasonal, latest, yesterday, reversion": {"candidates": [FOUR]},
+    "one set: seasonal, latest, yesterday": {"candidates": [CHOSEN[0]]},
+    "one set: seasonal": {"candidates": [["seasonal"]]},
+    "without latest": {"candidates": without("latest")},
+    "without yesterday": {"candidates": without("yesterday")},
+    "without seasonal": {"candidates": without("seasonal")},
+    "plus last_week": {"candidates": [[*c, "last_week"] for c in CHOSEN]},
+    "plus a set with reversion_long (3 days)": {"candidates": [*CHOSEN, [*FOUR, "reversion_long"]]},
     "pooled folds only (fold_wins 0)": {"fold_wins": 0.0},
     "bands without finite-sample widening": {"finite_sample": False},
     "least squares instead of LAD": {"loss": "ls"},

@@ -11,15 +11,17 @@ Method (docs/forecasting.md, "Forecaster and backtest", has the measurements beh
   after a fit (a Prophet fitted once and never updated is 4-30x worse than persistence on the Helios
   series), while the seasons stay valid.
 - The level comes from the latest observation y(t). Per horizon h (k steps) the forecast is
-  y(t) + x(t, h) . beta_k, with x (FEATURES; the default uses the first four here):
+  y(t) + x(t, h) . beta_k, with x drawn from (FEATURES; the defaults use the first four):
       seasonal   L(t) * (M(t+h) - M(t))    the change Prophet's seasons expect (L: mean of the last day)
-      reversion  L(t) - y(t)               pull toward the last day's mean
       latest     last raw sample inside the last step - y(t)   (when the caller has finer data)
       yesterday  y(t+h-1d) - y(t-1d)       the same change a day earlier (h <= 1 day)
+      reversion  L(t) - y(t)               pull toward the last day's mean
   beta_k is a least-absolute-deviation fit on the origins of the last `calibration_window` whose
   targets are observed, shrunk toward persistence (beta = 0) by a weight chosen on rolling
-  out-of-sample folds: a weight above 0 must beat persistence on the pooled folds by `margin` and in
-  `fold_wins` of them. Where nothing beats persistence, the forecast is persistence.
+  out-of-sample folds. Per horizon the folds also choose among the `candidates` feature sets
+  (without, then with `reversion`): a set is used only if it beats the best so far on the pooled
+  folds by `margin` and persistence in `fold_wins` of them. Where nothing beats persistence, the
+  forecast is persistence.
 - The 80 % band is yhat + the 10 % and 90 % quantiles of the out-of-sample fold errors (split
   conformal, widened for the effective number of errors when they overlap), per calibrated horizon;
   other horizons interpolate in log h, longer ones widen with sqrt(h).
@@ -40,15 +42,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: six features in FEATURES order
 REFIT_EVERY = pd.Timedelta("1D")
 MAX_HISTORY = pd.Timedelta("28D")
-FEATURES = ("seasonal", "reversion", "reversion_long", "latest", "yesterday", "last_week")
+FEATURES = ("seasonal", "latest", "yesterday", "reversion", "reversion_long", "last_week")
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "features": ("seasonal", "reversion", "latest", "yesterday"),  # the correction's inputs, of FEATURES
-    "candidates": None,            # feature sets to choose from per horizon, simplest first (None: features)
+    # The correction's candidate inputs (of FEATURES), simplest first; each horizon uses the best on the folds.
+    "candidates": (("seasonal", "latest", "yesterday"), ("seasonal", "reversion", "latest", "yesterday")),
     "calibration_window": "14D",   # origins used to fit the per-horizon correction and its bands
     "fold_length": "2D",           # length of each rolling out-of-sample fold
     "folds": 4,                    # at most this many folds (fewer on short history)
@@ -387,7 +389,7 @@ class LoadForecaster:
         best = {"mae": persistence_mae, "weight": 0.0, "features": (), "pred": np.zeros(len(held))}
         # Candidate feature sets, simplest first: a richer one must beat the best so far by `margin` on
         # the pooled folds, and persistence in `fold_wins` of the folds.
-        for subset in self.options["candidates"] or [self.options["features"]]:
+        for subset in self.options["candidates"]:
             mask = np.array([name in subset for name in FEATURES], dtype=float)
             x = x_all * mask
             pred = np.concatenate([x[a:b] @ self._fit(x[:a - k], change[:a - k]) for a, b in blocks])
@@ -491,6 +493,7 @@ class LoadForecaster:
 
         return {
             "version": STATE_VERSION,
+            "features": list(FEATURES),
             "step_s": self.step.total_seconds(),
             "refit_every_s": self.refit_every.total_seconds(),
             "max_history_s": None if self.max_history is None else self.max_history.total_seconds(),
@@ -510,7 +513,8 @@ class LoadForecaster:
 
     @classmethod
     def load(cls, state: dict[str, Any]) -> LoadForecaster:
-        if state.get("version") != STATE_VERSION:
+        """The forecaster `dump()` saved. A state from another version raises ValueError: start afresh."""
+        if state.get("version") != STATE_VERSION or state.get("features") != list(FEATURES):
             raise ValueError(f"forecaster state version {state.get('version')!r}, expected {STATE_VERSION}")
         max_history = state["max_history_s"]
         self = cls(pd.Timedelta(seconds=state["step_s"]), refit_every=pd.Timedelta(seconds=state["refit_every_s"]),

@@ -25,7 +25,9 @@
       out.push({ x: f.t, y: f.lower, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: COLORS.band, name: "80% band", hoverinfo: "skip" });
       out.push({ x: f.t, y: f.yhat, mode: "lines", line: { color: COLORS.forecast, dash: "dash", width: 2 }, name: "forecast" });
     }
-    out.push({ x: chart.history.t, y: chart.history.y, mode: "lines", line: { color: COLORS.observed, width: 2 }, name: "observed" });
+    // A series a few minutes old has one or two points: markers, or plotly draws nothing.
+    out.push({ x: chart.history.t, y: chart.history.y, mode: chart.history.t.length < 3 ? "lines+markers" : "lines",
+               line: { color: COLORS.observed, width: 2 }, name: "observed" });
     if (chart.capacity) {
       var xs = chart.history.t.concat(f ? f.t : []);
       if (xs.length) {
@@ -42,9 +44,18 @@
     return "forecast from " + f.origin.slice(0, 16).replace("T", " ") + " UTC · " + f.method + " · " + f.compute_s + " s";
   }
 
+  // Always the last and the next 24 hours, so that charts side by side line up (and a series with a
+  // single point still gets a time axis).
+  function layoutFor(chart) {
+    var now = Date.now();
+    var hour = 3600 * 1000;
+    return Object.assign({}, LAYOUT, { xaxis: { type: "date", range: [new Date(now - 24 * hour).toISOString(),
+                                                                        new Date(now + 24 * hour).toISOString()] } });
+  }
+
   function draw(el, chart) {
     var plot = el.querySelector("[data-chart-plot]");
-    window.Plotly.react(plot, traces(chart), LAYOUT, { displaylogo: false, responsive: true });
+    window.Plotly.react(plot, traces(chart), layoutFor(chart), { displaylogo: false, responsive: true });
     var label = el.querySelector("[data-chart-meta]");
     if (label) label.textContent = meta(chart);
     el.setAttribute("data-forecast-origin", chart.forecast ? chart.forecast.origin : "");

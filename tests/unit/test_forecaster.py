@@ -95,6 +95,8 @@ def test_dump_and_load_give_the_same_forecast():
     slim = LoadForecaster.load(json.loads(json.dumps(forecaster.dump(include_model=False))))
     np.testing.assert_array_equal(slim.forecast(series, HORIZONS).yhat, before.yhat)
     assert slim.prophet_model() is None
+    with pytest.raises(ValueError, match="forecaster state version 1"):
+        LoadForecaster.load({**state, "version": 1})  # an older cache: the caller starts afresh
 
 
 def test_changing_data_after_the_origin_does_not_change_the_forecast():
