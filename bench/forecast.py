@@ -125,6 +125,35 @@ def diagnostics(series: pd.Series, train_end: pd.Timestamp) -> dict[str, Any]:
     }
 
 
+def dashboard_case(csv: Path) -> dict[str, Any]:
+    """What the web process pays per series: 28 days of 5-minute cluster sum, one refit, then the
+    dashboard's 112-horizon path (5-minute steps to 2 h, then 15-minute steps to 24 h), from memory and
+    after a reload from the JSON state."""
+    step = pd.Timedelta("5min")
+    horizons = [step * k for k in range(1, 25)] + [pd.Timedelta("15min") * k for k in range(9, 97)]
+    series, _ = load_series(csv, "time", "running_gpu_num", step)
+    history = series[:"2020-05-28"].iloc[-28 * 288:]
+    forecaster = LoadForecaster(step)
+    began = time.perf_counter()
+    forecaster.update(history)
+    refit_s = time.perf_counter() - began
+    forecasts = []
+    for _ in range(20):
+        began = time.perf_counter()
+        forecaster.forecast(history, horizons)
+        forecasts.append(time.perf_counter() - began)
+    state = json.dumps(forecaster.dump())
+    began = time.perf_counter()
+    LoadForecaster.load(json.loads(state)).forecast(history, horizons)
+    reload_s = time.perf_counter() - began
+    return {"points": len(history), "horizons": len(horizons), "method": forecaster.method,
+            "refit_s": round(refit_s, 3), "prophet_fit_s": round(forecaster.fit_seconds, 3),
+            "calibration_s": round(forecaster.calibration_seconds, 3),
+            "forecast_ms_median": round(1000 * float(np.median(forecasts)), 2),
+            "load_and_forecast_ms": round(1000 * reload_s, 2), "state_bytes": len(state),
+            "state_bytes_without_model": len(json.dumps(forecaster.dump(include_model=False)))}
+
+
 def write_cluster_csv(target: Path) -> None:
     frames = [pd.read_csv(f, parse_dates=["time"]).set_index("time") for f in sorted(DATA.glob("*.csv.gz"))]
     total = sum(f[["running_gpu_num", "pending_gpu_num"]] for f in frames)
@@ -198,6 +227,7 @@ def main() -> int:
         out["reference_prophet_fitted_once"] = static_prophet_mae(
             series, train_end=pd.Timestamp(train_end), test_end=pd.Timestamp(test_end) + pd.Timedelta("1D") - STEP)
         out["diagnostics"] = diagnostics(series, pd.Timestamp(train_end))
+        out["dashboard_case"] = dashboard_case(csv)
         if not args.no_command and not options:
             out["command"] = run_command(csv)
     out["summary"] = _summary(out)

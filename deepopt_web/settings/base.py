@@ -233,6 +233,9 @@ CELERY_BEAT_SCHEDULE = {
 # The scheduler (apps/scheduling/policy). Keys are PolicyConfig fields; docs/scheduler.md explains each
 # default. Example: DEEPOPT_SCHEDULER = {"fair_share_half_life_s": 3 * 3600, "aging_s": 12 * 3600}.
 DEEPOPT_SCHEDULER: dict = {}
+# Queue ETAs (a forward play of the first 1,000 queued jobs) are recomputed by a pass at most this often
+# per worker process; passes in between keep the ETAs already written (apps/scheduling/live.py).
+DEEPOPT_ETA_REFRESH_S = env.float("DEEPOPT_ETA_REFRESH_S", default=15.0)
 # How a submit/job end/node change asks for a pass: celery (debounced task), inline (in the request;
 # single-process setups and tests), off (the beat tick only).
 DEEPOPT_SCHEDULER_TRIGGER = env("DEEPOPT_SCHEDULER_TRIGGER", default="celery")

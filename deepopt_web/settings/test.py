@@ -31,3 +31,5 @@ DEEPOPT_CAPACITY_CACHE_SECONDS = 0
 # Pass times go to Redis for /metrics; unit tests would write into db 0 of whatever Redis runs (or wait
 # on one that does not). tests/unit/test_metrics.py turns it on against its own database.
 DEEPOPT_PASS_STATS = env.bool("DEEPOPT_PASS_STATS", default=False)
+# Tests run passes back to back and read their ETAs: every pass computes them (15 s apart otherwise).
+DEEPOPT_ETA_REFRESH_S = 0

@@ -96,3 +96,20 @@ def test_the_queue_page_and_job_page_show_position_and_reason(alice, charlie, te
     assert "#1 in the queue." in detail
     client.force_login(charlie)
     assert "a-waits" not in client.get("/queue/").content.decode()
+
+
+def test_a_later_pass_rewrites_the_queue_rows_that_changed(alice, team_a, node_a, client_for):
+    from apps.scheduling.services import cancel_job
+
+    client = client_for(alice)
+    first, second, third = (submit(client, team_a, 8, f"j{i}") for i in range(3))
+    run_pass()
+    assert dict(QueueEntry.objects.values_list("job_id", "position")) == {second: 1, third: 2}
+    before = QueueEntry.objects.get(job_id=third)
+    cancel_job(Job.objects.get(pk=second), actor=alice)
+    run_pass()
+    after = QueueEntry.objects.get(job_id=third)
+    assert dict(QueueEntry.objects.values_list("job_id", "position")) == {third: 1}
+    assert after.updated_at > before.updated_at
+    assert after.flow == before.flow
+    assert after.reason
