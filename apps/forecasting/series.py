@@ -147,8 +147,12 @@ def history(series: Series, *, step: timedelta, since: datetime, until: datetime
     return histories([series], step=step, since=since, until=until)[series.pk]
 
 
-def histories(series: Iterable[Series], *, step: timedelta, since: datetime, until: datetime) -> dict[int, pd.Series]:
-    """`history` of several series with one query (a page of charts must not cost three per chart)."""
+def histories(series: Iterable[Series], *, step: timedelta, since: datetime, until: datetime,
+              latest: dict | None = None) -> dict[int, pd.Series]:
+    """`history` of several series with one query (a page of charts must not cost three per chart).
+
+    When `latest` is a dict, it receives per series the last 1-minute value inside each step (NaN where
+    only coarser points are kept): a fresher level than the step's mean, which the forecaster uses."""
     step_s = int(step.total_seconds())
     start = floor_time(since, step_s)
     end = floor_time(until, step_s)
@@ -175,6 +179,10 @@ def histories(series: Iterable[Series], *, step: timedelta, since: datetime, unt
                 spread = spread.reindex(index)
             else:
                 spread = raw.resample(f"{step_s}s").mean().reindex(index)
+                if latest is not None:
+                    latest[series_id] = raw.resample(f"{step_s}s").last().reindex(index)
             values = spread.combine_first(values)  # finer resolutions come later and win
         out[series_id] = values
+        if latest is not None:
+            latest.setdefault(series_id, pd.Series(float("nan"), index=index))
     return out

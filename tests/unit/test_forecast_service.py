@@ -1,0 +1,64 @@
+"""forecast_series with the real forecaster (Prophet included) over series points in the database: the
+forecast path, the cached fit, a stale cached state, and too little data."""
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from apps.forecasting.models import Forecast, ForecasterState, Series, SeriesPoint
+from apps.forecasting.services import HORIZONS, forecast_series, refresh_forecasts
+
+pytestmark = pytest.mark.django_db
+
+NOW = datetime(2026, 11, 6, 12, 0, tzinfo=UTC)
+
+
+def daily_wave(series: Series, days: int) -> None:
+    start = NOW - timedelta(days=days)
+    SeriesPoint.objects.bulk_create(
+        SeriesPoint(series=series, resolution_s=600, ts=start + timedelta(minutes=10 * k),
+                    value=20 + 10 * math.sin(2 * math.pi * k / 144))
+        for k in range(days * 144))
+
+
+@pytest.fixture
+def cluster_series() -> Series:
+    return Series.objects.create(key="cluster:all:allocated_gpus", scope="cluster", metric="allocated_gpus")
+
+
+def test_a_forecast_covers_5_minutes_to_24_hours_with_bands_and_caches_its_fit(cluster_series):
+    daily_wave(cluster_series, days=4)
+    forecast = forecast_series(cluster_series, NOW)
+    assert forecast.refitted
+    assert len(forecast.points) == len(HORIZONS) == 112
+    first, last = forecast.points[0], forecast.points[-1]
+    assert datetime.fromisoformat(first[0]) - forecast.origin == timedelta(minutes=5)
+    assert datetime.fromisoformat(last[0]) - forecast.origin == timedelta(hours=24)
+    for _, yhat, lower, upper in forecast.points:
+        assert 0 <= lower <= yhat <= upper
+    # A daily wave is back where it was a day later: the 24 h forecast is near the last value.
+    assert abs(last[1] - 20 - 10 * math.sin(2 * math.pi * (4 * 144 - 1) / 144)) < 3
+    state = ForecasterState.objects.get(series=cluster_series)
+    assert state.refits == 1
+    assert state.fit_seconds_total > 0
+
+    again = forecast_series(cluster_series, NOW + timedelta(minutes=5))
+    assert not again.refitted  # refits are daily; the cached fit served this one
+    assert ForecasterState.objects.get(series=cluster_series).refits == 1
+
+
+def test_a_state_from_another_forecaster_version_is_refitted_not_an_error(cluster_series):
+    daily_wave(cluster_series, days=3)
+    ForecasterState.objects.create(series=cluster_series, state={"version": -1}, fitted_at=NOW)
+    forecast = forecast_series(cluster_series, NOW)
+    assert forecast.refitted
+    assert ForecasterState.objects.get(series=cluster_series).state["version"] != -1
+
+
+def test_a_series_with_less_than_an_hour_of_data_gets_no_forecast(cluster_series):
+    SeriesPoint.objects.create(series=cluster_series, resolution_s=60, ts=NOW, value=3.0)
+    assert forecast_series(cluster_series, NOW) is None
+    assert refresh_forecasts(NOW) == {}
+    assert not Forecast.objects.exists()
