@@ -209,6 +209,25 @@ def set_up_django(env: dict) -> None:
     django.setup()
 
 
+def seed_cluster(teams: int, nodes: int, racks: int, team_fields: dict) -> tuple[list, list]:
+    """Teams with a member each (users user0, user1, ...) and nodes of 8 GPUs spread over teams and racks."""
+    from apps.accounts.models import Membership, Team
+    from apps.accounts.services import create_user, set_membership
+    from apps.cluster.services import register_node
+
+    made = [Team.objects.create(name=f"Team {i}", **{k: (v(i) if callable(v) else v) for k, v in team_fields.items()})
+            for i in range(teams)]
+    users = []
+    for i, team in enumerate(made):
+        user = create_user(username=f"user{i}", password=secrets.token_urlsafe(16))
+        set_membership(team=team, user=user, role=Membership.Role.MEMBER)
+        users.append(user)
+    for n in range(nodes):
+        register_node(team=made[n % teams], name=f"node-{n:03d}", hostname=f"n{n}.example", rack=f"r{n % racks}",
+                      gpus=[{"index": i, "model": "NVIDIA H200", "memory_mb": 143_771} for i in range(8)])
+    return made, users
+
+
 def seed() -> dict:
     """Team, member with a token, a node with 8 GPUs; returns what the scenarios need."""
     from django.core.management import call_command

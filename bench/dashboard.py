@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.api import bench_environment, recreate_database, set_up_django  # noqa: E402
+from bench.api import bench_environment, recreate_database, seed_cluster, set_up_django  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/deepopt_bench_dash"
 GOAL_MS = 300.0
@@ -35,31 +35,19 @@ def seed(jobs: int, nodes: int) -> dict:
     from django.db.models import Count
     from django.utils import timezone
 
-    from apps.accounts.models import Membership, Team
-    from apps.accounts.services import create_user, set_membership
+    from apps.accounts.services import create_user
     from apps.cluster.models import Gpu, MetricSample
-    from apps.cluster.services import register_node
     from apps.scheduling.live import run_pass
     from apps.scheduling.models import Job
     from apps.scheduling.services import submit_job, transition
 
     call_command("migrate", verbosity=0)
-    teams = [Team.objects.create(name=f"Team {i}", max_gpus=400, max_gpus_per_job=16, gpu_hours_per_month=10**6)
-             for i in range(4)]
-    member = create_user(username="member", password=secrets.token_urlsafe(16))
-    set_membership(team=teams[0], user=member, role=Membership.Role.MEMBER)
+    teams, users = seed_cluster(4, nodes, 5, {"max_gpus": 400, "max_gpus_per_job": 16, "gpu_hours_per_month": 10**6})
+    member = users[0]  # the member the pages are timed for: team 0 only
     staff = create_user(username="staff", password=secrets.token_urlsafe(16))
     staff.is_staff = True
     staff.save()
-    for n in range(nodes):
-        register_node(team=teams[n % 4], name=f"node-{n:03d}", hostname=f"n{n}.example", rack=f"r{n % 5}",
-                      gpus=[{"index": i, "model": "NVIDIA H200", "memory_mb": 143_771} for i in range(8)])
-    submitters = {}
-    for i, team in enumerate(teams):
-        user = member if i == 0 else create_user(username=f"user{i}", password=secrets.token_urlsafe(16))
-        if i:
-            set_membership(team=team, user=user, role=Membership.Role.MEMBER)
-        submitters[team.pk] = user
+    submitters = {team.pk: user for team, user in zip(teams, users, strict=True)}
     kinds = [Job.Kind.COMPRESSION, Job.Kind.TRAINING]
     spec = {Job.Kind.COMPRESSION: {"model": "minilm-l6", "quantization": {"mode": "auto", "max_quality_drop": 0.01}},
             Job.Kind.TRAINING: {"model": "digits-mlp", "steps": 100, "batch_size": 32}}

@@ -31,34 +31,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.api import bench_environment, recreate_database, set_up_django  # noqa: E402
+from bench.api import bench_environment, recreate_database, seed_cluster, set_up_django  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/deepopt_bench_sched"
 GOAL_MS = 1000.0
 
 
 def seed(jobs: int, nodes: int) -> None:
-    import secrets
-
     from django.core.management import call_command
 
-    from apps.accounts.models import Membership, Team
-    from apps.accounts.services import create_user, set_membership
-    from apps.cluster.services import register_node
     from apps.scheduling.models import Job
     from apps.scheduling.services import submit_job
 
     call_command("migrate", verbosity=0)
-    teams = [Team.objects.create(name=f"Team {i}", weight=1 + i, max_gpus=10**6, max_gpus_per_job=64,
-                                 gpu_hours_per_month=10**9) for i in range(4)]
-    users = []
-    for i, team in enumerate(teams):
-        user = create_user(username=f"user{i}", password=secrets.token_urlsafe(16))
-        set_membership(team=team, user=user, role=Membership.Role.MEMBER)
-        users.append(user)
-    for n in range(nodes):
-        register_node(team=teams[n % 4], name=f"node-{n:03d}", hostname=f"n{n}.example", rack=f"r{n % 8}",
-                      gpus=[{"index": i, "model": "NVIDIA H200", "memory_mb": 143_771} for i in range(8)])
+    teams, users = seed_cluster(4, nodes, 8, {"weight": lambda i: 1 + i, "max_gpus": 10**6, "max_gpus_per_job": 64,
+                                              "gpu_hours_per_month": 10**9})
     priorities = [Job.Priority.NORMAL] * 6 + [Job.Priority.LOW, Job.Priority.HIGH]
     for i in range(jobs):
         team = i % 4

@@ -48,11 +48,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path[:0] = [str(ROOT)]
+from bench.api import recreate_database  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/deepopt_ws_bench"
 BENCH_REDIS_DB = 12
@@ -67,17 +67,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def fresh_database(url: str) -> None:
-    import psycopg
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = parts._replace(path="/postgres").geturl()
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
 
 
 def server_env(database_url: str, redis_url: str, layer: str, fanout: str) -> dict[str, str]:
@@ -446,7 +435,7 @@ def main() -> int:
     sizes = sorted(int(n) for n in args.clients.split(","))
     configs = [tuple(item.strip().split(":")) for item in args.configs.split(",")]
 
-    fresh_database(args.database_url)
+    recreate_database(args.database_url)
     env = server_env(args.database_url, args.redis_url, *configs[0])
     os.environ.update({k: env[k] for k in ("DJANGO_SETTINGS_MODULE", "SECRET_KEY", "SECURE_SSL_REDIRECT",
                                            "ALLOWED_HOSTS", "DATABASE_URL", "REDIS_URL", "LOG_LEVEL")})
