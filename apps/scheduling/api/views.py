@@ -14,10 +14,12 @@ from apps.accounts.api.base import TeamScopedViewSet
 from apps.accounts.permissions import can_cancel_job
 from apps.scheduling import services
 from apps.scheduling.api.serializers import (
+    LIST_FIELDS,
     JobCreateSerializer,
     JobDetailSerializer,
     JobEventSerializer,
     JobSerializer,
+    job_row,
 )
 from apps.scheduling.models import Job
 
@@ -73,6 +75,12 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
     select_related = ("team", "submitter")
     filterset_class = JobFilter
     ordering_fields = ["submitted_at", "priority", "state"]
+
+    def list(self, request):  # noqa: ANN001, ANN201
+        """Jobs of the caller's teams, newest first; filters: state, kind, priority, team, submitted_after/before."""
+        queryset = self.filter_queryset(self.get_queryset()).values_list(*LIST_FIELDS)
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response([job_row(values) for values in page])
 
     @extend_schema(responses=JobDetailSerializer)
     def retrieve(self, request, pk=None):  # noqa: ANN001, ANN201
