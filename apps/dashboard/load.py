@@ -8,14 +8,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pandas as pd
-from django.db.models import Exists, OuterRef, Subquery
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from apps.cluster.models import Gpu, GpuNode
-from apps.forecasting.api.views import visible_series
 from apps.forecasting.models import AutoscalerPolicy, Forecast, ScalingDecision, Series, SeriesPoint
 from apps.forecasting.series import ALLOCATED, CLUSTER_KEY, QUEUED, histories
-from apps.forecasting.services import STEP
+from apps.forecasting.services import STEP, latest_forecasts
 
 CHART_HOURS = 24
 
@@ -24,9 +23,7 @@ def chart_payloads(series: list[Series], *, hours: int = CHART_HOURS, capacity_o
     """Charts of several series: two queries in all (their points, their latest forecasts)."""
     now = timezone.now()
     observed = histories(series, step=STEP, since=now - timedelta(hours=hours), until=now)
-    newest = Forecast.objects.filter(series=OuterRef("series_id")).order_by("-origin").values("pk")[:1]
-    forecasts = {f.series_id: f for f in Forecast.objects.filter(
-        series_id__in=[s.pk for s in series], pk=Subquery(newest))}
+    forecasts = latest_forecasts([s.pk for s in series])
     return [chart_payload(s, observed[s.pk].dropna(), forecasts.get(s.pk), (capacity_of or {}).get(s.key))
             for s in series]
 
@@ -64,18 +61,14 @@ def all_charts(user) -> list[dict]:  # noqa: ANN001
     """Every series the user may see that has a forecast or points (the forecasts page)."""
     has_data = (Exists(Forecast.objects.filter(series=OuterRef("pk")))
                 | Exists(SeriesPoint.objects.filter(series=OuterRef("pk"))))
-    series = list(Series.objects.filter(visible_series(user)).filter(has_data).select_related("team")
+    series = list(Series.objects.visible_to(user).filter(has_data).select_related("team")
                   .order_by("scope", "key"))
     return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_capacity()})
 
 
 def recent_decisions(user, limit: int = 10) -> list[ScalingDecision]:  # noqa: ANN001
-    decisions = ScalingDecision.objects.select_related("forecast").order_by("-created_at", "-id")
-    if not user.is_staff:
-        from apps.accounts.permissions import team_ids_of
-
-        decisions = decisions.filter(node__team_id__in=team_ids_of(user))
-    return list(decisions[:limit])
+    return list(ScalingDecision.objects.visible_to(user).select_related("forecast").order_by("-created_at", "-id")
+                [:limit])
 
 
 def autoscaler_policy() -> AutoscalerPolicy:

@@ -16,6 +16,16 @@ from apps.accounts.models import Team
 from apps.cluster.models import GpuNode
 
 
+class SeriesQuerySet(models.QuerySet):
+    def visible_to(self, user) -> SeriesQuerySet:  # noqa: ANN001
+        """Cluster and rack series are aggregates, open to everyone signed in; team series to the team."""
+        if user.is_staff:
+            return self
+        from apps.accounts.permissions import team_ids_of
+
+        return self.filter(models.Q(scope__in=["cluster", "rack"]) | models.Q(team_id__in=team_ids_of(user)))
+
+
 class Series(models.Model):
     class Scope(models.TextChoices):
         CLUSTER = "cluster", "Cluster"
@@ -33,6 +43,8 @@ class Series(models.Model):
     rack = models.CharField(max_length=63, blank=True)
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="series")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = SeriesQuerySet.as_manager()
 
     class Meta:
         ordering = ["scope", "key"]
@@ -143,6 +155,16 @@ class AutoscalerPolicy(models.Model):
         return cls.objects.filter(pk=1).first() or cls(pk=1)
 
 
+class ScalingDecisionQuerySet(models.QuerySet):
+    def visible_to(self, user) -> ScalingDecisionQuerySet:  # noqa: ANN001
+        """Staff see every decision; others those about their teams' nodes."""
+        if user.is_staff:
+            return self
+        from apps.accounts.permissions import team_ids_of
+
+        return self.filter(node__team_id__in=team_ids_of(user))
+
+
 class ScalingDecision(models.Model):
     class Action(models.TextChoices):
         ACTIVATE = "activate", "Bring back from standby"
@@ -157,6 +179,8 @@ class ScalingDecision(models.Model):
     forecast_peak = models.FloatField()
     active_capacity = models.PositiveIntegerField()
     webhook_status = models.CharField(max_length=80, blank=True)
+
+    objects = ScalingDecisionQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

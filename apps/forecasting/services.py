@@ -11,9 +11,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
-from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, Max, OuterRef
+from django.db.models import Exists, Max, OuterRef, Subquery
 from django.utils import timezone
 
 from apps.cluster.models import GpuNode
@@ -122,6 +121,12 @@ def refresh_forecasts(now: datetime | None = None) -> dict:
     return report
 
 
+def latest_forecasts(series_ids: list[int]) -> dict[int, Forecast]:
+    """The newest forecast of each series, in one query."""
+    newest = Forecast.objects.filter(series=OuterRef("series_id")).order_by("-origin").values("pk")[:1]
+    return {f.series_id: f for f in Forecast.objects.filter(series_id__in=series_ids, pk=Subquery(newest))}
+
+
 def latest_forecast(key: str, *, max_age: timedelta | None = None, now: datetime | None = None) -> Forecast | None:
     forecast = Forecast.objects.filter(series__key=key).order_by("-origin").first()
     if forecast and max_age is not None and forecast.origin < (now or timezone.now()) - max_age:
@@ -187,7 +192,7 @@ def _after_decision(decision: ScalingDecision) -> None:
     data = decision_summary(decision)
     node = decision.node
     publish([STAFF] + ([team_group(node.team_id)] if node else []), "scaling.decision", data)
-    if AutoscalerPolicy.current().webhook_url and getattr(settings, "DEEPOPT_AUTOSCALER_WEBHOOK", True):
+    if AutoscalerPolicy.current().webhook_url:
         from .tasks import post_scaling_webhook
 
         post_scaling_webhook.delay(decision.pk)

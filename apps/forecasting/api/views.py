@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
@@ -15,11 +14,9 @@ from rest_framework import mixins, serializers, viewsets
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
-from apps.accounts.permissions import team_ids_of
-
 from ..models import Forecast, ScalingDecision, Series
 from ..series import history
-from ..services import STEP
+from ..services import STEP, latest_forecasts
 
 
 class SeriesSerializer(serializers.ModelSerializer):
@@ -64,12 +61,6 @@ class ScalingDecisionSerializer(serializers.ModelSerializer):
                   "forecast_origin", "webhook_status"]
 
 
-def visible_series(user) -> Q:
-    if user.is_staff:
-        return Q()
-    return Q(scope__in=[Series.Scope.CLUSTER, Series.Scope.RACK]) | Q(team_id__in=team_ids_of(user))
-
-
 class ForecastViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Series with their latest forecast (5-minute steps to 2 h, then 15 minutes to 24 h, 80% bands).
 
@@ -81,13 +72,15 @@ class ForecastViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def get_queryset(self):  # noqa: ANN201
         if getattr(self, "swagger_fake_view", False):
             return Series.objects.none()
-        return Series.objects.filter(visible_series(self.request.user)).select_related("team").order_by("scope", "key")
+        return Series.objects.visible_to(self.request.user).select_related("team").order_by("scope", "key")
 
     def get_serializer_class(self):  # noqa: ANN201
         return SeriesDetailSerializer if self.action == "retrieve" else SeriesSerializer
 
     def get_serializer_context(self) -> dict:
         context = super().get_serializer_context()
+        if self.action != "retrieve":  # only the detail carries history
+            return context
         raw = self.request.query_params.get("hours", "24")
         try:
             hours = int(raw)
@@ -98,19 +91,11 @@ class ForecastViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         context["hours"] = hours
         return context
 
-    def _attach_latest(self, series: list[Series]) -> None:
-        ids = [s.pk for s in series]
-        latest = {}
-        # One query: the newest forecast per series (DISTINCT ON on PostgreSQL would do it in SQL too).
-        for forecast in Forecast.objects.filter(series_id__in=ids, created_at__gte=timezone.now() - timedelta(hours=6)
-                                                ).order_by("series_id", "-origin"):
-            latest.setdefault(forecast.series_id, forecast)
-        for s in series:
-            s.latest = latest.get(s.pk)
-
     def list(self, request, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
-        self._attach_latest(page)
+        latest = latest_forecasts([s.pk for s in page])
+        for series in page:
+            series.latest = latest.get(series.pk)
         return self.get_paginated_response(self.get_serializer(page, many=True).data)
 
     @extend_schema(parameters=[OpenApiParameter("hours", int, description="History to include, 1 to 720 hours.")])
@@ -129,7 +114,5 @@ class ScalingDecisionViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     def get_queryset(self):  # noqa: ANN201
         if getattr(self, "swagger_fake_view", False):
             return ScalingDecision.objects.none()
-        qs = ScalingDecision.objects.select_related("forecast").order_by("-created_at", "-id")
-        if self.request.user.is_staff:
-            return qs
-        return qs.filter(node__team_id__in=team_ids_of(self.request.user))
+        return ScalingDecision.objects.visible_to(self.request.user).select_related("forecast").order_by(
+            "-created_at", "-id")
