@@ -48,6 +48,9 @@ PRESETS = {
                 "hcof-int4": ["--hcof", "inter_node=int4"],
                 "hcof-int8": ["--hcof", "inter_node=int8"],
                 "hcof-topk1%": ["--hcof", "inter_node=topk:0.01"],
+                # Larger buckets on the slow link: fewer collectives, each paying the socket latency once.
+                "hcof-int8-b100": ["--hcof", "inter_node=int8", "--bucket-mb", "100"],
+                "hcof-int4-b100": ["--hcof", "inter_node=int4", "--bucket-mb", "100"],
                 "hcof-int4-gloo": ["--hcof", "inter_node=int4", "--inter-backend", "gloo"],
             }},
             "nvlink": {"env": {}, "variants": {
@@ -55,6 +58,7 @@ PRESETS = {
                 "ddp-bf16": ["--hcof", "off", "--ddp-hook", "bf16"],
                 "ddp-powersgd4": ["--hcof", "off", "--ddp-hook", "powersgd:4"],
                 "hcof-fp32": ["--hcof", "inter_node=none"],
+                "hcof-fp32-b50": ["--hcof", "inter_node=none", "--bucket-mb", "50"],
             }},
         },
     },

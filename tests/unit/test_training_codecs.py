@@ -95,3 +95,39 @@ def test_it_rejects_unknown_codecs_and_out_of_range_parameters(text):
 
 def test_a_topk_ratio_of_one_is_allowed():
     assert parse_codec("topk:1").ratio == 1.0
+
+
+@pytest.mark.parametrize("text", ["int4", "int8", "topk:0.05", "bf16", "none"])
+def test_a_wire_packed_into_one_byte_matrix_comes_back_whole(text):
+    from workers.training.hcof.collectives import _pack, _unpack
+
+    codec = parse_codec(text)
+    parts = 4
+    wire = codec.encode(_grad(parts=parts))
+    packed, layout = _pack(wire, parts)
+    assert packed.shape[0] == parts  # row i is what peer i receives in the all-to-all
+    assert packed.numel() * packed.element_size() == wire_bytes(wire)
+    back = _unpack(packed, layout)
+    assert set(back) == set(wire)
+    for name, t in wire.items():
+        assert back[name].dtype == t.dtype
+        assert back[name].shape == t.shape
+        assert torch.equal(back[name], t)
+    # Row i of the packed matrix carries row i of every tensor: an all-to-all that delivers rows keeps pieces whole.
+    one_row = _unpack(packed[1:2], layout)
+    for name, t in wire.items():
+        assert torch.equal(one_row[name], t[1:2])
+
+
+def test_gathered_rows_unpack_to_every_rank_piece_stacked():
+    from workers.training.hcof.collectives import _pack, _unpack
+
+    idx = torch.tensor([[3, 7, 0]], dtype=torch.int64)
+    val = torch.arange(3 * 5, dtype=torch.float32).reshape(1, 3, 5)
+    packed, layout = _pack({"idx": idx, "val": val}, 1)
+    gathered = torch.cat([packed, packed + 0], dim=0)  # what an all-gather over two ranks returns
+    out = _unpack(gathered, layout)
+    assert out["idx"].shape == (2, 3)
+    assert out["val"].shape == (2, 3, 5)
+    assert torch.equal(out["val"][1], val[0])
+    assert torch.equal(out["idx"][0], idx[0])

@@ -29,18 +29,38 @@ class LevelExchanger:
         self.bytes: dict[str, int] = {level: 0 for level in groups}
         self.seconds: dict[str, float] = {level: 0.0 for level in groups}
         self._powersgd_q: dict[str, torch.Tensor] = {}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     # -- plumbing -------------------------------------------------------------------------------
     @contextmanager
     def timed(self, level: str):
-        start = time.perf_counter()
+        if self.device.type == "cuda":
+            # NCCL returns before the bytes move. Events on the stream time the level on the GPU without making
+            # the host wait; `resolve_times` adds them up once the caller has waited for the stream anyway.
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((level, start, end))
+            return
+        began = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                # NCCL returns before the bytes move; wait so the level's seconds are real.
-                torch.cuda.current_stream(self.device).synchronize()
-            self.seconds[level] += time.perf_counter() - start
+            self.seconds[level] += time.perf_counter() - began
+
+    def resolve_times(self) -> float:
+        """Add the timed GPU intervals to `seconds` (call after the stream they ran on was synchronized);
+        returns their sum."""
+        total = 0.0
+        for level, start, end in self._events:
+            s = start.elapsed_time(end) / 1000.0
+            self.seconds[level] += s
+            total += s
+        self._events.clear()
+        return total
 
     def _staged(self, lg: LevelGroup, t: torch.Tensor) -> torch.Tensor:
         # gloo between nodes while the gradients live on a GPU: the bytes cross through host memory.
@@ -50,24 +70,22 @@ class LevelExchanger:
         return t.to(self.device, non_blocking=False) if t.device != self.device else t
 
     def _all_to_all(self, lg: LevelGroup, wire: Wire) -> Wire:
-        out = {}
-        for name, t in wire.items():
-            src = self._staged(lg, t.contiguous())
-            dst = torch.empty_like(src)
-            dist.all_to_all_single(dst, src, group=lg.group)
-            out[name] = self._back(dst)
+        """Row i of every tensor goes to peer i; all of a wire's tensors travel in one collective."""
+        packed, layout = _pack(wire, lg.size)
+        src = self._staged(lg, packed)
+        dst = torch.empty_like(src)
+        dist.all_to_all_single(dst, src, group=lg.group)
         self.bytes[lg.level] += wire_bytes(wire) * (lg.size - 1) // lg.size
-        return out
+        return _unpack(self._back(dst), layout)
 
     def _gather(self, lg: LevelGroup, wire: Wire) -> Wire:
-        out = {}
-        for name, t in wire.items():
-            src = self._staged(lg, t.contiguous())
-            dst = src.new_empty((lg.size * src.shape[0], *src.shape[1:]))
-            _all_gather(dst, src, group=lg.group)
-            out[name] = self._back(dst)
+        """Every rank's wire, stacked along the first dimension; one collective for all its tensors."""
+        packed, layout = _pack(wire, 1)
+        src = self._staged(lg, packed)
+        dst = src.new_empty((lg.size, src.shape[1]))
+        _all_gather(dst, src, group=lg.group)
         self.bytes[lg.level] += wire_bytes(wire) * (lg.size - 1)
-        return out
+        return _unpack(self._back(dst), layout)
 
     def _all_reduce(self, lg: LevelGroup, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         src = self._staged(lg, t.contiguous())
@@ -160,6 +178,36 @@ class LevelExchanger:
             out = torch.zeros_like(rows)
             out.index_add_(0, got["idx"].reshape(-1), got["val"].reshape(-1, cols).float())
             return out.reshape(-1)
+
+
+def _pack(wire: Wire, rows: int) -> tuple[torch.Tensor, list]:
+    """A wire's tensors as one (rows, bytes) byte matrix: row i holds row i of each tensor's (rows, -1) view.
+    One collective then carries values and scales (or indices and values) together, which halves the
+    per-collective latency that dominates slow links."""
+    if len(wire) == 1:
+        (name, t), = wire.items()
+        return t.contiguous().reshape(rows, -1), [(name, None, t.dtype, t.shape)]
+    parts, layout = [], []
+    for name, t in wire.items():
+        b = t.contiguous().reshape(rows, -1).view(torch.uint8)
+        parts.append(b)
+        layout.append((name, b.shape[1], t.dtype, t.shape))
+    return torch.cat(parts, dim=1), layout
+
+
+def _unpack(packed: torch.Tensor, layout: list) -> Wire:
+    """The inverse of `_pack` on what came back: each tensor keeps its shape, with the first dimension scaled
+    by how many rows came back for each one sent (an all-gather returns one row per rank)."""
+    out: Wire = {}
+    if layout[0][1] is None:  # one tensor: sent as it is, no byte view
+        name, _, _, shape = layout[0]
+        return {name: packed.reshape(-1, *shape[1:])}
+    offset = 0
+    for name, width, dtype, shape in layout:
+        piece = packed[:, offset: offset + width].contiguous().view(dtype)
+        offset += width
+        out[name] = piece.reshape(-1, *shape[1:])
+    return out
 
 
 def hierarchical_all_reduce(ex: LevelExchanger, x: torch.Tensor, codecs: dict[str, Codec], key: str) -> torch.Tensor:

@@ -150,7 +150,8 @@ class HcofReducer:
 
     def finish(self) -> float:
         """Wait for the step's reductions and put the averaged gradients back; returns the exposed seconds."""
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.current_stream(self.device).synchronize()
         start = time.perf_counter()
         for b in self.buckets:
@@ -161,9 +162,15 @@ class HcofReducer:
                         b.flat[b.offsets[i]: b.offsets[i] + p.numel()].zero_()
                 self._mark_ready(b)
         self._done.wait()
+        if cuda:
+            # The communication thread only queued its work on its stream; this is where it is really done.
+            self.comm_stream.synchronize()
         exposed = time.perf_counter() - start
         if self._error is not None:
             raise RuntimeError("gradient communication failed") from self._error
+        if cuda:
+            # GPU time of the step's exchanges (each level timed by events on the communication stream).
+            self.step_busy = self.ex.resolve_times()
         for b in self.buckets:
             for p in b.params:
                 if p.grad is None or p.grad.data_ptr() != self._views[id(p)].data_ptr():
@@ -180,10 +187,11 @@ class HcofReducer:
             try:
                 for b in self.buckets:
                     b.ready.wait()
-                    if b.event is not None:
-                        b.event.synchronize()
                     t0 = time.perf_counter()
                     if self.comm_stream is not None:
+                        # The GPU, not the host, waits for the bucket's last gradient: the exchange is queued
+                        # behind it on the communication stream while backward goes on on its own stream.
+                        self.comm_stream.wait_event(b.event)
                         with torch.cuda.stream(self.comm_stream):
                             self._reduce(b)
                     else:
@@ -191,7 +199,8 @@ class HcofReducer:
                     busy += time.perf_counter() - t0
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
                 self._error = exc
-            self.step_busy = busy
+            if self.comm_stream is None:
+                self.step_busy = busy  # on CPU the collectives are synchronous: host time is their time
             self._done.set()
 
     def _reduce(self, b: Bucket) -> None:
@@ -205,8 +214,6 @@ class HcofReducer:
             out = hierarchical_all_reduce(self.ex, b.flat, self.codecs, key)
         if out is not b.flat:
             b.flat.copy_(out)
-        if self.comm_stream is not None:
-            self.comm_stream.synchronize()
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
