@@ -148,11 +148,18 @@ class HcofReducer:
             b.event.record(torch.cuda.current_stream(self.device))
         b.ready.set()
 
-    def finish(self) -> float:
-        """Wait for the step's reductions and put the averaged gradients back; returns the exposed seconds."""
+    def finish(self) -> float | None:
+        """Hand the averaged gradients back to the optimizer once the step's reductions are done.
+
+        On CPU the collectives are synchronous: this waits for them and returns the exposed seconds (the part
+        of communication not hidden behind backward). On a GPU nothing waits on the host: the compute stream is
+        made to wait for the communication stream, and `timings()` reads the exposed and busy seconds from
+        CUDA events once the caller has synchronized anyway (a host sync here would drain the launch queue
+        and leave the GPU idle while the optimizer and the next forward are queued)."""
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            self._bwd_end = torch.cuda.Event(enable_timing=True)
+            self._bwd_end.record(torch.cuda.current_stream(self.device))
         start = time.perf_counter()
         for b in self.buckets:
             if not b.ready.is_set():
@@ -161,21 +168,28 @@ class HcofReducer:
                     if i not in b.arrived:
                         b.flat[b.offsets[i]: b.offsets[i] + p.numel()].zero_()
                 self._mark_ready(b)
-        self._done.wait()
-        if cuda:
-            # The communication thread only queued its work on its stream; this is where it is really done.
-            self.comm_stream.synchronize()
-        exposed = time.perf_counter() - start
+        self._done.wait()  # on a GPU: everything is queued on the communication stream
         if self._error is not None:
             raise RuntimeError("gradient communication failed") from self._error
-        if cuda:
-            # GPU time of the step's exchanges (each level timed by events on the communication stream).
-            self.step_busy = self.ex.resolve_times()
         for b in self.buckets:
             for p in b.params:
                 if p.grad is None or p.grad.data_ptr() != self._views[id(p)].data_ptr():
                     p.grad = self._views[id(p)]
-        return exposed
+        if cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
+            return None
+        return time.perf_counter() - start
+
+    def timings(self) -> tuple[float, float]:
+        """(exposed, busy) seconds of the last step on a GPU; call after the device was synchronized."""
+        exposed = max(0.0, self._bwd_end.elapsed_time(self._comm_end) / 1000.0)
+        self.step_busy = self.ex.resolve_times()
+        return exposed, self.step_busy
+
+    def zero_grad(self) -> None:
+        """Zero every gradient with one fill per bucket (they are views into the buckets)."""
+        for b in self.buckets:
+            b.flat.zero_()
 
     # -- communication thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -201,6 +215,9 @@ class HcofReducer:
                 self._error = exc
             if self.comm_stream is None:
                 self.step_busy = busy  # on CPU the collectives are synchronous: host time is their time
+            else:
+                self._comm_end = torch.cuda.Event(enable_timing=True)
+                self._comm_end.record(self.comm_stream)
             self._done.set()
 
     def _reduce(self, b: Bucket) -> None:
