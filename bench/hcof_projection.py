@@ -105,14 +105,25 @@ def project(report: dict, setting: str, inter_gbps: float | None, hcof_variant: 
     }
 
 
+def _newest(setting: str, variant: str) -> Path | None:
+    """The newest results file (by the date it records) that has the runs the fit needs."""
+    found = []
+    for path in RESULTS.glob("training-*-2xh200*.json"):
+        data = json.loads(path.read_text())
+        runs = data.get("runs", {})
+        if all((runs.get(f"{setting}/{k}") or {}).get("ok") for k in ("ddp-fp32", "ddp-bf16", variant)):
+            found.append((data.get("date", ""), path))
+    return max(found)[1] if found else None
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("results", nargs="?", help="a bench/training.py JSON (default: the newest *-2xh200.json)")
+    p.add_argument("results", nargs="?", help="a bench/training.py JSON (default: the newest 2xh200 one by its date)")
     p.add_argument("--setting", default="socket", help="which measured link stands for the inter-node network")
     p.add_argument("--inter-gbps", type=float, help="replace the fitted inter-node bandwidth (GB/s per GPU)")
     p.add_argument("--hcof-variant", default="hcof-int4", help="which measured HCOF run to project")
     a = p.parse_args()
-    path = Path(a.results) if a.results else max(RESULTS.glob("training-*-2xh200.json"), default=None)
+    path = Path(a.results) if a.results else _newest(a.setting, a.hcof_variant)
     if path is None or not path.exists():
         print("error: no bench/training.py results to fit; run bench/training.py first", file=sys.stderr)
         return 2
