@@ -6,11 +6,16 @@ the staff group, which hears every team's and job's events); a job's group only 
 `{"subscribe": "job", "id": N}`, after the same visibility check the API makes, so a job the user cannot
 see is answered with an error (the same words as for a job that does not exist) and never subscribed.
 
-The user's teams are read when the socket connects; a membership change reaches a socket when it
-reconnects (the pages reconnect on every navigation).
+The user's teams are read when the socket connects and again whenever they change: every socket also
+joins its user's own group, which hears only "your teams changed" (fanout.on_membership_changed, sent
+when a Membership is saved or deleted or the user is saved). The socket then re-reads the user and their
+teams, leaves the groups it may no longer hear (team groups, and the groups of jobs it can no longer see)
+and joins the new ones, and tells the page (`membership`, with the new groups) so it can redraw; a user
+deactivated or deleted meanwhile is closed with 4401.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -18,7 +23,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from .events import CLUSTER, STAFF, job_group, team_group
+from .events import CLUSTER, STAFF, USER_PREFIX, job_group, team_group, user_group
 from .hub import hub
 
 log = logging.getLogger(__name__)
@@ -42,12 +47,34 @@ def _can_see_job(user, job_id: int) -> bool:  # noqa: ANN001
     return Job.objects.visible_to(user).filter(pk=job_id).exists()
 
 
+@database_sync_to_async
+def _fresh_user(user_id: int):  # noqa: ANN202
+    """The user as the database has them now (no cached teams), or None when gone or deactivated."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(pk=user_id, is_active=True).first()
+
+
+@database_sync_to_async
+def _visible_jobs(user, job_ids: set[int]) -> set[int]:  # noqa: ANN001
+    from apps.scheduling.models import Job
+
+    return set(Job.objects.visible_to(user).filter(pk__in=job_ids).values_list("pk", flat=True))
+
+
+async def _groups_of(user) -> list[str]:  # noqa: ANN001
+    if user.is_staff:
+        return [CLUSTER, STAFF]
+    return [CLUSTER, *(team_group(t) for t in sorted(await _team_ids(user)))]
+
+
 class EventsConsumer(AsyncWebsocketConsumer):
     groups_joined: list[str]
     jobs: set[int]
 
     async def connect(self) -> None:
         self.groups_joined, self.jobs = [], set()
+        self.lock = asyncio.Lock()  # a subscription and a membership refresh change the groups one at a time
         user = self.scope.get("user")
         await self.accept()
         if user is None or not user.is_authenticated:
@@ -56,17 +83,47 @@ class EventsConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.user = user
-        if user.is_staff:
-            groups = [CLUSTER, STAFF]
-        else:
-            groups = [CLUSTER, *(team_group(t) for t in sorted(await _team_ids(user)))]
+        groups = [*(await _groups_of(user)), user_group(user.pk)]
         for group in groups:
             await self._join(group)
         self.groups_joined = groups
         await self._reply("hello", {"user": user.get_username(), "staff": user.is_staff,
-                                    "groups": [g for g in groups if g != STAFF]})
+                                    "groups": self._shown(groups)})
+
+    @staticmethod
+    def _shown(groups: list[str]) -> list[str]:
+        return [g for g in groups if g != STAFF and not g.startswith(USER_PREFIX)]
+
+    async def refresh_groups(self) -> None:
+        """Re-read the user and their teams; leave what they may no longer hear, join what they now may."""
+        async with self.lock:
+            if not self.groups_joined:
+                return  # closed meanwhile
+            user = await _fresh_user(self.user.pk)
+            if user is None:
+                await self._leave_all()
+                await self.close(code=CLOSE_UNAUTHENTICATED)
+                return
+            jobs = await _visible_jobs(user, self.jobs) if self.jobs else set()
+            new = [*(await _groups_of(user)), user_group(user.pk)]
+            before = set(self.groups_joined) | ({job_group(j) for j in self.jobs} if not self._sees_all else set())
+            after = set(new) | ({job_group(j) for j in jobs} if STAFF not in new else set())
+            for group in sorted(before - after):
+                await self._leave(group)
+            for group in sorted(after - before):
+                await self._join(group)
+            self.user, self.groups_joined, self.jobs = user, new, jobs
+            await self._reply("membership", {"staff": user.is_staff, "groups": self._shown(new),
+                                             "jobs": sorted(jobs)})
 
     async def disconnect(self, code: int) -> None:
+        lock = getattr(self, "lock", None)
+        if lock is None:
+            return
+        async with lock:
+            await self._leave_all()
+
+    async def _leave_all(self) -> None:
         for group in self.groups_joined + [job_group(j) for j in self.jobs if not self._sees_all]:
             await self._leave(group)
         self.groups_joined, self.jobs = [], set()
@@ -102,9 +159,11 @@ class EventsConsumer(AsyncWebsocketConsumer):
             await self._error('Expected an object such as {"subscribe": "job", "id": 12}.')
             return
         if "subscribe" in message:
-            await self._subscribe(message, subscribe=True)
+            async with self.lock:
+                await self._subscribe(message, subscribe=True)
         elif "unsubscribe" in message:
-            await self._subscribe(message, subscribe=False)
+            async with self.lock:
+                await self._subscribe(message, subscribe=False)
         elif message.get("type") == "ping":
             await self._reply("pong", {})
         else:
@@ -143,7 +202,15 @@ class EventsConsumer(AsyncWebsocketConsumer):
         await self._reply("subscribed", {"job": job_id})
 
     async def deliver(self, message: dict) -> None:
-        """A published event (events.LAYER_MESSAGE_TYPE), already JSON: forwarded as it is."""
+        """A published event (events.LAYER_MESSAGE_TYPE), already JSON: forwarded as it is. The user's own
+        group carries only "your teams changed", which is acted on here, not forwarded."""
+        if message.get("group", "").startswith(USER_PREFIX):
+            # Its own task: the hub delivers to many sockets in a loop and must not wait on this one's queries.
+            task = asyncio.get_running_loop().create_task(self.refresh_groups())
+            self._tasks = getattr(self, "_tasks", set())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         await self.base_send({"type": "websocket.send", "text": message["text"]})
 
     # The same event when the socket joined the group itself (DEEPOPT_LIVE_FANOUT = "groups").

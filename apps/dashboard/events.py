@@ -54,10 +54,18 @@ def job_group(job_id: int) -> str:
     return f"job.{int(job_id)}"
 
 
+USER_PREFIX = "user."
+
+
+def user_group(user_id: int) -> str:
+    """One user's sockets; only control messages (their teams changed) go there, never another's events."""
+    return f"{USER_PREFIX}{int(user_id)}"
+
+
 def _scoped(groups: Iterable[str]) -> list[str]:
     """The groups, de-duplicated, plus STAFF when any of them is a team's or a job's: staff see all."""
     unique = list(dict.fromkeys(groups))
-    if any(g not in (CLUSTER, STAFF) for g in unique) and STAFF not in unique:
+    if any(g not in (CLUSTER, STAFF) and not g.startswith(USER_PREFIX) for g in unique) and STAFF not in unique:
         unique.append(STAFF)
     return unique
 

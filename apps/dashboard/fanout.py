@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from apps.scheduling.states import LIVE, TERMINAL
 
-from .events import CLUSTER, job_group, publish, team_group
+from .events import CLUSTER, job_group, publish, team_group, user_group
 
 QUEUE_ENTRIES_PER_TEAM = 100  # the queue page shows 50 a page; a team's message carries its first 100
 LOG_LINES_PER_EVENT = 50
@@ -227,3 +227,20 @@ def _publish_placed_nodes(snapshot, decision, placed: set) -> None:  # noqa: ANN
             "id": node.id, "name": node.name, "team": teams[node.id], "state": node.state, "rack": node.rack,
             "busy": sorted(busy), "gpus": len(node.gpus),
         })
+
+
+MEMBERSHIP_CHANGED = "membership.changed"
+
+
+def on_membership_changed(sender, instance=None, **kwargs) -> None:  # noqa: ANN001
+    """A user joined or left a team (Membership saved or deleted): their open sockets re-read their groups
+    (consumers.EventsConsumer.refresh_groups), so a removed member stops hearing the team at once."""
+    if instance is not None and instance.user_id:
+        publish([user_group(instance.user_id)], MEMBERSHIP_CHANGED, {})
+
+
+def on_user_saved(sender, instance=None, created=False, update_fields=None, **kwargs) -> None:  # noqa: ANN001
+    """A user made staff or not, or deactivated: the same re-read (a login only touches last_login)."""
+    if instance is None or created or (update_fields is not None and set(update_fields) <= {"last_login"}):
+        return
+    publish([user_group(instance.pk)], MEMBERSHIP_CHANGED, {})

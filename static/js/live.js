@@ -84,6 +84,14 @@
         // Events sent while the socket was down are lost: bring what they would have changed up to date.
         if (missedEvents) refresh();
       }
+      if (message.type === "membership") {
+        // The user's teams changed: the server moved this socket to its new groups; what the page shows
+        // was drawn for the old ones, so redraw it (and forget jobs the user may no longer follow).
+        var kept = {};
+        (message.data && message.data.jobs || []).forEach(function (id) { if (jobs[id]) kept[id] = true; });
+        jobs = kept;
+        refresh();
+      }
       emit(message);
     };
     socket.onclose = function (event) {

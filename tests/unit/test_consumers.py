@@ -399,3 +399,67 @@ def test_a_job_cancelled_in_the_queue_brings_its_teams_counts_with_it(alice, bob
     submitted, cancelled = (m["data"] for m in heard if m["type"] == "job.state")
     assert (submitted["id"], submitted["state"], "usage" in submitted) == (job_id, "queued", False)
     assert cancelled["usage"] == {"gpus_in_use": 0, "gpu_hours_this_month": 0.0, "queued_jobs": 0, "running_jobs": 0}
+
+
+def test_a_member_removed_from_a_team_stops_hearing_it_on_the_open_socket(bob, team_a, team_b, alice, client_for):
+    """No reconnect: the membership change moves the socket to its new groups at once."""
+    from apps.accounts.models import Membership
+
+    key = token_of(bob)
+    job_id = client_for(alice).post("/api/v1/jobs/", COMPRESSION_JOB, format="json").json()["id"]
+
+    async def scenario():
+        socket = await open_socket(token=key)
+        assert (await hello(socket))["groups"] == ["cluster", f"team.{team_a.pk}"]
+        await socket.send_json_to({"subscribe": "job", "id": job_id})
+        assert (await socket.receive_json_from())["type"] == "subscribed"
+
+        await database_sync_to_async(lambda: Membership.objects.filter(user=bob, team=team_a).delete())()
+        changed = (await until(socket, lambda m: m["type"] == "membership"))[-1]["data"]
+        assert changed == {"staff": False, "groups": ["cluster"], "jobs": []}
+        # Team A's events and the job's no longer reach Bob; the cluster's still do.
+        await database_sync_to_async(sentinel)(team_a)
+        await database_sync_to_async(events.publish)([events.job_group(job_id)], "job.progress", {"job": job_id})
+        await database_sync_to_async(events.publish)([events.CLUSTER], "test.cluster", {})
+        heard = await until(socket, lambda m: m["type"] == "test.cluster")
+        assert [m["type"] for m in heard] == ["test.cluster"]
+
+        # Joining team B is heard the same way, and team B's events then arrive.
+        await database_sync_to_async(lambda: Membership.objects.create(user=bob, team=team_b))()
+        changed = (await until(socket, lambda m: m["type"] == "membership"))[-1]["data"]
+        assert changed["groups"] == ["cluster", f"team.{team_b.pk}"]
+        await database_sync_to_async(sentinel)(team_b)
+        assert (await until(socket, is_sentinel(team_b)))[-1]["data"] == {"team": team_b.pk}
+        # The user's own group is not an event stream: nothing published there is forwarded as it is.
+        await database_sync_to_async(events.publish)([events.user_group(bob.pk)], "test.private", {})
+        await database_sync_to_async(events.publish)([events.CLUSTER], "test.cluster", {})
+        heard = await until(socket, lambda m: m["type"] == "test.cluster")
+        assert "test.private" not in [m["type"] for m in heard]
+        await socket.disconnect()
+
+    run(scenario)
+
+
+def test_a_deactivated_user_is_closed_and_staff_never_hear_a_users_control_group(bob, dana, team_a):
+    keys = token_of(bob), token_of(dana)
+
+    async def scenario():
+        member, staff = [await open_socket(token=k) for k in keys]
+        await hello(member)
+        await hello(staff)
+
+        def deactivate():
+            bob.is_active = False
+            bob.save()
+
+        await database_sync_to_async(deactivate)()
+        closed = None
+        while closed is None or closed.get("type") != "websocket.close":
+            closed = await member.receive_output(3)
+        assert closed["code"] == CLOSE_UNAUTHENTICATED
+        await database_sync_to_async(events.publish)([events.CLUSTER], "test.cluster", {})
+        heard = await until(staff, lambda m: m["type"] == "test.cluster")
+        assert [m["type"] for m in heard] == ["test.cluster"]
+        await staff.disconnect()
+
+    run(scenario)
