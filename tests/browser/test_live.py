@@ -231,3 +231,29 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
     queue_tab.wait_for_selector(f"[data-queue-row='{big}']", state="detached")
     assert "Nothing is waiting." in queue_tab.inner_text("[data-testid=queue-table]")
     assert queue_tab.evaluate("window.__notReloaded") is True
+
+
+def test_a_member_removed_from_the_team_loses_its_queue_on_the_open_page(tabs, alice, bob, team_a, client_for):
+    """No navigation: the membership change moves Bob's socket off team A and the page redraws its queue."""
+    from apps.accounts.models import Membership
+
+    response = elsewhere(client_for(alice).post, "/api/v1/jobs/",
+                         {**COMPRESSION_JOB, "name": "team a only", "team": team_a.pk}, format="json")
+    assert response.status_code == 201, response.content
+    job = response.json()["id"]
+    elsewhere(run_pass)  # no node: it stays queued, with a position and a reason
+    tab = tabs()
+    tab.goto("/queue/")
+    tab.fill("#id_username", "bob")
+    tab.fill("#id_password", "bob-pass-123")
+    tab.click("button:has-text('Sign in')")
+    tab.wait_for_url(re.compile(r"/queue/$"))
+    live(tab)
+    assert "team a only" in tab.inner_text(f"[data-queue-row='{job}']")
+    tab.evaluate("window.__notReloaded = true")
+
+    elsewhere(lambda: Membership.objects.filter(user=bob, team=team_a).delete())
+    tab.wait_for_selector(f"[data-queue-row='{job}']", state="detached")
+    assert "team a only" not in tab.inner_text("[data-testid=queue-table]")
+    assert tab.evaluate("window.__notReloaded") is True
+    assert tab.get_attribute("#live-status", "data-state") == "live"
