@@ -1,0 +1,121 @@
+"""Which pruned ResNet-50 *structures* are fast on a GPU: blocks dropped per stage x channels kept.
+
+Random weights, structure only (Torch-Pruning magnitude importance, channels rounded to 8; dropped blocks
+are identity-shortcut bottlenecks replaced by nn.Identity, which is exact when their branch is zero).
+Each structure is timed as bench/compression.py times ResNet-50: batch 64, bf16, channels_last,
+torch.compile(mode="reduce-overhead"), median of 30 CUDA-event timings after warm-up. It answers which
+mix of depth and width reaches issue 4's ">= 3.2x fewer parameters with >= 2.5x lower latency"; the
+product then chooses *which* blocks and channels by gradient importance (workers/compression/prune.py).
+
+  python bench/resnet_structure_sweep.py [--out F.json] [--configs 3,4,6,3:1.0;2,2,3,2:0.6;...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from workers.archs import ResNet50  # noqa: E402
+
+STAGES = (3, 4, 6, 3)
+DEFAULT = ("3,4,6,3:1.0;3,4,6,3:0.5;1,1,2,1:0.7;2,2,2,1:0.8;1,2,3,1:0.7;2,2,3,2:0.6;2,2,2,2:0.55;1,1,1,1:1.0;"
+           "2,3,4,2:0.5;1,2,2,1:0.7")
+
+
+def build(depth: tuple[int, ...], keep: float, device: str) -> nn.Module:
+    import torch_pruning as tp
+
+    model = ResNet50().eval()
+    blocks, i = list(model.blocks), 0
+    for stage, (total, kept) in enumerate(zip(STAGES, depth, strict=True)):
+        if not 1 <= kept <= total:
+            raise ValueError(f"stage {stage + 1} keeps {kept} of {total} blocks")
+        for j in range(total):
+            if j >= kept:  # the first block of a stage (with its downsample) always stays
+                blocks[i + j] = nn.Identity()
+        i += total
+    model.blocks = nn.Sequential(*blocks)
+    if keep < 1.0:
+        example = torch.randn(1, 3, 224, 224)
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=1.0 - keep, ignored_layers=[model.fc], round_to=8)
+        pruner.step()
+    return model.to(device)
+
+
+def time_ms(model: nn.Module, x: torch.Tensor) -> float:
+    m = model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, mode="reduce-overhead", dynamic=False)
+    with torch.inference_mode():
+        for _ in range(5):
+            compiled(x)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            compiled(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", default=DEFAULT, help="DEPTHS:KEEP;… with DEPTHS the blocks kept per stage")
+    p.add_argument("--out")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new structures after this")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: this sweep times structures on a CUDA GPU; none is here", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    x = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    report = {"bench": "resnet_structure_sweep", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "hardware": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "setting": "b64 bf16 channels_last torch.compile reduce-overhead, median of 30", "structures": []}
+    base = None
+    for spec in a.configs.split(";"):
+        if time.perf_counter() - began > a.budget_s:
+            report["stopped"] = f"budget of {a.budget_s} s reached"
+            break
+        depths, keep = spec.split(":")
+        depth = tuple(int(d) for d in depths.split(","))
+        t0 = time.perf_counter()
+        model = build(depth, float(keep), "cuda")
+        params = sum(q.numel() for q in model.parameters())
+        ms = time_ms(model, x)
+        row = {"blocks_per_stage": depth, "channel_keep": float(keep), "params": params, "latency_ms": round(ms, 3),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if base is None and depth == STAGES and float(keep) == 1.0:
+            base = row
+        if base is not None:
+            row["params_x"] = round(base["params"] / params, 3)
+            row["latency_x"] = round(base["latency_ms"] / ms, 3)
+            row["meets_3.2x_params_and_2.5x_latency"] = row["params_x"] >= 3.2 and row["latency_x"] >= 2.5
+        report["structures"].append(row)
+        print(json.dumps(row), flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(report, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    report["wall_s"] = round(time.perf_counter() - began, 1)
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
