@@ -53,6 +53,43 @@ def build(depth: tuple[int, ...], keep: float, device: str) -> nn.Module:
     return model.to(device)
 
 
+def pad_stem(model: nn.Module, channels: int) -> nn.Module:
+    """Give the 7x7 stem conv `channels` input channels, the extra ones with zero weights: exact for an
+    input padded with zeros, and a channel count the GPU's convolution kernels handle well (3 is not)."""
+    conv = model.stem[0]
+    wide = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, : conv.in_channels] = conv.weight
+    model.stem[0] = wide.to(conv.weight.device)
+    return model
+
+
+def profile(model: nn.Module, x: torch.Tensor, top: int) -> list[dict]:
+    """The structure's top CUDA kernels by total time over 10 calls of the compiled model."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    m = model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, dynamic=False)  # the same kernels as reduce-overhead, without the CUDA graph
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(x)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                compiled(x)
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if total:
+            rows.append({"kernel": ev.key[:90], "ms_per_call": round(total / 10 / 1000, 4), "count": ev.count // 10})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    return rows[:top]
+
+
 def time_ms(model: nn.Module, x: torch.Tensor) -> float:
     m = model.to(torch.bfloat16).to(memory_format=torch.channels_last)
     torch._dynamo.reset()
@@ -77,6 +114,9 @@ def main() -> int:
     p.add_argument("--configs", default=DEFAULT, help="DEPTHS:KEEP;… with DEPTHS the blocks kept per stage")
     p.add_argument("--out")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new structures after this")
+    p.add_argument("--stem-pad", type=int, default=0,
+                   help="also time each structure with the stem padded to N input channels")
+    p.add_argument("--profile", type=int, default=0, help="print each structure's top N kernels")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: this sweep times structures on a CUDA GPU; none is here", file=sys.stderr)
@@ -99,12 +139,21 @@ def main() -> int:
         ms = time_ms(model, x)
         row = {"blocks_per_stage": depth, "channel_keep": float(keep), "params": params, "latency_ms": round(ms, 3),
                "seconds": round(time.perf_counter() - t0, 1)}
+        if a.profile:
+            row["top_kernels"] = profile(model, x, a.profile)
+        if a.stem_pad:
+            xp = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, a.stem_pad - x.shape[1])).contiguous(
+                memory_format=torch.channels_last)
+            row[f"latency_ms_stem_padded_{a.stem_pad}"] = round(time_ms(pad_stem(model, a.stem_pad), xp), 3)
         if base is None and depth == STAGES and float(keep) == 1.0:
             base = row
         if base is not None:
             row["params_x"] = round(base["params"] / params, 3)
             row["latency_x"] = round(base["latency_ms"] / ms, 3)
             row["meets_3.2x_params_and_2.5x_latency"] = row["params_x"] >= 3.2 and row["latency_x"] >= 2.5
+            padded = f"latency_ms_stem_padded_{a.stem_pad}"
+            if padded in row and padded in base:
+                row["latency_x_stem_padded"] = round(base[padded] / row[padded], 3)
         report["structures"].append(row)
         print(json.dumps(row), flush=True)
         if a.out:
