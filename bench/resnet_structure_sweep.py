@@ -12,6 +12,7 @@ product then chooses *which* blocks and channels by gradient importance (workers
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import statistics
@@ -117,6 +118,8 @@ def main() -> int:
     p.add_argument("--stem-pad", type=int, default=0,
                    help="also time each structure with the stem padded to N input channels")
     p.add_argument("--profile", type=int, default=0, help="print each structure's top N kernels")
+    p.add_argument("--s2d", default="", help="also time each structure with its stem rewritten as space-to-depth "
+                   "(workers/compression/reparam.py), for each channel multiple listed, e.g. 1,8")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: this sweep times structures on a CUDA GPU; none is here", file=sys.stderr)
@@ -141,6 +144,13 @@ def main() -> int:
                "seconds": round(time.perf_counter() - t0, 1)}
         if a.profile:
             row["top_kernels"] = profile(model, x, a.profile)
+        for multiple in [int(m) for m in a.s2d.split(",") if m]:
+            from workers.compression.reparam import space_to_depth_stem
+
+            rewritten = copy.deepcopy(model).float()
+            space_to_depth_stem(rewritten, multiple)
+            row[f"latency_ms_s2d_{multiple}"] = round(time_ms(rewritten, x), 3)
+            del rewritten
         if a.stem_pad:
             xp = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, a.stem_pad - x.shape[1])).contiguous(
                 memory_format=torch.channels_last)
@@ -151,6 +161,9 @@ def main() -> int:
             row["params_x"] = round(base["params"] / params, 3)
             row["latency_x"] = round(base["latency_ms"] / ms, 3)
             row["meets_3.2x_params_and_2.5x_latency"] = row["params_x"] >= 3.2 and row["latency_x"] >= 2.5
+            for key in [k for k in row if k.startswith("latency_ms_s2d_")]:
+                if key in base:
+                    row["latency_x_" + key[len("latency_ms_"):]] = round(base[key] / row[key], 3)
             padded = f"latency_ms_stem_padded_{a.stem_pad}"
             if padded in row and padded in base:
                 row["latency_x_stem_padded"] = round(base[padded] / row[padded], 3)
