@@ -46,6 +46,8 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
                    "--keep-ratio", str(pruning.get("keep_ratio", 1.0)),
                    "--out", str(out_dir / "model"), "--device", "cuda" if on_gpu else "cpu",
                    "--threads", str(slots), "--json-lines"]
+        if pruning.get("drop_blocks"):
+            command += ["--drop-blocks", str(int(pruning["drop_blocks"]))]
         if quantization.get("max_quality_drop") is not None:
             command += ["--max-quality-drop", str(quantization["max_quality_drop"])]
         return command

@@ -39,6 +39,11 @@ class PruningSpec(StrictSerializer):
     keep_ratio = serializers.FloatField(
         min_value=0.05, max_value=1.0, default=0.7, help_text="Share of channels, heads and neurons to keep."
     )
+    drop_blocks = serializers.IntegerField(
+        min_value=0, max_value=12, default=0, required=False,
+        help_text="Whole residual blocks to remove as well (resnet50 only, which has 12 that may go), the least "
+                  "important per MAC first.",
+    )
 
 
 class CompressionSpec(StrictSerializer):
@@ -49,6 +54,9 @@ class CompressionSpec(StrictSerializer):
     def validate(self, attrs: dict) -> dict:
         attrs.setdefault("quantization", {"mode": "auto", "max_quality_drop": 0.01})
         attrs.setdefault("pruning", {"keep_ratio": 1.0})
+        if attrs["pruning"].get("drop_blocks") and attrs["model"] != "resnet50":
+            raise serializers.ValidationError(
+                {"pruning": {"drop_blocks": ["Only resnet50 has residual blocks that may be removed."]}})
         return attrs
 
 

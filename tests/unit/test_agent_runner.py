@@ -43,6 +43,11 @@ def test_a_compression_job_becomes_the_compression_runners_command(tmp_path):
     for part in ("--model digits-cnn", "--quantize preset", "--keep-ratio 0.7", "--max-quality-drop 0.5",
                  f"--out {tmp_path / 'out' / 'model'}", "--device cuda", "--threads 2", "--json-lines"):
         assert part in text
+    assert "--drop-blocks" not in text
+    deeper = {"model": "resnet50", "pruning": {"keep_ratio": 0.6, "drop_blocks": 10}}
+    text = " ".join(build_command(payload(kind="compression", spec=deeper), tmp_path / "out", tmp_path))
+    assert "--keep-ratio 0.6" in text
+    assert "--drop-blocks 10" in text
 
 
 def test_a_single_node_training_job_picks_its_own_port_and_uses_gloo_on_cpu_slots(tmp_path):

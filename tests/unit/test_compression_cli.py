@@ -128,6 +128,14 @@ def test_it_refuses_a_keep_ratio_outside_zero_to_one(ratio, tmp_path):
     )
 
 
+@pytest.mark.parametrize(("model", "drop", "words"), [("digits-cnn", "2", "only resnet50"),
+                                                       ("resnet50", "-1", "must be >= 0")])
+def test_it_refuses_dropping_blocks_a_model_cannot_lose(model, drop, words, tmp_path):
+    err = refused(compression("--model", model, "--drop-blocks", drop, "--json", "--out", str(tmp_path / "o")),
+                  tmp_path / "o")
+    assert words in err
+
+
 def test_it_refuses_an_upload_that_is_not_safetensors(tmp_path):
     pt = tmp_path / "weights.pt"
     torch.save(models.DigitsCNN().state_dict(), pt)

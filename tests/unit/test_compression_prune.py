@@ -51,3 +51,51 @@ def test_accumulated_taylor_importance_sums_absolute_terms_across_steps():
     # the weights were put back after scoring
     assert model[0].weight.abs().min() < 1.0
     assert not torch.all(model[0].weight == 1)
+
+
+def test_a_residual_block_whose_branch_outputs_zero_is_exactly_the_identity():
+    from workers.archs import ResNet50
+    from workers.compression.prune import removable_blocks
+
+    torch.manual_seed(0)
+    model = ResNet50(classes=10).eval()
+    names = [n for n, _ in removable_blocks(model)]
+    assert len(names) == 12  # 2 + 3 + 5 + 2: every bottleneck but the first of each stage
+    block = dict(model.named_modules())["blocks.5"]
+    with torch.no_grad():
+        block.bn3.weight.zero_()
+        block.bn3.bias.zero_()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    model.blocks[5] = nn.Identity()
+    assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_depth_pruning_drops_the_least_important_blocks_per_mac_then_prunes_channels():
+    from workers.compression.artifact import layer_shapes, resize_to
+    from workers.compression.prune import removable_blocks
+
+    task = models.make_task("resnet50")
+    task.example_inputs = (torch.randn(1, 3, 64, 64),)
+    task.train_batches = lambda seed: iter([((torch.randn(2, 3, 64, 64),), None)] * 100)
+    original = task.model
+    pruned, info = prune(task, original, keep_ratio=0.75, steps=1, taylor_batches=2, recovery_steps=0,
+                         round_to=8, drop=4)
+    scores = info["block_scores"]
+    assert len(scores) == 12
+    assert sum(s["importance"] for s in scores.values()) > 0.99  # shares of the total
+    dropped = info["dropped_blocks"]
+    assert len(dropped) == 4
+    order = sorted(scores, key=lambda n: scores[n]["per_gmac"])
+    assert set(dropped) == set(order[:4])  # the lowest importance per MAC went
+    modules = dict(pruned.named_modules())
+    assert all(isinstance(modules[n], nn.Identity) for n in dropped)
+    assert len(removable_blocks(pruned)) == 8
+    assert param_count(pruned) < 0.75 * param_count(original)
+    assert pruned(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    # The original keeps its blocks; a fresh architecture rebuilt from the manifest's shapes takes the weights.
+    assert len(removable_blocks(original)) == 12
+    rebuilt = resize_to(models.build_architecture("resnet50"), layer_shapes(pruned))
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(rebuilt.eval()(x), pruned(x), atol=1e-5)

@@ -28,6 +28,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="catalog name: digits-cnn, minilm-l6, resnet50, bert-base, llama-1b")
     p.add_argument("--quantize", default="auto", help="auto (sensitivity-driven), preset or off")
     p.add_argument("--keep-ratio", type=float, default=0.7, help="share of prunable channels kept; 1 = no pruning")
+    p.add_argument("--drop-blocks", type=int, default=0,
+                   help="also remove this many whole residual blocks (resnet50), least important per MAC first")
     p.add_argument(
         "--max-quality-drop",
         type=float,
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         quantize=args.quantize,
         keep_ratio=args.keep_ratio,
+        drop_blocks=args.drop_blocks,
         max_quality_drop=args.max_quality_drop,
         out=args.out,
         upload=args.upload,

@@ -58,6 +58,8 @@ def layer_shapes(model: nn.Module) -> dict[str, dict]:
     """What resize_to needs to rebuild pruned layers."""
     shapes = {}
     for name, m in model.named_modules():
+        if isinstance(m, nn.Identity) and name:
+            shapes[name] = {"type": "Identity"}  # a residual block pruning removed
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.BatchNorm2d, nn.LayerNorm)):
             shapes[name] = {"type": type(m).__name__, "weight": list(m.weight.shape)}
         if hasattr(m, "attention_head_size") and hasattr(m, "query"):
@@ -73,6 +75,10 @@ def resize_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
         if m is None:
             raise BadInput(f"the artifact has a layer {name!r} that the architecture does not")
         w = spec.get("weight")
+        if spec["type"] == "Identity":
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, leaf, nn.Identity())
+            continue
         if spec["type"] == "attention":
             m.num_attention_heads = spec["heads"]
             m.all_head_size = spec["heads"] * m.attention_head_size

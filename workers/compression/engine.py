@@ -24,6 +24,7 @@ class Options:
     model: str | None = None
     quantize: str = "auto"
     keep_ratio: float = 0.7
+    drop_blocks: int = 0
     max_quality_drop: float | None = None
     out: Path | None = None
     upload: Path | None = None
@@ -45,6 +46,10 @@ def validate(opts: Options) -> None:
         raise BadInput(f"unknown model {opts.model!r}; the catalog has {', '.join(MODEL_NAMES)}")
     if not (0.0 < opts.keep_ratio <= 1.0):
         raise BadInput(f"--keep-ratio must be in (0, 1], got {opts.keep_ratio}")
+    if opts.drop_blocks < 0:
+        raise BadInput(f"--drop-blocks must be >= 0, got {opts.drop_blocks}")
+    if opts.drop_blocks and (opts.arch if opts.upload is not None else opts.model) != "resnet50":
+        raise BadInput("--drop-blocks removes residual blocks with an identity shortcut: only resnet50 has them")
     if opts.quantize not in ("auto", "preset", "off"):
         raise BadInput(f"--quantize must be auto, preset or off, got {opts.quantize!r}")
     if opts.max_quality_drop is not None and opts.max_quality_drop < 0:
@@ -134,7 +139,7 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     base_calib = task.calib_score(model)
 
     pruned, kept, pruning = model, {}, None
-    if opts.keep_ratio < 1.0:
+    if opts.keep_ratio < 1.0 or opts.drop_blocks:
         pruned, pruning = prune(
             task,
             model,
@@ -142,6 +147,7 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             steps=opts.prune_steps,
             recovery_steps=opts.recovery_steps,
             progress=lambda s, f: say(s, f),
+            drop=opts.drop_blocks,
         )
         kept = kept_fractions(model, pruned)
 

@@ -94,6 +94,76 @@ def _setup(task: Task, model: nn.Module) -> dict:
     return {"ignored_layers": ignored, "num_heads": num_heads}
 
 
+def removable_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Residual blocks with an identity shortcut (a ResNet bottleneck without downsample): the block computes
+    relu(branch(x) + x) on an x that is itself a ReLU output, so replacing it by the identity is exactly
+    what it computes when its branch outputs zero."""
+    from workers.archs import Bottleneck
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Bottleneck) and m.down is None]
+
+
+def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> dict[str, dict]:
+    """Per removable block: gradient importance of its branch, its MACs, and importance per MAC.
+
+    Importance is the first-order (Taylor) estimate of the loss change when the branch's output r is set to
+    zero, |sum(r * dL/dr)|, accumulated as an absolute value over `count` batches; MACs are the block's
+    convolutions' multiply-accumulates per sample. Blocks are dropped in order of importance per MAC, so
+    that what is removed costs the most time for the least quality."""
+    blocks = removable_blocks(model)
+    importance = {name: 0.0 for name, _ in blocks}
+    macs = {name: 0 for name, _ in blocks}
+    handles = []
+
+    def watch(name: str, block: nn.Module) -> None:
+        def branch_out(_module, _inputs, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: importance.__setitem__(name, importance[name]
+                                                                   + float((out.detach() * g).sum().abs())))
+
+        def conv_macs(module, _inputs, out):
+            if macs[name] >= 0 and not getattr(module, "_counted", False):
+                k = module.kernel_size[0] * module.kernel_size[1]
+                macs[name] += out[0].numel() * module.in_channels // module.groups * k
+                module._counted = True
+
+        handles.append(block.bn3.register_forward_hook(branch_out))
+        for conv in (block.conv1, block.conv2, block.conv3):
+            handles.append(conv.register_forward_hook(conv_macs))
+
+    for name, block in blocks:
+        watch(name, block)
+    try:
+        model.eval()
+        for t in range(count):
+            inputs, target = next(batches)
+            model.zero_grad()
+            _taylor_loss(task, model, to_device(inputs, device), None if target is None else target.to(device),
+                         50_000 + t).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, block in blocks:
+            for conv in (block.conv1, block.conv2, block.conv3):
+                conv.__dict__.pop("_counted", None)
+        model.zero_grad(set_to_none=True)
+    total = sum(importance.values()) or 1.0
+    return {name: {"importance": importance[name] / total, "macs": macs[name],
+                   "per_gmac": importance[name] / total / max(macs[name] / 1e9, 1e-12)} for name, _ in blocks}
+
+
+def drop_blocks(model: nn.Module, scores: dict[str, dict], count: int) -> list[str]:
+    """Replace the `count` blocks of lowest importance per MAC by nn.Identity; returns their names."""
+    if count > len(scores):
+        raise ValueError(f"cannot drop {count} blocks: the model has {len(scores)} that may be removed")
+    doomed = sorted(scores, key=lambda n: scores[n]["per_gmac"])[:count]
+    modules = dict(model.named_modules())
+    for name in doomed:
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, nn.Identity())
+    return sorted(doomed, key=lambda n: [int(x) if x.isdigit() else x for x in n.split(".")])
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -114,12 +184,21 @@ def prune(
     recovery_lr: float = 1e-3,
     round_to: int | None = None,
     progress: Callable[[str, float], None] | None = None,
+    drop: int = 0,
 ) -> tuple[nn.Module, dict]:
-    """Prune a copy of `model` to keep_ratio of its prunable channels, then recover by distillation."""
+    """Prune a copy of `model`: first drop `drop` whole residual blocks (depth), then keep keep_ratio of the
+    prunable channels of what is left (width); then recover by distillation."""
     teacher = model
     student = copy.deepcopy(model)
     device = next(student.parameters()).device
     example = to_device(task.example_inputs, device)
+    batches = task.train_batches(seed=7)
+    dropped, scores = [], {}
+    if drop:
+        scores = block_scores(task, student, batches, device, taylor_batches)
+        dropped = drop_blocks(student, scores, drop)
+        if progress:
+            progress("prune", 0.0)
     setup = _setup(task, student)
     imp = AccumulatedTaylorImportance()
     pruner = tp.pruner.MetaPruner(
@@ -135,7 +214,6 @@ def prune(
         head_pruning_ratio=1.0 - keep_ratio,
         round_to=round_to,
     )
-    batches = task.train_batches(seed=7)
     between = max(recovery_steps // (2 * steps), 1) if steps > 1 else 0
     for step in range(steps):
         imp.reset()
@@ -177,6 +255,12 @@ def prune(
         "recovery": f"{recovery_steps} steps of knowledge distillation from the original model",
         "pruned_heads": bool(setup["num_heads"]),
     }
+    if drop:
+        info["dropped_blocks"] = dropped
+        info["block_scores"] = {n: {k: round(v, 6) if isinstance(v, float) else v for k, v in sc.items()}
+                                for n, sc in scores.items()}
+        info["depth_method"] = ("whole residual blocks replaced by the identity, lowest first by Taylor importance "
+                                "|sum(r * dL/dr)| of the branch output r per GMAC of the block")
     return student.eval(), info
 
 

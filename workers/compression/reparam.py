@@ -53,7 +53,7 @@ class SpaceToDepthConv(nn.Module):
 def space_to_depth_stem(model: nn.Module, channel_multiple: int = 1) -> int:
     """Rewrite every stride-2 convolution over at most 4 input channels; returns how many were rewritten."""
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if (isinstance(child, nn.Conv2d) and child.in_channels <= 4 and child.stride == (2, 2)
                     and child.kernel_size[0] == child.kernel_size[1] and child.kernel_size[0] > 2):
