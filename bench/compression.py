@@ -44,6 +44,8 @@ COMPILE = True
 # torch 2.11 + transformers 5.17 on the H200: CUDA graphs (reduce-overhead) over the static KV cache,
 # whose update mutates its inputs, ended the process with a segmentation fault (2026-11-28); the
 # decode can be measured with LLAMA_COMPILE_MODE=default (compiled kernels, no CUDA graphs) instead.
+# KEEP:DROP pairs for the ResNet-50 section: channels kept, whole residual blocks dropped.
+RESNET_VARIANTS = os.environ.get("RESNET_VARIANTS", "0.5:0,0.6:10,0.7:10")
 LLAMA_COMPILE_MODE = os.environ.get("LLAMA_COMPILE_MODE", "reduce-overhead")
 BATCHES = (1, 8, 64)
 
@@ -371,8 +373,11 @@ def resnet(bench: Bench) -> None:
         memory_format=torch.channels_last
     )
     task.example_inputs = (torch.randn(2, 3, 224, 224),)
-    variants = (("unpruned", 1.0, 0), ("taylor keep 0.5", 0.5, 0),
-                ("taylor keep 0.6 + 10 blocks dropped", 0.6, 10), ("taylor keep 0.7 + 10 blocks dropped", 0.7, 10))
+    variants = [("unpruned", 1.0, 0)]
+    for item in RESNET_VARIANTS.split(","):
+        keep, _, drop = item.partition(":")
+        label = f"taylor keep {float(keep)}" + (f" + {int(drop)} blocks dropped" if drop and int(drop) else "")
+        variants.append((label, float(keep), int(drop or 0)))
     for label, keep, drop in variants:
         info = None
         if keep < 1 or drop:
