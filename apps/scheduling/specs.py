@@ -40,7 +40,7 @@ class PruningSpec(StrictSerializer):
         min_value=0.05, max_value=1.0, default=0.7, help_text="Share of channels, heads and neurons to keep."
     )
     drop_blocks = serializers.IntegerField(
-        min_value=0, max_value=12, default=0, required=False,
+        min_value=0, max_value=12, required=False,
         help_text="Whole residual blocks to remove as well (resnet50 only, which has 12 that may go), the least "
                   "important per MAC first.",
     )
