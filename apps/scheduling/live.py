@@ -22,7 +22,7 @@ from apps.dashboard import fanout
 
 from . import pass_stats, policy
 from .models import Allocation, Job, QueueEntry
-from .services import transition
+from .services import allocate_queued
 from .states import LIVE, JobState
 from .usage import month_start
 
@@ -199,13 +199,13 @@ def _allocate(decision: policy.Decision, now: datetime) -> list[int]:
     if not decision.placements:
         return []
     wanted = {gpu for places in decision.placements.values() for _, gpus in places for gpu in gpus}
-    # Re-read the chosen GPUs under row locks: the pass lock keeps other passes out, but an
-    # administrator's node change or a worker's release may have landed since the snapshot.
+    # Re-read the chosen GPUs and the jobs under row locks: the pass lock keeps other passes out, but an
+    # administrator's node change, a worker's release or a user's cancel may have landed since the snapshot.
     locked = {g.pk: g for g in Gpu.objects.select_for_update().select_related("node").filter(pk__in=wanted)}
     taken = set(Allocation.objects.filter(gpu_id__in=wanted, released_at__isnull=True)
                 .values_list("gpu_id", flat=True))
-    placed = []
-    jobs = Job.objects.in_bulk(list(decision.placements))
+    jobs = Job.objects.select_for_update().in_bulk(list(decision.placements))
+    placements = []
     for job_id, places in decision.placements.items():
         job = jobs.get(job_id)
         gpu_ids = [gpu for _, gpus in places for gpu in gpus]
@@ -215,17 +215,16 @@ def _allocate(decision: policy.Decision, now: datetime) -> list[int]:
                      for g in gpu_ids)
         if not usable:
             continue  # the next pass sees the new state and places the job elsewhere
-        Allocation.objects.bulk_create(
-            Allocation(job=job, attempt=job.attempt, gpu_id=g, node_id=locked[g].node_id) for g in gpu_ids
-        )
         taken.update(gpu_ids)
         where = ", ".join(f"{locked[gpus[0]].node.name}:{','.join(str(locked[g].index) for g in gpus)}"
                           for _, gpus in places)
-        transition(job, JobState.ALLOCATED, message=f"Allocated {len(gpu_ids)} GPU(s) on {where}.",
-                   data={"gpus": gpu_ids, "nodes": [node for node, _ in places]},
-                   expected_attempt=job.attempt)
-        placed.append(job_id)
-    return placed
+        placements.append((
+            job,
+            [Allocation(job=job, attempt=job.attempt, gpu_id=g, node_id=locked[g].node_id) for g in gpu_ids],
+            f"Allocated {len(gpu_ids)} GPU(s) on {where}.",
+            {"gpus": gpu_ids, "nodes": [node for node, _ in places]},
+        ))
+    return [job.pk for job in allocate_queued(placements)]
 
 
 QUEUE_FIELDS = ("position", "flow", "start_tag", "finish_tag", "reason", "code", "eta", "reserved_at")

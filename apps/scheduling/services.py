@@ -120,6 +120,30 @@ def transition(
     return locked
 
 
+def allocate_queued(placements: list[tuple[Job, list[Allocation], str, dict]]) -> list[Job]:
+    """Queued -> allocated for many jobs at once: what `transition` writes for each (the state, an empty
+    pending reason, the allocations, one event, the signals after the commit), in four statements instead
+    of six per job. For the scheduling pass only, inside its transaction: it holds the pass lock and has
+    locked the jobs' rows `select_for_update` and checked that they are still queued."""
+    if not placements:
+        return []
+    check_transition(JobState.QUEUED, JobState.ALLOCATED)
+    now = timezone.now()
+    jobs = [job for job, _, _, _ in placements]
+    Allocation.objects.bulk_create([a for _, allocations, _, _ in placements for a in allocations])
+    Job.objects.filter(pk__in=[job.pk for job in jobs], state=JobState.QUEUED).update(
+        state=JobState.ALLOCATED, pending_reason="", updated_at=now)
+    events = JobEvent.objects.bulk_create([
+        JobEvent(job=job, attempt=job.attempt, from_state=JobState.QUEUED, to_state=JobState.ALLOCATED,
+                 message=message, data=data)
+        for job, _, message, data in placements
+    ])
+    for job, event in zip(jobs, events, strict=True):
+        job.state, job.pending_reason, job.updated_at = JobState.ALLOCATED, "", now
+        _after_commit(job, event, reschedule=False)
+    return jobs
+
+
 def cancel_job(job: Job, *, actor=None) -> Job:
     """Cancel: a queued job ends at once; a job holding GPUs goes `cancelling` until its worker stops."""
     with transaction.atomic():
