@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 PASS_LOCK_KEY = 0x6465_6570_6F70_7431
 ESTIMATOR_HISTORY = 2000  # completed jobs the run-time estimator learns from
 ETA_LIMIT = 1000
+# Ends closer than this are played as one event in the ETA forecast (ETAs are shown to the minute).
+ETA_RESOLUTION_S = 30.0
 ETA_REFRESH_S = 15.0
 _etas_at = -ETA_REFRESH_S  # monotonic time of this process's last ETA computation
 
@@ -184,7 +186,7 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         # pass would cost seconds; jobs further back show "unknown" until they move up.
         etas = None
         if decision.pending and _etas_due(with_etas):
-            etas = policy.forecast_etas(snapshot, estimator, config, limit=ETA_LIMIT)
+            etas = policy.forecast_etas(snapshot, estimator, config, limit=ETA_LIMIT, resolution_s=ETA_RESOLUTION_S)
         computed_etas = etas is not None
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)

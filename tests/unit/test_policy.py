@@ -301,6 +301,18 @@ def test_etas_follow_the_estimated_ends_of_running_jobs():
     assert etas == {10: NOW + 600, 11: NOW + 1800}
 
 
+def test_a_coarser_resolution_plays_close_ends_as_one_event_and_only_ever_delays_etas():
+    nodes = [node(1, busy=tuple(range(8)))]
+    run = [running(1, 1, (0, 1, 2, 3), ends_in=600), running(2, 1, (4, 5, 6, 7), ends_in=620)]
+    queue = [queued(10, gpus=4, walltime_s=1000, submit=NOW - 60), queued(11, gpus=4, walltime_s=100, submit=NOW - 30)]
+    s = snap(nodes, queue, run=run)
+    assert forecast_etas(s) == {10: NOW + 600, 11: NOW + 620}
+    # The two ends, 20 s apart, become one event at the later one: both jobs start then.
+    assert forecast_etas(s, resolution_s=30) == {10: NOW + 620, 11: NOW + 620}
+    # Ends further apart than the resolution stay separate events.
+    assert forecast_etas(s, resolution_s=10) == {10: NOW + 600, 11: NOW + 620}
+
+
 def test_the_eta_of_a_reserved_job_is_its_reservation_time():
     nodes = [node(1, busy=(0, 1, 2, 3)), node(2, busy=(0, 1))]
     run = [running(1, 1, (0, 1, 2, 3), ends_in=3000), running(2, 2, (0, 1), ends_in=5000)]

