@@ -13,7 +13,9 @@ submit would trigger it:
 - `steady_with_etas`: the same with the ETAs recomputed by every pass;
 - `after_end`: a pass right after a tenth of the running jobs ended (some of the queue starts).
 
-Prints one JSON object (`db_pass_ms` = the steady p50; each pass also reports its time in the policy).
+Prints one JSON object (`db_pass_ms` = the steady p50 of `pass_ms`, the time to the commit of the
+pass's allocations and queue rows; `ms` is the whole of run_pass, with the ETA forecast that follows the
+commit when due; each pass also reports its time in the policy and in the ETAs).
 
     .venv/bin/python bench/scheduler_db.py [--jobs 10000] [--out bench/results/scheduler-db-DATE-cpu2.json]
 """
@@ -63,7 +65,8 @@ def timed_pass(with_etas: bool | None = None) -> dict:
 
     began = time.perf_counter()
     result = run_pass(with_etas=with_etas)
-    return {"ms": round((time.perf_counter() - began) * 1000, 1), "policy_ms": round(result.policy_ms, 1),
+    return {"ms": round((time.perf_counter() - began) * 1000, 1), "pass_ms": round(result.pass_ms, 1),
+            "policy_ms": round(result.policy_ms, 1), "eta_ms": round(result.eta_ms, 1) if result.eta_ms else None,
             "placed": len(result.placed), "queued": result.queued, "etas": result.etas}
 
 
@@ -101,8 +104,11 @@ def main() -> int:
         transition(job, Job.State.RUNNING)
         transition(job, Job.State.SUCCEEDED)
     after_end = timed_pass()
-    steady_ms = sorted(p["ms"] for p in steady)
+    steady_ms = sorted(p["pass_ms"] for p in steady)
     db_pass_ms = statistics.median(steady_ms)
+    committed = max(db_pass_ms, first["pass_ms"], after_end["pass_ms"])
+    with_etas = max(statistics.median(p["ms"] for p in steady), first["ms"], after_end["ms"],
+                    statistics.median(p["ms"] for p in steady_with_etas))
     out = {
         "benchmark": "live scheduling pass on PostgreSQL (apps.scheduling.live.run_pass)",
         "date": dt.datetime.now(dt.UTC).date().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
@@ -112,8 +118,13 @@ def main() -> int:
         "ended_jobs": len(running[::10]), "db_pass_ms": db_pass_ms,
         "db_pass_with_etas_ms": statistics.median(p["ms"] for p in steady_with_etas),
         "eta_refresh_s": settings.DEEPOPT_ETA_REFRESH_S,
-        "goal": {"db_pass_ms_at_most": GOAL_MS, "met": max(db_pass_ms, first["ms"], after_end["ms"]) <= GOAL_MS,
-                 "note": "met only if the first, steady (p50) and after-end passes are all within the goal"},
+        "goal": {"db_pass_ms_at_most": GOAL_MS, "met": committed <= GOAL_MS,
+                 "worst_pass_ms": committed, "met_including_etas": with_etas <= GOAL_MS,
+                 "worst_ms_including_etas": with_etas,
+                 "note": "pass_ms: from the start of run_pass to the commit of its allocations and queue rows; "
+                         "ms: run_pass as a whole, with the ETA forecast and its write that follow the commit "
+                         "when due. Met only if the first, steady (p50) and after-end passes are all within "
+                         "the goal."},
     }
     text = json.dumps(out, indent=2)
     print(text)

@@ -154,20 +154,24 @@ def node_telemetry(node, *, host: dict | None, gpus: list[dict], ts: datetime) -
     })
 
 
-def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: Iterable | None = None) -> None:  # noqa: ANN001
+def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: Iterable | None = None,  # noqa: ANN001
+                  *, etas_only: bool = False) -> None:
     """After a scheduling pass (apps/scheduling/live.run_pass), from its snapshot and decision only.
 
     Each team whose queue changed (a job entered, left or moved, its reason or ETA changed) or that
     got GPUs gets its first QUEUE_ENTRIES_PER_TEAM queued jobs (position, reason, ETA) and its usage;
     nodes that got allocations get their busy GPUs; the cluster group gets the totals.
-    `changed_jobs`: ids whose queue entry was written (None: every queued job).
+    `changed_jobs`: ids whose queue entry was written (None: every queued job). `etas_only`: the pass's
+    ETAs were written afterwards (live.run_pass): only the teams of those jobs hear it, nodes and the
+    cluster totals were sent with the pass.
     """
     placed_set = set(placed)
     team_of = {q.id: q.team for q in snapshot.queued}
     gpus_of = {q.id: q.gpus for q in snapshot.queued}
     changed = set(decision.pending) if changed_jobs is None else set(changed_jobs)
     dirty: set = {team_of[j] for j in changed | placed_set if j in team_of}
-    dirty |= {team_of[j] for j in team_of if j not in decision.pending and j not in placed_set}  # left the queue
+    if not etas_only:
+        dirty |= {team_of[j] for j in team_of if j not in decision.pending and j not in placed_set}  # left the queue
 
     entries: dict = {}
     queued_count: dict = {}
@@ -197,6 +201,8 @@ def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: It
             "usage": {"gpus_in_use": gpus_in_use.get(team, 0), "gpu_hours_this_month": round(hours.get(team, 0.0), 2),
                       "queued_jobs": queued_count.get(team, 0), "running_jobs": running_jobs.get(team, 0)},
         })
+    if etas_only:
+        return
     _publish_placed_nodes(snapshot, decision, placed_set)
     if dirty:
         total_gpus = sum(len(n.gpus) for n in snapshot.nodes)

@@ -113,3 +113,46 @@ def test_a_later_pass_rewrites_the_queue_rows_that_changed(alice, team_a, node_a
     assert after.updated_at > before.updated_at
     assert after.flow == before.flow
     assert after.reason
+
+
+def test_etas_are_written_after_the_pass_from_its_snapshot(alice, team_a, node_a, client_for):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    client = client_for(alice)
+    running = submit(client, team_a, 8, "runs", walltime_minutes=60)
+    waiting = submit(client, team_a, 8, "waits")
+    before = timezone.now()
+    result = run_pass(with_etas=True)
+    assert result.placed == [running]
+    assert result.etas is True
+    assert result.eta_ms is not None
+    eta = QueueEntry.objects.get(job_id=waiting).eta
+    # It waits for the running job's walltime (60 minutes), counted from the pass.
+    assert before + timedelta(minutes=59) <= eta <= timezone.now() + timedelta(minutes=61)
+    assert client.get("/api/v1/queue/").json()["results"][0]["eta"] is not None
+
+
+def test_etas_of_an_older_pass_do_not_overwrite_a_newer_one(alice, team_a, node_a, client_for, monkeypatch):
+    """A pass whose ETA forecast finishes after a newer pass wrote the queue leaves the queue alone."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    import apps.scheduling.live as live
+
+    client = client_for(alice)
+    submit(client, team_a, 8, "runs", walltime_minutes=60)
+    waiting = submit(client, team_a, 8, "waits")
+    run_pass(with_etas=False)
+    assert QueueEntry.objects.get(job_id=waiting).eta is None
+    real_forecast = live.policy.forecast_etas
+
+    def newer_pass_meanwhile(*args, **kwargs):
+        QueueEntry.objects.filter(job_id=waiting).update(updated_at=timezone.now() + timedelta(seconds=5))
+        return real_forecast(*args, **kwargs)
+
+    monkeypatch.setattr(live.policy, "forecast_etas", newer_pass_meanwhile)
+    run_pass(with_etas=True)
+    assert QueueEntry.objects.get(job_id=waiting).eta is None
