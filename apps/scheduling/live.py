@@ -21,7 +21,7 @@ from apps.cluster.models import Gpu, GpuNode
 from apps.dashboard import fanout
 
 from . import pass_stats, policy
-from .models import Allocation, Job, QueueEntry
+from .models import Allocation, Job, QueueEntry, SchedulerState
 from .services import allocate_queued
 from .states import LIVE, JobState
 from .usage import month_start
@@ -93,21 +93,46 @@ def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapsho
             "id", "team_id", "kind", "started_at", "updated_at", "walltime_minutes"
         )
     ]
+    # A job keeps the estimate and WFQ tags it was stamped with (its queue row) until it leaves the queue.
     queued = [
         policy.QueuedJob(
             id=job_id, team=team_id, kind=kind, gpus=gpus, nodes=n_nodes, priority=priority,
             gpu_memory_mb=int(memory * 1024) if memory else None, walltime_s=wall * 60 if wall else None,
             submit=submitted.timestamp(), attempt=attempt,
+            estimated_runtime_s=estimate, start_tag=start if estimate is not None else None,
+            finish_tag=finish if estimate is not None else None,
         )
-        for job_id, team_id, kind, gpus, n_nodes, priority, memory, wall, submitted, attempt in (
+        for (job_id, team_id, kind, gpus, n_nodes, priority, memory, wall, submitted, attempt,
+             estimate, start, finish) in (
             Job.objects.filter(state=JobState.QUEUED).order_by("submitted_at", "id").values_list(
                 "id", "team_id", "kind", "gpus", "nodes", "priority", "gpu_memory_gb", "walltime_minutes",
-                "submitted_at", "attempt",
+                "submitted_at", "attempt", "queue_entry__estimate_s", "queue_entry__start_tag",
+                "queue_entry__finish_tag",
             )
         )
     ]
+    state = SchedulerState.objects.filter(pk=1).values_list("virtual_time", "flow_finish").first()
+    virtual_time, flow_finish = state if state else (None, {})
     return policy.Snapshot(now=now_s, nodes=nodes, running=running, queued=queued,
-                           teams=_team_specs(now, config))
+                           teams=_team_specs(now, config), virtual_time=virtual_time,
+                           flow_finish=_flow_keys(flow_finish))
+
+
+def _flow_keys(stored: dict) -> dict:
+    """SchedulerState.flow_finish ("team id:kind" -> tag) as the core's {(team id, kind): tag}."""
+    out = {}
+    for key, tag in stored.items():
+        team, _, kind = key.partition(":")
+        if team.isdigit():
+            out[(int(team), kind)] = float(tag)
+    return out
+
+
+def _save_wfq_state(decision: policy.Decision) -> None:
+    SchedulerState.objects.update_or_create(pk=1, defaults={
+        "virtual_time": decision.virtual_time,
+        "flow_finish": {f"{team}:{kind}": tag for (team, kind), tag in decision.flow_finish.items()},
+    })
 
 
 def _team_specs(now: datetime, config: policy.PolicyConfig) -> list[policy.TeamSpec]:
@@ -192,6 +217,7 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
         written, etas = _write_queue(decision, None, now)  # the ETAs already written stay until refreshed
+        _save_wfq_state(decision)
         fanout.queue_changed(snapshot, decision, etas, placed, written)  # live pages, after the commit
         eta_due = bool(decision.pending) and _etas_due(with_etas)
     pass_ms = (time.perf_counter() - began) * 1000
@@ -276,10 +302,11 @@ def _allocate(decision: policy.Decision, now: datetime) -> list[int]:
     return [job.pk for job in allocate_queued(placements)]
 
 
-QUEUE_FIELDS = ("position", "flow", "start_tag", "finish_tag", "reason", "code", "eta", "reserved_at")
+QUEUE_FIELDS = ("position", "flow", "start_tag", "finish_tag", "estimate_s", "reason", "code", "eta",
+                "reserved_at")
 _SQL_TYPES = {"position": "integer", "flow": "text", "start_tag": "double precision",
-              "finish_tag": "double precision", "reason": "text", "code": "text", "eta": "timestamptz",
-              "reserved_at": "timestamptz"}
+              "finish_tag": "double precision", "estimate_s": "double precision", "reason": "text", "code": "text",
+              "eta": "timestamptz", "reserved_at": "timestamptz"}
 _ETA, _REASON = QUEUE_FIELDS.index("eta"), QUEUE_FIELDS.index("reason")
 
 Row = tuple  # a queue row's QUEUE_FIELDS values, in that order
@@ -349,11 +376,13 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) ->
     changed: list[tuple[int, Row]] = []
     created: list[tuple[int, Row]] = []
     reasons: dict[int, str] = {}
-    reservations = decision.reservations
+    reservations, stamps = decision.reservations, decision.stamps
     for job_id, pending in decision.pending.items():
         reservation = reservations.get(job_id)
-        values = (pending.position, pending.flow, pending.start_tag, pending.finish_tag, pending.reason[:300],
-                  pending.code, _dt(etas.get(job_id)), _dt(reservation.time) if reservation else None)
+        stamp = stamps.get(job_id)
+        values = (pending.position, pending.flow, pending.start_tag, pending.finish_tag,
+                  stamp[0] if stamp else None, pending.reason[:300], pending.code, _dt(etas.get(job_id)),
+                  _dt(reservation.time) if reservation else None)
         old = existing.get(job_id)
         if old is None:
             created.append((job_id, values))

@@ -167,6 +167,9 @@ class QueueEntry(models.Model):
     flow = models.CharField(max_length=120)
     start_tag = models.FloatField()
     finish_tag = models.FloatField()
+    # The run-time estimate the job was stamped with; with the tags, handed back to the next pass, so that
+    # a job is stamped once (as in a replay) rather than afresh by every pass.
+    estimate_s = models.FloatField(null=True, blank=True)
     reason = models.CharField(max_length=300)
     code = models.CharField(max_length=20)
     eta = models.DateTimeField(null=True, blank=True)
@@ -179,6 +182,19 @@ class QueueEntry(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.position} job {self.job_id}"
+
+
+class SchedulerState(models.Model):
+    """The WFQ state a pass hands to the next one (one row): the virtual time and each flow's last finish
+    tag. With the queue rows' tags it makes a live pass the computation a replay makes."""
+
+    virtual_time = models.FloatField(null=True, blank=True)
+    # "team id:kind" -> the flow's last finish tag
+    flow_finish = models.JSONField(default=dict)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"virtual time {self.virtual_time}"
 
 
 class AttemptRun(models.Model):

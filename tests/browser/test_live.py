@@ -156,15 +156,21 @@ def live(tab) -> None:
     tab.wait_for_selector("#live-status[data-state=live]")
 
 
+def sign_in_at(tab, path: str, username: str) -> None:
+    """Open `path`, sign in through the login form it redirects to (the fixtures' password), wait for the
+    page to come back and its socket to be live."""
+    tab.goto(path)
+    tab.fill("#id_username", username)
+    tab.fill("#id_password", f"{username}-pass-123")
+    tab.click("button:has-text('Sign in')")
+    tab.wait_for_url(re.compile(re.escape(path) + "$"))
+    live(tab)
+
+
 def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tabs, alice, team_a, node_a,
                                                                             client_for, live_daphne):
     queue_tab = tabs()
-    queue_tab.goto("/queue/")
-    queue_tab.fill("#id_username", "alice")
-    queue_tab.fill("#id_password", "alice-pass-123")
-    queue_tab.click("button:has-text('Sign in')")
-    queue_tab.wait_for_url(re.compile(r"/queue/$"))
-    live(queue_tab)
+    sign_in_at(queue_tab, "/queue/", "alice")
     assert "Nothing is waiting." in queue_tab.inner_text("[data-testid=queue-table]")
     # Set on this page only: still there at the end means the page was never reloaded.
     queue_tab.evaluate("window.__notReloaded = true")
@@ -243,12 +249,7 @@ def test_a_member_removed_from_the_team_loses_its_queue_on_the_open_page(tabs, a
     job = response.json()["id"]
     elsewhere(run_pass)  # no node: it stays queued, with a position and a reason
     tab = tabs()
-    tab.goto("/queue/")
-    tab.fill("#id_username", "bob")
-    tab.fill("#id_password", "bob-pass-123")
-    tab.click("button:has-text('Sign in')")
-    tab.wait_for_url(re.compile(r"/queue/$"))
-    live(tab)
+    sign_in_at(tab, "/queue/", "bob")
     assert "team a only" in tab.inner_text(f"[data-queue-row='{job}']")
     tab.evaluate("window.__notReloaded = true")
 

@@ -156,3 +156,36 @@ def test_etas_of_an_older_pass_do_not_overwrite_a_newer_one(alice, team_a, node_
     monkeypatch.setattr(live.policy, "forecast_etas", newer_pass_meanwhile)
     run_pass(with_etas=True)
     assert QueueEntry.objects.get(job_id=waiting).eta is None
+
+
+def test_a_queued_job_is_stamped_once_and_the_next_pass_keeps_its_tags(alice, team_a, node_a, client_for):
+    """As in a replay: tags are handed from pass to pass (queue rows and SchedulerState), not made afresh."""
+    from apps.scheduling.models import SchedulerState
+    from apps.scheduling.services import transition
+
+    client = client_for(alice)
+    first = submit(client, team_a, 8, "runs", walltime_minutes=60)
+    second = submit(client, team_a, 8, "waits", walltime_minutes=120)
+    assert run_pass().placed == [first]
+    stamped = QueueEntry.objects.get(job_id=second)
+    assert stamped.estimate_s == 120 * 60
+    assert stamped.finish_tag > stamped.start_tag
+    state = SchedulerState.objects.get(pk=1)
+    assert state.flow_finish[f"{team_a.pk}:compression"] == stamped.finish_tag
+
+    third = submit(client, team_a, 8, "after", walltime_minutes=30)
+    run_pass()
+    again = QueueEntry.objects.get(job_id=second)
+    assert (again.start_tag, again.finish_tag, again.estimate_s) == (
+        stamped.start_tag, stamped.finish_tag, stamped.estimate_s)
+    behind = QueueEntry.objects.get(job_id=third)
+    assert behind.start_tag == stamped.finish_tag  # WFQ: a flow's next job starts where its last one finished
+
+    # The first job ends and the second starts: the third keeps the tags it was stamped with, where a pass
+    # that stamped afresh would put it at the front of virtual time again.
+    transition(first, Job.State.RUNNING)
+    transition(first, Job.State.SUCCEEDED)
+    assert run_pass().placed == [second]
+    kept = QueueEntry.objects.get(job_id=third)
+    assert (kept.start_tag, kept.finish_tag) == (behind.start_tag, behind.finish_tag)
+    assert SchedulerState.objects.get(pk=1).virtual_time == kept.start_tag
