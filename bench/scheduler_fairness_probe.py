@@ -10,6 +10,8 @@ MODE
   cls B           feedback as classes: tenants ordered by round(log_B(mean slowdown)), highest first
   oracle S        NOT realisable: knows every job's true run time; jobs shorter than S seconds go
                   first, shortest first (an upper bound on what run-time knowledge could do)
+  oracle-est      NOT realisable: every job's estimate is its true run time (tags, backfill and
+                  reservations all see it); the order is the product's
 
 Prints one JSON line: mean / p99 wait, tenant_slowdown_jain, mean bounded slowdown, wall seconds.
 Needs ../shared/data (the Philly trace) unless --trace names another file.
@@ -46,7 +48,7 @@ class Probe(Scheduler):
 
     def order_key(self, entry, now, levels):
         base = super().order_key(entry, now, levels)
-        if base[0] == 0 or self.mode == "base":
+        if base[0] == 0 or self.mode in ("base", "oracle-est"):
             return base
         if self.mode == "oracle":
             run = self.jobs[entry.id].duration
@@ -60,7 +62,7 @@ class Probe(Scheduler):
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("base", "div", "cls", "oracle"))
+    p.add_argument("mode", choices=("base", "div", "cls", "oracle", "oracle-est"))
     p.add_argument("param", nargs="?", type=float, default=1.0)
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--nodes", type=int, default=80)
@@ -100,7 +102,8 @@ def main() -> int:
         while i < len(jobs) and jobs[i].submit <= now:
             job = jobs[i]
             sched.enqueue(QueuedJob(id=i, team=job.tenant, kind=job.kind, gpus=job.gpus, submit=job.submit,
-                                    priority=job.priority, nodes=-(-job.gpus // g)))
+                                    priority=job.priority, nodes=-(-job.gpus // g),
+                                    estimated_runtime_s=max(1.0, job.duration) if a.mode == "oracle-est" else None))
             i += 1
         for k in sched.schedule_pass(now).placements:
             starts[k] = now
