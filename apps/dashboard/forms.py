@@ -37,6 +37,7 @@ KIND_FIELDS = {
         FormField("quantization_mode", ("spec", "quantization", "mode")),
         FormField("max_quality_drop", ("spec", "quantization", "max_quality_drop")),
         FormField("keep_ratio", ("spec", "pruning", "keep_ratio")),
+        FormField("drop_blocks", ("spec", "pruning", "drop_blocks")),
     ),
     "training": (
         FormField("training_model", ("spec", "model")),
