@@ -315,7 +315,7 @@ def test_a_node_killed_mid_job_loses_the_attempt_and_the_job_finishes_elsewhere(
     requeue = [e for e in events if e["to_state"] == "queued" and e["from_state"] == "running"]
     assert len(requeue) == 1
     # Whichever the reconciler saw first: the node's silence, its worker's, or the node already down (a worker
-    # its agent restarted in the moment before the kill can still say goodbye; see Node.kill9).
+    # its agent restarted in the moment before the kill can still say goodbye; see NodeProcess.kill9).
     name = re.escape(second.name)
     assert re.search(f"Node {name} stopped answering|on {name} stopped reporting|Node {name} is down",
                      requeue[0]["message"])
