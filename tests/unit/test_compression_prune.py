@@ -84,6 +84,8 @@ def test_depth_pruning_drops_the_least_important_blocks_per_mac_then_prunes_chan
     scores = info["block_scores"]
     assert len(scores) == 12
     assert sum(s["importance"] for s in scores.values()) > 0.99  # shares of the total
+    # blocks.1 (stage 1, 256 -> 64 -> 64 -> 256 channels) on 16 x 16 maps of a 64 x 64 input: 1x1, 3x3, 1x1.
+    assert scores["blocks.1"]["macs"] == 16 * 16 * (256 * 64 + 64 * 64 * 9 + 64 * 256)
     dropped = info["dropped_blocks"]
     assert len(dropped) == 4
     order = sorted(scores, key=lambda n: scores[n]["per_gmac"])

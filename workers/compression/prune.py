@@ -113,6 +113,7 @@ def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> d
     blocks = removable_blocks(model)
     importance = {name: 0.0 for name, _ in blocks}
     macs = {name: 0 for name, _ in blocks}
+    counted: set[int] = set()
     handles = []
 
     def watch(name: str, block: nn.Module) -> None:
@@ -122,10 +123,11 @@ def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> d
                                                                    + float((out.detach() * g).sum().abs())))
 
         def conv_macs(module, _inputs, out):
-            if macs[name] >= 0 and not getattr(module, "_counted", False):
-                k = module.kernel_size[0] * module.kernel_size[1]
-                macs[name] += out[0].numel() * module.in_channels // module.groups * k
-                module._counted = True
+            if id(module) in counted:  # once, from the first batch
+                return
+            counted.add(id(module))
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs[name] += out[0].numel() * module.in_channels // module.groups * k
 
         handles.append(block.bn3.register_forward_hook(branch_out))
         for conv in (block.conv1, block.conv2, block.conv3):
@@ -143,9 +145,6 @@ def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> d
     finally:
         for handle in handles:
             handle.remove()
-        for _, block in blocks:
-            for conv in (block.conv1, block.conv2, block.conv3):
-                conv.__dict__.pop("_counted", None)
         model.zero_grad(set_to_none=True)
     total = sum(importance.values()) or 1.0
     return {name: {"importance": importance[name] / total, "macs": macs[name],
