@@ -75,6 +75,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.groups_joined, self.jobs = [], set()
         self.lock = asyncio.Lock()  # a subscription and a membership refresh change the groups one at a time
+        self.refreshes: set[asyncio.Task] = set()  # membership refreshes in flight (kept referenced)
         user = self.scope.get("user")
         await self.accept()
         if user is None or not user.is_authenticated:
@@ -207,9 +208,8 @@ class EventsConsumer(AsyncWebsocketConsumer):
         if message.get("group", "").startswith(USER_PREFIX):
             # Its own task: the hub delivers to many sockets in a loop and must not wait on this one's queries.
             task = asyncio.get_running_loop().create_task(self.refresh_groups())
-            self._tasks = getattr(self, "_tasks", set())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.refreshes.add(task)
+            task.add_done_callback(self.refreshes.discard)
             return
         await self.base_send({"type": "websocket.send", "text": message["text"]})
 
