@@ -124,7 +124,22 @@ def bench_pass(sizes: list[int]) -> tuple[dict, dict]:
         # As the live pass runs it: ends within 30 s played as one event.
         forecasts[f"{size}_first_1000_res30"] = best_ms(
             lambda snap=snap: forecast_etas(snap, estimator, config, limit=1000, resolution_s=30.0), 1)
+        if size <= 10_000:
+            forecasts[f"{size}_res30_shift_s"] = eta_shift(snap, estimator, config)
     return passes, forecasts
+
+
+def eta_shift(snap: Snapshot, estimator: RuntimeEstimator, config: PolicyConfig) -> dict:
+    """How far the 30 s resolution moves the first 1,000 ETAs from the exact play (seconds, + = later)."""
+    exact = forecast_etas(snap, estimator, config, limit=1000)
+    coarse = forecast_etas(snap, estimator, config, limit=1000, resolution_s=30.0)
+    d = sorted(coarse[k] - exact[k] for k in exact if exact[k] is not None and coarse.get(k) is not None)
+    if not d:
+        return {}
+    n = len(d)
+    return {"jobs": n, "earlier": sum(x < 0 for x in d), "later": sum(x > 0 for x in d),
+            "mean": round(sum(d) / n, 1), "p10": round(d[n // 10], 1), "p50": round(d[n // 2], 1),
+            "p90": round(d[9 * n // 10], 1), "min": round(d[0], 1), "max": round(d[-1], 1)}
 
 
 def main() -> None:

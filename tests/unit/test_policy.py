@@ -301,7 +301,7 @@ def test_etas_follow_the_estimated_ends_of_running_jobs():
     assert etas == {10: NOW + 600, 11: NOW + 1800}
 
 
-def test_a_coarser_resolution_plays_close_ends_as_one_event_and_only_ever_delays_etas():
+def test_a_coarser_resolution_plays_close_ends_as_one_event():
     nodes = [node(1, busy=tuple(range(8)))]
     run = [running(1, 1, (0, 1, 2, 3), ends_in=600), running(2, 1, (4, 5, 6, 7), ends_in=620)]
     queue = [queued(10, gpus=4, walltime_s=1000, submit=NOW - 60), queued(11, gpus=4, walltime_s=100, submit=NOW - 30)]
