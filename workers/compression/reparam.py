@@ -2,10 +2,10 @@
 
 `space_to_depth_stem`: a k x k, stride-2 convolution over few input channels (ResNet's 7x7 stem over RGB)
 is rewritten exactly as pixel_unshuffle(2) followed by a ceil(k/2) x ceil(k/2) stride-1 convolution over 4x
-the channels. Three input channels are the worst case for the GPU's convolution kernels (measured on an
-H200: the 7x7 stem alone took 0.39-0.43 ms of ResNet-50's 3.0 ms at batch 64, however much of the rest was
-pruned); the rewritten one reads the same pixels as a plain small-kernel convolution. Applied to the
-unpruned and the pruned model alike, it is a setting, not a compression.
+the channels. Three input channels suit the GPU's convolution kernels badly: on an H200, the kernel that
+runs ResNet-50's 7x7 stem was the costliest of its profile at batch 64 (about 0.4 ms of 3 ms, however much
+of the rest was pruned), and the rewrite took 0.2-0.35 ms off pruned models (docs/compression.md). Applied
+to the unpruned and the pruned model alike, it is a setting, not a compression.
 """
 from __future__ import annotations
 
