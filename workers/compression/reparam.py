@@ -4,7 +4,7 @@
 is rewritten exactly as pixel_unshuffle(2) followed by a ceil(k/2) x ceil(k/2) stride-1 convolution over 4x
 the channels. Three input channels suit the GPU's convolution kernels badly: on an H200, the kernel that
 runs ResNet-50's 7x7 stem was the costliest of its profile at batch 64 (about 0.4 ms of 3 ms, however much
-of the rest was pruned), and the rewrite took 0.2-0.35 ms off pruned models (docs/compression.md). Applied
+of the rest was pruned), and the rewrite took 0.2-0.55 ms off pruned models (docs/compression.md). Applied
 to the unpruned and the pruned model alike, it is a setting, not a compression.
 """
 from __future__ import annotations
