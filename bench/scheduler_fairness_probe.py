@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from heapq import heappop, heappush
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,19 +32,39 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deepopt_web.settings")
 
 from apps.scheduling.policy.engine import Scheduler  # noqa: E402
-from apps.scheduling.policy.estimator import RuntimeEstimator  # noqa: E402
-from apps.scheduling.policy.types import PolicyConfig, QueuedJob, TeamSpec  # noqa: E402
-from apps.scheduling.replay import SLOWDOWN_BOUND_S, load_trace, load_weights, metrics  # noqa: E402
+from apps.scheduling.policy.types import PolicyConfig, QueuedJob  # noqa: E402
+from apps.scheduling.replay import SLOWDOWN_BOUND_S, load_trace, load_weights, metrics, simulate  # noqa: E402
 
 TRACE = ROOT.parent / "shared/data/traces/philly-2017-sep-oct/jobs.csv"
 
 
 class Probe(Scheduler):
+    """The product's Scheduler with one changed order key, and the slowdown of every job that ended."""
+
     mode, param, jobs = "base", 1.0, ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.started: dict = {}  # job -> (tenant, submit, start)
         self.slowdowns: dict = {}  # tenant -> (sum, count) over completed jobs
+
+    def enqueue(self, job: QueuedJob):
+        if self.mode == "oracle-est":
+            job = replace(job, estimated_runtime_s=max(1.0, self.jobs[job.id].duration))
+        return super().enqueue(job)
+
+    def _start(self, entry, where, now, decision) -> None:
+        self.started[entry.id] = (entry.team, entry.submit, now)
+        super()._start(entry, where, now, decision)
+
+    def finish(self, job_id, now: float) -> None:
+        # What a live scheduler knows of a job that ended: its submit, start and end.
+        team, submit, start = self.started.pop(job_id)
+        run = now - start
+        slowdown = max(1.0, (start - submit + run) / max(run, SLOWDOWN_BOUND_S))
+        total, count = self.slowdowns.get(team, (0.0, 0))
+        self.slowdowns[team] = (total + slowdown, count + 1)
+        super().finish(job_id, now)
 
     def order_key(self, entry, now, levels):
         base = super().order_key(entry, now, levels)
@@ -74,41 +94,10 @@ def main() -> int:
     jobs = load_trace(a.trace)
     weights_file = Path(a.trace).with_name("weights.csv")
     weights = load_weights(weights_file) if weights_file.exists() else {}
-    config = PolicyConfig(policy="wfq")
-    estimator = RuntimeEstimator(config)
     Probe.mode, Probe.param, Probe.jobs = a.mode, a.param, jobs
-    sched = Probe(config, estimator, now=jobs[0].submit)
-    g = a.gpus_per_node
-    for n in range(a.nodes):
-        sched.cluster.add_node(n, f"node-{n}", "rack-0", True, ((n * g + i, i, 81920) for i in range(g)))
-    for tenant, weight in weights.items():
-        sched.add_team(TeamSpec(id=tenant, name=tenant, weight=weight))
     began = time.perf_counter()
-    starts = [math.nan] * len(jobs)
-    ends: list = []
-    i = 0
-    while i < len(jobs) or ends:
-        now = jobs[i].submit if i < len(jobs) else math.inf
-        if ends and ends[0][0] <= now:
-            now = ends[0][0]
-        while ends and ends[0][0] <= now:
-            _, k = heappop(ends)
-            job = jobs[k]
-            sched.finish(k, now)
-            estimator.observe(job.tenant, job.kind, job.gpus, job.duration)
-            slowdown = max(1.0, (starts[k] - job.submit + job.duration) / max(job.duration, SLOWDOWN_BOUND_S))
-            total, count = sched.slowdowns.get(job.tenant, (0.0, 0))
-            sched.slowdowns[job.tenant] = (total + slowdown, count + 1)
-        while i < len(jobs) and jobs[i].submit <= now:
-            job = jobs[i]
-            sched.enqueue(QueuedJob(id=i, team=job.tenant, kind=job.kind, gpus=job.gpus, submit=job.submit,
-                                    priority=job.priority, nodes=-(-job.gpus // g),
-                                    estimated_runtime_s=max(1.0, job.duration) if a.mode == "oracle-est" else None))
-            i += 1
-        for k in sched.schedule_pass(now).placements:
-            starts[k] = now
-            heappush(ends, (now + jobs[k].duration, k))
-    m = metrics(jobs, starts, a.nodes * g)
+    starts = simulate(jobs, PolicyConfig(policy="wfq"), a.nodes, a.gpus_per_node, 1, weights, scheduler_class=Probe)
+    m = metrics(jobs, starts, a.nodes * a.gpus_per_node)
     print(json.dumps({"mode": a.mode, "param": a.param, "nodes": a.nodes,
                       **{k: m[k] for k in ("mean_wait_s", "p99_wait_s", "tenant_slowdown_jain",
                                            "mean_bounded_slowdown")},

@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from apps.scheduling.policy import PolicyConfig, QueuedJob, RuntimeEstimator, Scheduler, TeamSpec
-from apps.scheduling.replay import TraceError, TraceJob, _percentile, metrics
+from apps.scheduling.policy import PolicyConfig, QueuedJob
+from apps.scheduling.replay import TraceJob, _percentile, metrics, trace_scheduler
 
 from .autoscaler import AutoscalerConfig, NodeView, plan
 
@@ -147,20 +147,9 @@ def node_seconds(paid: list[tuple[float, int]], start: float, stop: float) -> fl
 def simulate_autoscaled(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int,
                         options: ReplayOptions, racks: int = 1,
                         weights: dict[str, float] | None = None) -> AutoscaleRun:
-    capacity = nodes * gpus_per_node
-    for job in jobs:
-        if job.gpus > capacity:
-            raise TraceError(f"row {job.row}: asks for {job.gpus} GPUs; the cluster has {capacity}")
-    estimator = RuntimeEstimator(config)
-    t0 = jobs[0].submit if jobs else 0.0
-    sched = Scheduler(config, estimator, now=t0)
+    sched, estimator = trace_scheduler(jobs, config, nodes, gpus_per_node, racks, weights)
     cluster = sched.cluster
-    racks = max(1, min(racks, nodes))
-    for n in range(nodes):
-        cluster.add_node(n, f"node-{n}", f"rack-{n * racks // nodes}", True,
-                         ((n * gpus_per_node + i, i, 81920) for i in range(gpus_per_node)))
-    for tenant, weight in (weights or {}).items():
-        sched.add_team(TeamSpec(id=tenant, name=tenant, weight=weight))
+    t0 = sched.now
 
     scaling = options.mode != "off"
     interval = options.decision_interval_s

@@ -126,16 +126,17 @@ def _jain(values: Iterable[float]) -> float:
     return (sum(values) ** 2) / (len(values) * square_sum) if square_sum else 1.0
 
 
-def simulate(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int, racks: int = 1,
-             weights: dict[str, float] | None = None) -> list[float]:
-    """Run the trace; return each job's start time (index-aligned with `jobs`)."""
+def trace_scheduler(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int, racks: int = 1,
+                    weights: dict[str, float] | None = None,
+                    scheduler_class: type[Scheduler] = Scheduler) -> tuple[Scheduler, RuntimeEstimator]:
+    """The scheduler a replay runs the trace through (and its estimator): `nodes` nodes of `gpus_per_node`
+    80 GB GPUs, split evenly over `racks` racks, the tenants' weights. Refuses a job larger than the cluster."""
     capacity = nodes * gpus_per_node
     for job in jobs:
         if job.gpus > capacity:
             raise TraceError(f"row {job.row}: asks for {job.gpus} GPUs; the cluster has {capacity}")
     estimator = RuntimeEstimator(config)
-    t0 = jobs[0].submit if jobs else 0.0
-    sched = Scheduler(config, estimator, now=t0)
+    sched = scheduler_class(config, estimator, now=jobs[0].submit if jobs else 0.0)
     racks = max(1, min(racks, nodes))
     for n in range(nodes):
         sched.cluster.add_node(
@@ -144,6 +145,14 @@ def simulate(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_no
         )
     for tenant, weight in (weights or {}).items():
         sched.add_team(TeamSpec(id=tenant, name=tenant, weight=weight))
+    return sched, estimator
+
+
+def simulate(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int, racks: int = 1,
+             weights: dict[str, float] | None = None, scheduler_class: type[Scheduler] = Scheduler) -> list[float]:
+    """Run the trace; return each job's start time (index-aligned with `jobs`). `scheduler_class` lets a
+    study change one method of the core (bench/scheduler_fairness_probe.py); the product uses Scheduler."""
+    sched, estimator = trace_scheduler(jobs, config, nodes, gpus_per_node, racks, weights, scheduler_class)
     starts = [math.nan] * len(jobs)
     ends: list[tuple[float, int]] = []
     total = len(jobs)
