@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from apps.scheduling import reports
 from apps.scheduling.live import run_pass
 from apps.scheduling.models import Job
 from tests.conftest import COMPRESSION_JOB
+from tests.threads import in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -131,25 +131,13 @@ def tabs(browser, live_daphne) -> Iterator[Callable]:
 def elsewhere(fn: Callable, *args, **kwargs):
     """Run fn in another thread, as a worker or the scheduler would (no event loop there: the app's
     publisher sends through its own thread), and return what it returned."""
-    result: dict = {}
+    from apps.dashboard.events import flush_pending
 
-    def run() -> None:
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            result["error"] = exc
-        finally:
-            from apps.dashboard.events import flush_pending
+    def cleanup() -> None:
+        flush_pending()
+        connection.close()
 
-            flush_pending()
-            connection.close()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
+    return in_thread(lambda: fn(*args, **kwargs), timeout=30, cleanup=cleanup)
 
 
 def live(tab) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -28,6 +27,7 @@ from apps.scheduling import reports
 from apps.scheduling.live import run_pass
 from deepopt_web.asgi import application
 from tests.conftest import COMPRESSION_JOB
+from tests.threads import in_thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,22 +82,7 @@ def is_sentinel(team):
 def run(scenario, *args):
     """Run an async scenario to its end on an event loop of its own, in a thread of its own: after a browser
     test, Playwright's loop stays running in the main thread, where async_to_sync refuses to run."""
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = async_to_sync(scenario)(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            outcome["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(60)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    return in_thread(lambda: async_to_sync(scenario)(*args), timeout=60, cleanup=connections.close_all)
 
 
 @pytest.fixture(autouse=True)
