@@ -30,3 +30,33 @@ def test_torchao_executes_int8_and_int4_linears_on_cuda():
     assert type(quantized[0].weight).__name__ != "Parameter"
     out = quantized(x).float()
     assert torch.nn.functional.cosine_similarity(out, ref).mean() > 0.98
+
+
+def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_matches_fused():
+    from workers.compression.decode import DecodeLlama, PackedLinear
+    from workers.compression.models import _build_llama
+    from workers.compression.quantize import fake_quant, quantizable_layers
+
+    w = torch.randn(256, 1024, device="cuda")
+    x = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    ref = fake_quant(w, "int4_g128").float() @ x.float()
+    for kernel in ("torch", "tinygemm", "triton"):
+        layer = PackedLinear(w, "int4_g128", torch.bfloat16, backend=kernel)
+        y = (layer.fused(x) if kernel == "triton" else layer(x)).float()
+        assert torch.nn.functional.cosine_similarity(y, ref, dim=0) > 0.999, kernel
+
+    lm = _build_llama(False, smoke=True).lm.to("cuda", torch.bfloat16).eval()
+    assignment = dict.fromkeys(quantizable_layers(lm), "int4_g64")
+    ids = torch.randint(0, 1024, (12,), device="cuda")
+    outs = {}
+    for backend in ("torch", "triton"):
+        for compiled in (False, True):
+            dec = DecodeLlama(lm, assignment, max_len=32, backend=backend)
+            step = torch.compile(dec, mode="reduce-overhead", fullgraph=True) if compiled else dec
+            with torch.inference_mode():
+                outs[backend, compiled] = torch.stack(
+                    [step(ids[i : i + 1], torch.tensor([i], device="cuda")).clone() for i in range(12)]
+                )
+    ref = outs["torch", False]
+    for key, out in outs.items():
+        assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min() > 0.999, key

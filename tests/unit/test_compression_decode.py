@@ -1,0 +1,138 @@
+"""DecodeLlama: one-token decode from packed weights computes what the Llama computes (CPU, fp32)."""
+
+import copy
+
+import pytest
+import torch
+
+from workers.compression.decode import DecodeError, DecodeLlama, PackedEmbedding, PackedLinear
+from workers.compression.models import _build_llama
+from workers.compression.quantize import apply_simulated, estimate_bytes, fake_quant, quantizable_layers
+
+FORMATS = ["int4_g32", "int8", "fp8_e4m3", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _build_llama(False, smoke=True).lm.float().eval()
+
+
+def tokens(n=7, seed=0):
+    return torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_all(dec, ids):
+    with torch.no_grad():
+        return torch.stack([dec(ids[0, i : i + 1], torch.tensor([i])) for i in range(ids.shape[1])])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_linear_multiplies_by_exactly_the_fake_quantized_weight(fmt):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    layer = PackedLinear(w, fmt, torch.float32)
+    torch.testing.assert_close(layer.dequantized(), fake_quant(w, fmt), atol=1e-5, rtol=1e-5)
+    x = torch.randn(128, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(layer(x), fake_quant(w, fmt) @ x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_embedding_returns_the_fake_quantized_row(fmt):
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(3))
+    emb = PackedEmbedding(w, fmt, torch.float32)
+    torch.testing.assert_close(emb(torch.tensor([17])), fake_quant(w, fmt)[17], atol=1e-6, rtol=1e-6)
+
+
+def test_unquantized_decode_matches_the_transformers_model_token_by_token(lm):
+    ids = tokens()
+    with torch.no_grad():
+        ref = lm(input_ids=ids, use_cache=False).logits[0]
+    out = decode_all(DecodeLlama(lm, None, max_len=16, dtype=torch.float32), ids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_a_mixed_assignment_decodes_like_the_fake_quantized_model(lm):
+    names = list(quantizable_layers(lm))
+    # Formats alternate so that Q/K/V and gate/up are split into several products as well as fused.
+    assignment = {f"lm.{n}": FORMATS[i % 4] for i, n in enumerate(names)}
+    ids = tokens(9, seed=4)
+    simulated = apply_simulated(copy.deepcopy(lm), {k.removeprefix("lm."): v for k, v in assignment.items()})
+    with torch.no_grad():
+        ref = simulated(input_ids=ids, use_cache=False).logits[0]
+        plain = lm(input_ids=ids, use_cache=False).logits[0]
+    out = decode_all(DecodeLlama(lm, assignment, max_len=16, dtype=torch.float32), ids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out - plain).abs().max() > 1e-3  # the quantization is really there
+
+
+def test_a_uniform_assignment_fuses_qkv_and_gate_up_and_counts_the_packed_bytes(lm):
+    layers = quantizable_layers(lm)
+    dec = DecodeLlama(lm, dict.fromkeys(layers, "int4_g32"), max_len=8, dtype=torch.float32)
+    assert all(len(layer.qkv) == 1 and len(layer.gate_up) == 1 for layer in dec.layers)
+    norms = sum(p.numel() for n, p in lm.named_parameters() if "norm" in n) * 4
+    assert dec.weight_bytes() == sum(estimate_bytes(tuple(m.weight.shape), "int4_g32") for m in layers.values()) + norms
+    plain = DecodeLlama(lm, None, max_len=8, dtype=torch.bfloat16)
+    assert plain.weight_bytes() == 2 * sum(p.numel() for p in lm.parameters())
+
+
+def test_the_cache_is_written_at_the_position_and_reset_clears_it(lm):
+    dec = DecodeLlama(lm, None, max_len=8, dtype=torch.float32)
+    with torch.no_grad():
+        dec(torch.tensor([5]), torch.tensor([3]))
+    k = dec.layers[0].k
+    assert k[:, 3].abs().sum() > 0 and k[:, :3].abs().sum() == 0 and k[:, 4:].abs().sum() == 0
+    dec.reset()
+    assert k.abs().sum() == 0
+
+
+def test_bad_assignments_are_refused(lm):
+    with pytest.raises(DecodeError, match="does not have"):
+        DecodeLlama(lm, {"lm.model.layers.9.mlp.up_proj": "int8"})
+    with pytest.raises(DecodeError, match="does not divide"):
+        PackedLinear(torch.randn(8, 100), "int4_g64", torch.float32)
+    with pytest.raises(DecodeError, match="unknown decode backend"):
+        PackedLinear(torch.randn(8, 128), "int4_g64", torch.float32, backend="magic")
+
+
+TRITON_CHECK = """
+import torch
+from workers.compression.decode import DecodeLlama, PackedLinear
+from workers.compression.models import _build_llama
+from workers.compression.quantize import quantizable_layers
+
+w, x = torch.randn(40, 256), torch.randn(256)
+for fmt in ["int4_g64", "int8", "fp8_e4m3", "bf16", "fp32"]:
+    layer = PackedLinear(w, fmt, torch.float32, backend="triton")
+    torch.testing.assert_close(layer.fused(x), layer(x), atol=1e-4, rtol=1e-4)
+    res = torch.randn(40)
+    torch.testing.assert_close(layer.fused(x, residual=res), layer(x) + res, atol=1e-4, rtol=1e-4)
+lm = _build_llama(False, smoke=True).lm.float()
+names = list(quantizable_layers(lm))
+ids = torch.randint(0, 1024, (6,), generator=torch.Generator().manual_seed(0))
+mix = {n: ["int4_g32", "int8", "fp8_e4m3", "bf16"][i % 4] for i, n in enumerate(names)}
+for assignment in ({}, mix):
+    outs = []
+    for backend in ("torch", "triton"):
+        dec = DecodeLlama(lm, assignment, max_len=16, dtype=torch.float32, backend=backend)
+        with torch.no_grad():
+            outs.append(torch.stack([dec(ids[i : i + 1], torch.tensor([i])) for i in range(6)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_the_triton_kernels_compute_what_the_torch_expressions_compute():
+    """Under Triton's interpreter, where Triton is installed (tests/gpu runs the kernels compiled)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of PyTorch)")
+    env = dict(os.environ, TRITON_INTERPRET="1")  # CPU tensors, on any machine
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

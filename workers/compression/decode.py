@@ -1,0 +1,329 @@
+"""One-token decoding of the catalog Llama straight from packed weights (batch 1, static KV cache).
+
+Decoding a token at batch 1 reads every weight once and does two flops per weight read, so its
+floor is the time it takes to read the weights; low-bit weights pay only if the matrix-vector
+products read the packed bytes and dequantize in registers, and if the hundred-odd small kernels
+around them cost little. `DecodeLlama` is written for that:
+
+- Each projection is a `PackedLinear` holding exactly the tensors `quantize.pack()` produces (the
+  artifact's bytes): int4 nibbles with an fp16 scale and minimum per group, int8 / fp8 with an fp32
+  scale per row, bf16. Its product with a vector is written as one multiply-and-sum over the packed
+  weight (`gemv`), which torch.compile (inductor) turns into a single reduction kernel per projection
+  that loads the packed bytes, unpacks and scales them in registers and accumulates in fp32. int4
+  can instead use PyTorch's tinygemm kernel (`backend="tinygemm"`, CUDA, bf16), and
+  `backend="triton"` runs every projection and attention on `triton_decode`'s kernels, with the
+  RMSNorms, SiLU gate and residual adds fused into the products.
+- Q, K and V (and gate and up) share one product when they share a format: packing is per row, so
+  packing the stacked weight is the same as stacking the packs.
+- The KV cache is a pair of buffers per layer written in place at the token's position, and
+  attention runs over the whole cache with a mask, so every shape is static and the step can be
+  captured once as a CUDA graph (`torch.compile(mode="reduce-overhead")`).
+
+It computes what `LlamaForCausalLM` computes with the same fake-quantized weights (tests compare the
+two token by token); it does not support batch > 1, prefill in one call, or rope scaling other
+than what the model's own rotary module produces for positions below `max_len`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantize import FULL, pack, parse_format
+
+
+class DecodeError(ValueError):
+    pass
+
+
+# torch: torch expressions (inductor fuses each packed product into one reduction; cuBLAS for 16-bit);
+# tinygemm: the same, with PyTorch's tinygemm kernel for int4 (CUDA, bf16);
+# triton: triton_decode's kernels for every projection and for attention, norms and residuals fused.
+BACKENDS = ("torch", "tinygemm", "triton")
+
+
+class PackedLinear(nn.Module):
+    """y = W x for one vector x, W held packed in one of quantize's formats."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, dtype: torch.dtype, backend: str = "torch"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
+        kind, group = parse_format(fmt)
+        self.fmt, self.kind, self.dtype = fmt, kind, dtype
+        self.out_features, self.in_features = weight.shape
+        packed = pack(weight, fmt)
+        if kind in (FULL, "bf16"):
+            # fp32 means "not quantized": it computes in the decode's dtype like every other layer.
+            self.register_buffer("w", packed[""].to(dtype if kind == FULL else torch.bfloat16).contiguous())
+        elif kind in ("int8", "fp8_e4m3"):
+            q = packed["q"]
+            self.register_buffer("q", q if kind == "int8" else q.view(torch.float8_e4m3fn))
+            self.register_buffer("scale", packed["scale"].float())
+        else:
+            if self.in_features % group:
+                raise DecodeError(f"int4 group {group} does not divide {self.in_features} inputs")
+            n_groups = self.in_features // group
+            self.group = group
+            q = packed["q"].reshape(self.out_features, n_groups, group // 2)
+            scale, zero = packed["scale"], packed["zero"]
+            if backend == "tinygemm":
+                # tinygemm computes (q - 8) * scale + zero' with the even element in the high nibble.
+                swapped = ((q & 0x0F) << 4) | (q >> 4)
+                self.register_buffer(
+                    "tiny", torch.ops.aten._convert_weight_to_int4pack(swapped.reshape(self.out_features, -1), 8)
+                )
+                sz = torch.stack([scale.float(), zero.float() + 8 * scale.float()], dim=-1)  # (N, groups, 2)
+                self.register_buffer("tiny_sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16))
+            else:
+                self.register_buffer("q", q.contiguous())
+                self.register_buffer("scale", scale.contiguous())
+                self.register_buffer("zero", zero.contiguous())
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (in_features,) -> (out_features,) in the decode's dtype."""
+        if self.kind in (FULL, "bf16"):
+            return F.linear(x.to(self.dtype), self.w.to(self.dtype))
+        if self.kind in ("int8", "fp8_e4m3"):
+            return ((self.q.float() * x.float()).sum(-1) * self.scale).to(self.dtype)
+        if self.backend == "tinygemm":
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16)[None], self.tiny, self.group, self.tiny_sz)
+            return y[0].to(self.dtype)
+        # One reduction over the packed bytes: byte j of group g holds inputs 2j (low nibble) and 2j+1.
+        xs = x.float().reshape(1, -1, self.group // 2, 2)
+        s, z = self.scale.float()[..., None], self.zero.float()[..., None]
+        lo = (self.q & 0x0F).float() * s + z
+        hi = (self.q >> 4).float() * s + z
+        return (lo * xs[..., 0] + hi * xs[..., 1]).sum(dim=(-1, -2)).to(self.dtype)
+
+    def fused(
+        self,
+        x: torch.Tensor,
+        prologue: int = 0,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The Triton product, with the RMSNorm / SiLU-gate prologue and residual add fused in."""
+        from . import triton_decode as td
+
+        common = dict(prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual)
+        if self.kind in (FULL, "bf16"):
+            return td.gemv(x, self.w, self.out_features, td.W16, self.dtype, **common)
+        if self.kind in ("int8", "fp8_e4m3"):
+            return td.gemv(x, self.q, self.out_features, td.W8_ROW, self.dtype, scale=self.scale, **common)
+        return td.gemv(
+            x, self.q, self.out_features, td.W4_GROUP, self.dtype, self.scale, self.zero, self.group, **common
+        )
+
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) fp32 weight this layer multiplies by (for tests and inspection)."""
+        eye = torch.eye(self.in_features, device=self._any().device)
+        return torch.stack([self(col).float() for col in eye], dim=1)
+
+    def _any(self) -> torch.Tensor:
+        return next(self.buffers())
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class PackedEmbedding(nn.Module):
+    """One row of a packed embedding table, dequantized."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        kind, group = parse_format(fmt)
+        self.kind, self.dtype = kind, dtype
+        vocab, dim = weight.shape
+        packed = pack(weight, fmt)
+        if kind in (FULL, "bf16"):
+            self.register_buffer("w", packed[""].to(dtype if kind == FULL else torch.bfloat16))
+        elif kind in ("int8", "fp8_e4m3"):
+            q = packed["q"]
+            self.register_buffer("q", q if kind == "int8" else q.view(torch.float8_e4m3fn))
+            self.register_buffer("scale", packed["scale"].float())
+        else:
+            if dim % group:
+                raise DecodeError(f"int4 group {group} does not divide the embedding width {dim}")
+            self.group = group
+            self.register_buffer("q", packed["q"].reshape(vocab, dim // group, group // 2))
+            self.register_buffer("scale", packed["scale"])
+            self.register_buffer("zero", packed["zero"])
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (1,) long -> (dim,)"""
+        if self.kind in (FULL, "bf16"):
+            return self.w[token][0].to(self.dtype)
+        if self.kind in ("int8", "fp8_e4m3"):
+            return (self.q[token][0].float() * self.scale[token][0]).to(self.dtype)
+        q = self.q[token][0]
+        s, z = self.scale[token][0].float()[..., None], self.zero[token][0].float()[..., None]
+        row = torch.stack([(q & 0x0F).float() * s + z, (q >> 4).float() * s + z], dim=-1)
+        return row.reshape(-1).to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class _Layer(nn.Module):
+    pass
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _strip(assignment: dict[str, str] | None) -> dict[str, str]:
+    """Names as in LlamaForCausalLM (the catalog wraps it as `lm`)."""
+    return {k.removeprefix("lm."): v for k, v in (assignment or {}).items()}
+
+
+class DecodeLlama(nn.Module):
+    """Batch-1, one-token decode step of a `LlamaForCausalLM` with a `max_len` static KV cache.
+
+    `assignment` maps layer names (as the compression engine reports them, with or without the
+    catalog's `lm.` prefix) to formats; layers it leaves out compute in `dtype` unquantized. Call
+    `model(token, pos)` with two (1,)-shaped long tensors on the model's device; it returns the
+    next-token logits (vocab,) in fp32 and writes the token's K and V at `pos`.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        assignment: dict[str, str] | None = None,
+        max_len: int = 512,
+        dtype: torch.dtype = torch.bfloat16,
+        backend: str = "torch",
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
+        self.backend = backend
+        cfg = lm.config
+        fmts = _strip(assignment)
+        unknown = set(fmts) - {n for n, _ in lm.named_modules()}
+        if unknown:
+            raise DecodeError(f"assignment names layers the model does not have: {sorted(unknown)[:3]}")
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        self.max_len, self.dtype = max_len, dtype
+        device = lm.lm_head.weight.device
+
+        def fmt(name: str) -> str:
+            return fmts.get(name, FULL)
+
+        def linear(names: list[str], weights: list[torch.Tensor]) -> list[tuple[PackedLinear, list[int]]]:
+            """One PackedLinear per run of consecutive names with the same format."""
+            out, i = [], 0
+            while i < len(names):
+                j = i
+                while j + 1 < len(names) and fmt(names[j + 1]) == fmt(names[i]):
+                    j += 1
+                w = torch.cat([weights[k].detach() for k in range(i, j + 1)])
+                sizes = [weights[k].shape[0] for k in range(i, j + 1)]
+                out.append((PackedLinear(w, fmt(names[i]), dtype, backend), sizes))
+                i = j + 1
+            return out
+
+        self.embed = PackedEmbedding(lm.model.embed_tokens.weight.detach(), fmt("model.embed_tokens"), dtype)
+        self.layers = nn.ModuleList()
+        for i, block in enumerate(lm.model.layers):
+            p = f"model.layers.{i}"
+            att, mlp = block.self_attn, block.mlp
+            layer = _Layer()
+            qkv = linear(
+                [f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"],
+                [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight],
+            )
+            gate_up = linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight])
+            layer.qkv = nn.ModuleList([m for m, _ in qkv])
+            layer.gate_up = nn.ModuleList([m for m, _ in gate_up])
+            layer.o = PackedLinear(att.o_proj.weight.detach(), fmt(f"{p}.self_attn.o_proj"), dtype, backend)
+            layer.down = PackedLinear(mlp.down_proj.weight.detach(), fmt(f"{p}.mlp.down_proj"), dtype, backend)
+            layer.register_buffer("ln1", block.input_layernorm.weight.detach().to(dtype).clone())
+            layer.register_buffer("ln2", block.post_attention_layernorm.weight.detach().to(dtype).clone())
+            shape = (self.kv_heads, max_len, self.head_dim)
+            layer.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
+            layer.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+            self.layers.append(layer)
+        self.register_buffer("norm", lm.model.norm.weight.detach().to(dtype).clone())
+        self.lm_head = PackedLinear(lm.lm_head.weight.detach(), fmt("lm_head"), dtype, backend)
+        positions = torch.arange(max_len, device=device)
+        with torch.no_grad():
+            cos, sin = lm.model.rotary_emb(torch.zeros(1, dtype=torch.float32, device=device), positions[None])
+        self.register_buffer("cos", cos[0].to(dtype))
+        self.register_buffer("sin", sin[0].to(dtype))
+        self.register_buffer("positions", positions)
+        self.to(device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per token (packed projections, embedding table, norms)."""
+        total = self.embed.nbytes() + self.lm_head.nbytes() + self.norm.numel() * self.norm.element_size()
+        for layer in self.layers:
+            for m in [*layer.qkv, *layer.gate_up, layer.o, layer.down]:
+                total += m.nbytes()
+            total += 2 * layer.ln1.numel() * layer.ln1.element_size()
+        return total
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+
+    def _rope_and_cache(self, layer, qkv, cos, sin, pos):
+        h, d = self.heads, self.head_dim
+        q, k, v = qkv.split([h * d, self.kv_heads * d, self.kv_heads * d])
+        q = q.view(h, d)
+        k = k.view(self.kv_heads, d)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        layer.k.index_copy_(1, pos, k[:, None])
+        layer.v.index_copy_(1, pos, v.view(self.kv_heads, 1, d))
+        return q
+
+    def _forward_triton(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        from . import triton_decode as td
+
+        cos, sin = self.cos[pos], self.sin[pos]
+        x = self.embed(token)
+        for layer in self.layers:
+            qkv = [m.fused(x, td.RMSNORM, layer.ln1, self.eps) for m in layer.qkv]
+            q = self._rope_and_cache(layer, _cat(qkv), cos, sin, pos)
+            x = layer.o.fused(td.attention(q, layer.k, layer.v, pos), residual=x)
+            gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps) for m in layer.gate_up]
+            x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x)
+        return self.lm_head.fused(x, td.RMSNORM, self.norm, self.eps).float()
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            return self._forward_triton(token, pos)
+        h, d = self.heads, self.head_dim
+        group = h // self.kv_heads
+        cos, sin = self.cos[pos], self.sin[pos]  # (1, d)
+        visible = self.positions <= pos  # (max_len,)
+        x = self.embed(token)
+        for layer in self.layers:
+            y = _rms(x, layer.ln1, self.eps)
+            q = self._rope_and_cache(layer, _cat([m(y) for m in layer.qkv]), cos, sin, pos)
+            scores = torch.matmul(q.view(self.kv_heads, group, d), layer.k.transpose(1, 2)).float() * d**-0.5
+            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(self.dtype)
+            x = x + layer.o(torch.matmul(probs, layer.v).reshape(h * d))
+            y = _rms(x, layer.ln2, self.eps)
+            gate, up = _cat([m(y) for m in layer.gate_up]).chunk(2)
+            x = x + layer.down(F.silu(gate) * up)
+        return self.lm_head(_rms(x, self.norm, self.eps)).float()
