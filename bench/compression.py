@@ -370,8 +370,10 @@ def resnet(bench: Bench) -> None:
     task = make_task("resnet50")
     base = task.model.to(DEV).eval()
     out = bench.doc["results"].setdefault("resnet50 h200", {"real_weights": False, "variants": {}})
-    out["settings"] = {"plain": "b64 bf16 channels_last, torch.compile reduce-overhead",
-                       "s2d": "the same, stem rewritten as pixel_unshuffle + 4x4 conv over 16 channels (exact)"}
+    out["settings"] = {
+        "plain": "b64 bf16 channels_last, torch.compile reduce-overhead",
+        "s2d": "the same, stem rewritten as pixel_unshuffle + 4x4 conv over 16 channels (exact)",
+    }
     x = torch.randn(64 if DEV == "cuda" else 2, 3, 224, 224, device=DEV, dtype=torch.bfloat16).to(
         memory_format=torch.channels_last
     )
@@ -387,8 +389,9 @@ def resnet(bench: Bench) -> None:
             pruned = bench.guard(
                 f"resnet50 prune {label}",
                 90,
-                lambda k=keep, d=drop: prune(task, base, k, steps=1, taylor_batches=2, recovery_steps=0, round_to=8,
-                                             drop=d),
+                lambda k=keep, d=drop: prune(
+                    task, base, k, steps=1, taylor_batches=2, recovery_steps=0, round_to=8, drop=d
+                ),
             )
             if pruned is None:
                 continue
@@ -421,8 +424,11 @@ def resnet(bench: Bench) -> None:
         if label == "unpruned":
             continue
         px = ref["params"] / row["params"]
-        ratios = {s: ref[f"latency_ms_{s}"] / row[f"latency_ms_{s}"] for s in ("plain", "s2d")
-                  if ref.get(f"latency_ms_{s}") and row.get(f"latency_ms_{s}")}
+        ratios = {
+            s: ref[f"latency_ms_{s}"] / row[f"latency_ms_{s}"]
+            for s in ("plain", "s2d")
+            if ref.get(f"latency_ms_{s}") and row.get(f"latency_ms_{s}")
+        }
         best = [row.get(f"latency_ms_{s}") for s in ("plain", "s2d") if row.get(f"latency_ms_{s}")]
         best_ref = [ref.get(f"latency_ms_{s}") for s in ("plain", "s2d") if ref.get(f"latency_ms_{s}")]
         if best and best_ref:
@@ -532,7 +538,6 @@ def llama(bench: Bench) -> None:
         row["latency_ms_per_token"] = cuda_time_ms(step, warmup=10, repeats=100)
         out["variants"][label] = row
         bench.save()
-        del dec, step_fn
         return row["latency_ms_per_token"]
 
     for label, assignment in variants.items():

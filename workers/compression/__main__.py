@@ -28,8 +28,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="catalog name: digits-cnn, minilm-l6, resnet50, bert-base, llama-1b")
     p.add_argument("--quantize", default="auto", help="auto (sensitivity-driven), preset or off")
     p.add_argument("--keep-ratio", type=float, default=0.7, help="share of prunable channels kept; 1 = no pruning")
-    p.add_argument("--drop-blocks", type=int, default=0,
-                   help="also remove this many whole residual blocks (resnet50), least important per MAC first")
+    p.add_argument(
+        "--drop-blocks",
+        type=int,
+        default=0,
+        help="also remove this many whole residual blocks (resnet50), least important per MAC first",
+    )
     p.add_argument(
         "--max-quality-drop",
         type=float,

@@ -359,8 +359,6 @@ def _minilm_task(model: nn.Module) -> Task:
 # ---------------------------------------------------------------- random-weight architectures
 
 
-
-
 class HiddenStates(nn.Module):
     def __init__(self, bert: nn.Module):
         super().__init__()

@@ -119,8 +119,9 @@ def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> d
     def watch(name: str, block: nn.Module) -> None:
         def branch_out(_module, _inputs, out):
             if out.requires_grad:
-                out.register_hook(lambda g: importance.__setitem__(name, importance[name]
-                                                                   + float((out.detach() * g).sum().abs())))
+                out.register_hook(
+                    lambda g: importance.__setitem__(name, importance[name] + float((out.detach() * g).sum().abs()))
+                )
 
         def conv_macs(module, _inputs, out):
             if id(module) in counted:  # once, from the first batch
@@ -140,15 +141,22 @@ def block_scores(task: Task, model: nn.Module, batches, device, count: int) -> d
         for t in range(count):
             inputs, target = next(batches)
             model.zero_grad()
-            _taylor_loss(task, model, to_device(inputs, device), None if target is None else target.to(device),
-                         50_000 + t).backward()
+            _taylor_loss(
+                task, model, to_device(inputs, device), None if target is None else target.to(device), 50_000 + t
+            ).backward()
     finally:
         for handle in handles:
             handle.remove()
         model.zero_grad(set_to_none=True)
     total = sum(importance.values()) or 1.0
-    return {name: {"importance": importance[name] / total, "macs": macs[name],
-                   "per_gmac": importance[name] / total / max(macs[name] / 1e9, 1e-12)} for name, _ in blocks}
+    return {
+        name: {
+            "importance": importance[name] / total,
+            "macs": macs[name],
+            "per_gmac": importance[name] / total / max(macs[name] / 1e9, 1e-12),
+        }
+        for name, _ in blocks
+    }
 
 
 def drop_blocks(model: nn.Module, scores: dict[str, dict], count: int) -> list[str]:
@@ -256,10 +264,13 @@ def prune(
     }
     if drop:
         info["dropped_blocks"] = dropped
-        info["block_scores"] = {n: {k: round(v, 6) if isinstance(v, float) else v for k, v in sc.items()}
-                                for n, sc in scores.items()}
-        info["depth_method"] = ("whole residual blocks replaced by the identity, lowest first by Taylor importance "
-                                "|sum(r * dL/dr)| of the branch output r per GMAC of the block")
+        info["block_scores"] = {
+            n: {k: round(v, 6) if isinstance(v, float) else v for k, v in sc.items()} for n, sc in scores.items()
+        }
+        info["depth_method"] = (
+            "whole residual blocks replaced by the identity, lowest first by Taylor importance "
+            "|sum(r * dL/dr)| of the branch output r per GMAC of the block"
+        )
     return student.eval(), info
 
 

@@ -7,6 +7,7 @@ runs ResNet-50's 7x7 stem was the costliest of its profile at batch 64 (about 0.
 of the rest was pruned), and the rewrite took 0.2-0.55 ms off pruned models (docs/compression.md). Applied
 to the unpruned and the pruned model alike, it is a setting, not a compression.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ class SpaceToDepthConv(nn.Module):
         if channels > in_c * 4:
             w4 = torch.cat([w4, w4.new_zeros(out_c, channels - in_c * 4, half, half)], dim=1)
         self.pad, self.extra = p, channels - in_c * 4
-        self.conv = nn.Conv2d(channels, out_c, half, 1, 0, bias=conv.bias is not None, device=conv.weight.device,
-                              dtype=conv.weight.dtype)
+        self.conv = nn.Conv2d(
+            channels, out_c, half, 1, 0, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype
+        )
         with torch.no_grad():
             self.conv.weight.copy_(w4)
             if conv.bias is not None:
@@ -55,8 +57,13 @@ def space_to_depth_stem(model: nn.Module, channel_multiple: int = 1) -> int:
     count = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if (isinstance(child, nn.Conv2d) and child.in_channels <= 4 and child.stride == (2, 2)
-                    and child.kernel_size[0] == child.kernel_size[1] and child.kernel_size[0] > 2):
+            if (
+                isinstance(child, nn.Conv2d)
+                and child.in_channels <= 4
+                and child.stride == (2, 2)
+                and child.kernel_size[0] == child.kernel_size[1]
+                and child.kernel_size[0] > 2
+            ):
                 setattr(module, child_name, SpaceToDepthConv(child, channel_multiple))
                 count += 1
     return count

@@ -149,8 +149,9 @@ def gemv(
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                      BLOCK_T: tl.constexpr):
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T, scale, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr
+):
     h = tl.program_id(0)
     base = (h // GROUP) * T * D
     pos = tl.load(pos_ptr)
