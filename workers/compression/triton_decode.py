@@ -62,7 +62,7 @@ def _gemv_kernel(
     out_ptr,
     N,
     K,
-    eps,
+    EPS: tl.constexpr,
     FMT: tl.constexpr,
     G: tl.constexpr,
     PRO: tl.constexpr,
@@ -79,7 +79,7 @@ def _gemv_kernel(
             kk = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             ss += v * v
-        inv = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        inv = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + EPS)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if FMT == 2:
         # BLOCK_K bytes of each row per step: inputs 2j (low nibble) and 2j+1 (high nibble).
@@ -139,7 +139,7 @@ def gemv(
         out,
         n,
         k,
-        eps,
+        EPS=eps,
         FMT=fmt,
         G=group or 1,
         PRO=prologue,
@@ -150,15 +150,24 @@ def gemv(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, T, scale, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    out_ptr,
+    T,
+    SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     h = tl.program_id(0)
     base = (h // GROUP) * T * D
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + h * D + d).to(tl.float32) * scale
-    m_i = float("-inf")
-    l_i = 0.0
+    q = tl.load(q_ptr + h * D + d).to(tl.float32) * SCALE
+    m_i = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0) - float("inf")  # fp32 scalars, as the loop keeps them
+    l_i = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     acc = tl.zeros([D], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -181,6 +190,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     kv_heads, t, _ = k_cache.shape
     out = torch.empty(heads * d, dtype=q.dtype, device=q.device)
     _attention_kernel[(heads,)](
-        q, k_cache, v_cache, pos, out, t, d**-0.5, GROUP=heads // kv_heads, D=d, BLOCK_T=min(128, t)
+        q, k_cache, v_cache, pos, out, t, SCALE=d**-0.5, GROUP=heads // kv_heads, D=d, BLOCK_T=min(128, t)
     )
     return out
