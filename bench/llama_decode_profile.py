@@ -1,0 +1,112 @@
+"""Where one Llama-1B decode step spends its GPU time: kernels per step, by name, per variant.
+
+Each variant (backend x weights) is DecodeLlama compiled without CUDA graphs (so that the profiler
+sees every kernel), run 20 steps under torch.profiler; the JSON gives, per step, the number of
+kernels, the summed kernel time, and the ten costliest kernel names with their share. With CUDA
+graphs (bench/compression.py) the same kernels run back to back, without the launch gaps.
+
+    python bench/llama_decode_profile.py --variants "torch:bf16,triton:int4,tinygemm:int4" --out X.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from workers.compression.decode import DecodeLlama  # noqa: E402
+from workers.compression.models import _build_llama  # noqa: E402
+from workers.compression.quantize import quantizable_layers  # noqa: E402
+
+STEPS = 20
+
+
+def profile(lm, backend: str, weights: str, smoke: bool) -> dict:
+    torch._dynamo.reset()
+    assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), "int4_g128")
+    dev = lm.lm_head.weight.device
+    dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend)
+    step = dec if smoke else torch.compile(dec, fullgraph=True, dynamic=False)
+    tok, pos = torch.tensor([123], device=dev), torch.tensor([511], device=dev)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(3):
+            step(tok, pos)
+    compile_s = time.perf_counter() - t
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof, torch.inference_mode():
+        for _ in range(STEPS):
+            step(tok, pos)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if dev.type == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time_total if dev.type == "cuda" else e.cpu_time_total
+    total_us = sum(v[1] for v in by_name.values()) / STEPS
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        "backend": backend,
+        "weights": weights,
+        "weight_bytes": dec.weight_bytes(),
+        "compile_s": round(compile_s, 1),
+        "kernels_per_step": sum(v[0] for v in by_name.values()) / STEPS,
+        "kernel_us_per_step": round(total_us, 1),
+        "top": [
+            {
+                "name": n[:120],
+                "per_step": c / STEPS,
+                "us_per_step": round(us / STEPS, 1),
+                "share": round(us / STEPS / total_us, 3),
+            }
+            for n, (c, us) in top
+        ],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="torch:bf16,triton:bf16,triton:int4,tinygemm:int4")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--smoke", action="store_true", help="the small Llama on the CPU, eager (checks the code path)")
+    args = p.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    lm = _build_llama(False, smoke=args.smoke).lm.to(dev, torch.bfloat16).eval()
+    doc = {
+        "benchmark": "llama-1b decode kernel profile",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
+        "setup": "batch 1, position 511 of a 512-token cache, compiled without CUDA graphs, 20 steps profiled",
+        "variants": [],
+        "errors": [],
+    }
+    for spec in args.variants.split(","):
+        backend, weights = spec.split(":")
+        if dev == "cpu" and backend != "torch":
+            continue
+        try:
+            doc["variants"].append(profile(lm, backend, weights, args.smoke))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+            doc["errors"].append({"variant": spec, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        if args.out:
+            args.out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
