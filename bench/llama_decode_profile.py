@@ -6,6 +6,7 @@ kernels, the summed kernel time, and the ten costliest kernel names with their s
 graphs (bench/compression.py) the same kernels run back to back, without the launch gaps.
 
     python bench/llama_decode_profile.py --variants "torch:bf16,triton:int4,tinygemm:int4" --out X.json
+    python bench/llama_decode_profile.py --graphs --tune --variants torch:bf16,triton:int4   # latency only
 """
 
 from __future__ import annotations
@@ -29,13 +30,47 @@ from workers.compression.quantize import quantizable_layers  # noqa: E402
 STEPS = 20
 
 
-def profile(lm, backend: str, weights: str, smoke: bool) -> dict:
+def graph_latency_ms(step, tok, pos, repeats: int = 100) -> float:
+    """Median per-token time of the CUDA-graph step (CUDA events)."""
+    import statistics
+
+    with torch.inference_mode():
+        for _ in range(10):
+            step(tok, pos)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(tok, pos)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False) -> dict:
     torch._dynamo.reset()
     assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), "int4_g128")
     dev = lm.lm_head.weight.device
     dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend)
-    step = dec if smoke else torch.compile(dec, fullgraph=True, dynamic=False)
+    mode = "reduce-overhead" if graphs else "default"
+    step = dec if smoke else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)
     tok, pos = torch.tensor([123], device=dev), torch.tensor([511], device=dev)
+    if graphs:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(3):
+                step(tok, pos)
+        compile_s = time.perf_counter() - t
+        return {
+            "backend": backend,
+            "weights": weights,
+            "weight_bytes": dec.weight_bytes(),
+            "compile_s": round(compile_s, 1),
+            "cuda_graphs": True,
+            "latency_ms_per_token": graph_latency_ms(step, tok, pos),
+        }
     t = time.perf_counter()
     with torch.inference_mode():
         for _ in range(3):
@@ -82,15 +117,25 @@ def main() -> int:
     p.add_argument("--variants", default="torch:bf16,triton:bf16,triton:int4,tinygemm:int4")
     p.add_argument("--out", type=Path)
     p.add_argument("--smoke", action="store_true", help="the small Llama on the CPU, eager (checks the code path)")
+    p.add_argument("--graphs", action="store_true", help="time each variant with CUDA graphs instead of profiling")
+    p.add_argument("--tune", action="store_true", help="inductor coordinate_descent_tuning (as bench/compression.py)")
     args = p.parse_args()
     dev = "cpu" if args.smoke else "cuda"
+    if args.tune:
+        torch._inductor.config.coordinate_descent_tuning = True
     lm = _build_llama(False, smoke=args.smoke).lm.to(dev, torch.bfloat16).eval()
     doc = {
         "benchmark": "llama-1b decode kernel profile",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
-        "setup": "batch 1, position 511 of a 512-token cache, compiled without CUDA graphs, 20 steps profiled",
+        "setup": "batch 1, position 511 of a 512-token cache, "
+        + (
+            "compiled with CUDA graphs (reduce-overhead), median of 100"
+            if args.graphs
+            else "compiled without CUDA graphs, 20 steps profiled"
+        )
+        + f", coordinate_descent_tuning={args.tune}",
         "variants": [],
         "errors": [],
     }
@@ -99,7 +144,7 @@ def main() -> int:
         if dev == "cpu" and backend != "torch":
             continue
         try:
-            doc["variants"].append(profile(lm, backend, weights, args.smoke))
+            doc["variants"].append(profile(lm, backend, weights, args.smoke, args.graphs and not args.smoke))
         except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
             doc["errors"].append({"variant": spec, "error": f"{type(exc).__name__}: {exc}"[:500]})
         if args.out:

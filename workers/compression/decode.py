@@ -64,6 +64,8 @@ class PackedLinear(nn.Module):
         else:
             if self.in_features % group:
                 raise DecodeError(f"int4 group {group} does not divide {self.in_features} inputs")
+            if backend == "triton" and group > 256:
+                raise DecodeError(f"the triton backend takes int4 groups of up to 256 inputs, not {group}")
             n_groups = self.in_features // group
             self.group = group
             q = packed["q"].reshape(self.out_features, n_groups, group // 2)
@@ -222,6 +224,10 @@ class DecodeLlama(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
         self.max_len, self.dtype = max_len, dtype
+        if backend == "triton":
+            for what, n in (("max_len", max_len), ("head_dim", self.head_dim)):
+                if n & (n - 1) or (what == "max_len" and n > 64 and n % 64):
+                    raise DecodeError(f"the triton backend needs a power-of-two {what}, not {n}")
         device = lm.lm_head.weight.device
 
         def fmt(name: str) -> str:

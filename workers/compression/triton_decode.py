@@ -5,8 +5,9 @@ with an fp16 scale and minimum per group — the layouts `quantize.pack()` write
 registers and accumulates in fp32. What surrounds a projection in a Llama block is fused into it, so
 that a decoder layer is six kernels instead of a dozen: the RMSNorm of the input (each program
 recomputes the norm of the short input vector), SiLU(gate) * up in front of the down projection,
-and the residual add after the output and down projections. `attention` is one program per query
-head over the whole static cache, with an online softmax and the positions after `pos` masked.
+and the residual add after the output and down projections. `attention` splits the static cache
+into blocks of positions (one program per query head and block, positions after `pos` masked), then
+combines the blocks' partial softmaxes (flash-decoding).
 
 Import needs Triton (on CUDA machines it comes with PyTorch). On a CPU the kernels run under
 Triton's interpreter (`TRITON_INTERPRET=1`), which is how the unit tests check them without a GPU.
@@ -43,6 +44,7 @@ def _input(x_ptr, nw_ptr, idx, m, K, inv, PRO: tl.constexpr):
 # rows of long inputs (down_proj: 2048 rows x 8192) to thousands (lm_head: 32,000 rows), so the best tile
 # differs per projection; the interpreter (CPU tests) takes the first only.
 _CONFIGS = [(4, 128, 2), (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (2, 512, 4), (32, 128, 8)]
+MAX_INT4_GROUP = 2 * min(k for _, k, _ in _CONFIGS)  # a step covers whole groups
 if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = _CONFIGS[:1]
 
@@ -80,31 +82,36 @@ def _gemv_kernel(
             v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             ss += v * v
         inv = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + EPS)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if FMT == 2:
-        # BLOCK_K bytes of each row per step: inputs 2j (low nibble) and 2j+1 (high nibble).
+        # BLOCK_K bytes of each row per step, i.e. 2 * BLOCK_K inputs (2j in the low nibble of byte j,
+        # 2j + 1 in the high one) in NGB whole groups: one dot product per group, then one scale and
+        # one minimum per group, loaded once.
         KH = K // 2
+        NG = K // G
+        NGB: tl.constexpr = 2 * BLOCK_K // G
+        acc = tl.zeros([BLOCK_N, NGB], dtype=tl.float32)
         for k0 in range(0, KH, BLOCK_K):
             j = k0 + tl.arange(0, BLOCK_K)
-            jm = j < KH
-            m2 = rmask[:, None] & jm[None, :]
-            b = tl.load(w_ptr + rows[:, None] * KH + j[None, :], mask=m2, other=0)
-            lo = (b & 15).to(tl.float32)
-            hi = (b >> 4).to(tl.float32)
-            xe = _input(x_ptr, nw_ptr, 2 * j, jm, K, inv, PRO)
-            xo = _input(x_ptr, nw_ptr, 2 * j + 1, jm, K, inv, PRO)
-            gidx = rows[:, None] * (K // G) + (2 * j // G)[None, :]
-            s = tl.load(s_ptr + gidx, mask=m2, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + gidx, mask=m2, other=0.0).to(tl.float32)
-            acc += s * (lo * xe[None, :] + hi * xo[None, :]) + z * (xe + xo)[None, :]
+            b = tl.load(w_ptr + rows[:, None] * KH + j[None, :], mask=rmask[:, None] & (j < KH)[None, :], other=0)
+            w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, NGB, G)).to(tl.float32)
+            kk = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+            xg = tl.reshape(_input(x_ptr, nw_ptr, kk, kk < K, K, inv, PRO), (NGB, G))
+            dot = tl.sum(w * xg[None, :, :], axis=2)
+            gi = 2 * k0 // G + tl.arange(0, NGB)
+            gm = rmask[:, None] & (gi < NG)[None, :]
+            sc = tl.load(s_ptr + rows[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+            zr = tl.load(z_ptr + rows[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+            acc += sc * dot + zr * tl.sum(xg, axis=1)[None, :]
+        y = tl.sum(acc, axis=1)
     else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < K
             w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             xv = _input(x_ptr, nw_ptr, kk, km, K, inv, PRO)
             acc += w.to(tl.float32) * xv[None, :]
-    y = tl.sum(acc, axis=1)
+        y = tl.sum(acc, axis=1)
     if FMT == 1:
         y = y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
     if HAS_RES:
@@ -149,47 +156,67 @@ def gemv(
 
 
 @triton.jit
-def _attention_kernel(
+def _attention_partial(
     q_ptr,
     k_ptr,
     v_ptr,
     pos_ptr,
-    out_ptr,
+    part_ptr,
     T,
     SCALE: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """One query head x one block of positions: the block's max score, softmax mass and weighted V."""
     h = tl.program_id(0)
+    blk = tl.program_id(1)
     base = (h // GROUP) * T * D
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = t <= pos
     q = tl.load(q_ptr + h * D + d).to(tl.float32) * SCALE
-    m_i = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0) - float("inf")  # fp32 scalars, as the loop keeps them
-    l_i = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        valid = t <= pos
-        kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(kb * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
-        vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vb, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    tl.store(out_ptr + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+    kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    s = tl.where(valid, tl.sum(kb * q[None, :], axis=1), float("-inf"))
+    m = tl.max(s, axis=0)
+    p = tl.where(valid, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
+    vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    out = part_ptr + (h * tl.num_programs(1) + blk) * (D + 2)
+    tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
+    tl.store(out + D, m)
+    tl.store(out + D + 1, tl.sum(p, axis=0))
+
+
+@triton.jit
+def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr):
+    h = tl.program_id(0)
+    b = tl.arange(0, NB)
+    d = tl.arange(0, D)
+    rows = part_ptr + (h * NB + b) * (D + 2)
+    m = tl.load(rows + D)
+    mass = tl.load(rows + D + 1)
+    acc = tl.load(rows[:, None] + d[None, :])
+    top = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * mass, axis=0)
+    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """q: (heads, d); caches: (kv_heads, T, d); softmax over positions <= pos. Returns (heads * d,)."""
+    """q: (heads, d); caches: (kv_heads, T, d); softmax over positions <= pos. Returns (heads * d,).
+
+    Split over blocks of 64 positions (one program per head and block), then one program per head
+    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions.
+    """
     heads, d = q.shape
     kv_heads, t, _ = k_cache.shape
+    block = min(64, t)
+    blocks = t // block
+    part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(heads * d, dtype=q.dtype, device=q.device)
-    _attention_kernel[(heads,)](
-        q, k_cache, v_cache, pos, out, t, SCALE=d**-0.5, GROUP=heads // kv_heads, D=d, BLOCK_T=min(128, t)
+    _attention_partial[(heads, blocks)](
+        q, k_cache, v_cache, pos, part, t, SCALE=d**-0.5, GROUP=heads // kv_heads, D=d, BLOCK_T=block
     )
+    _attention_combine[(heads,)](part, out, NB=blocks, D=d)
     return out
