@@ -122,11 +122,8 @@ class PackedLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) fp32 weight this layer multiplies by (for tests and inspection)."""
-        eye = torch.eye(self.in_features, device=self._any().device)
+        eye = torch.eye(self.in_features, device=next(self.buffers()).device)
         return torch.stack([self(col).float() for col in eye], dim=1)
-
-    def _any(self) -> torch.Tensor:
-        return next(self.buffers())
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
