@@ -176,6 +176,32 @@ def cpu(bench: Bench, models: list[str]) -> None:
                 },
                 r["wall_s"] <= 300,
             )
+        # GPTQ (the default) against round-to-nearest: the same auto budget, and the fixed preset
+        # (same formats, so the same size: only the rounding differs).
+        for label, opts in {
+            "minilm-l6 auto, rtn": engine.Options(model="minilm-l6", quantize="auto", keep_ratio=1.0, rounding="rtn"),
+            "minilm-l6 preset, gptq": engine.Options(model="minilm-l6", quantize="preset", keep_ratio=1.0),
+            "minilm-l6 preset, rtn": engine.Options(
+                model="minilm-l6", quantize="preset", keep_ratio=1.0, rounding="rtn"
+            ),
+        }.items():
+            r = bench.guard(label, 120, engine.run, opts)
+            if r is not None:
+                res[label] = r
+        rows = {k: res[k] for k in ("minilm-l6 auto", "minilm-l6 auto, rtn", "minilm-l6 preset, gptq",
+                                    "minilm-l6 preset, rtn") if k in res}
+        res["minilm-l6 rounding comparison"] = {
+            k: {
+                "weights_x": r["baseline"]["weight_bytes"] / r["compressed"]["weight_bytes"],
+                "fidelity": r["compressed"]["quality"],
+                "nn_agreement": r["compressed"].get("nn_agreement"),
+                "formats": {f: sum(1 for row in r["layers"] if row["format"] == f) for f in
+                            sorted({row["format"] for row in r["layers"]})},
+                "wall_s": r["wall_s"],
+            }
+            for k, r in rows.items()
+        }
+        bench.save()
 
 
 # ------------------------------------------------------------------ GPU

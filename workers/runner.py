@@ -50,6 +50,8 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
             command += ["--drop-blocks", str(int(pruning["drop_blocks"]))]
         if quantization.get("max_quality_drop") is not None:
             command += ["--max-quality-drop", str(quantization["max_quality_drop"])]
+        if quantization.get("rounding") in ("gptq", "rtn"):
+            command += ["--rounding", quantization["rounding"]]
         return command
     if kind == "training":
         hcof = spec.get("hcof") or {}

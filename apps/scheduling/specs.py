@@ -33,6 +33,11 @@ class QuantizationSpec(StrictSerializer):
         min_value=0.0, max_value=1.0, default=0.01,
         help_text="Largest allowed drop in the model's quality metric (e.g. 0.01 = one point of accuracy).",
     )
+    rounding = serializers.ChoiceField(
+        choices=["gptq", "rtn"], required=False,
+        help_text="How int4 Linear weights are rounded: gptq (from calibration data, the default) or rtn "
+                  "(to nearest).",
+    )
 
 
 class PruningSpec(StrictSerializer):

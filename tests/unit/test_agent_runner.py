@@ -44,6 +44,10 @@ def test_a_compression_job_becomes_the_compression_runners_command(tmp_path):
                  f"--out {tmp_path / 'out' / 'model'}", "--device cuda", "--threads 2", "--json-lines"):
         assert part in text
     assert "--drop-blocks" not in text
+    assert "--rounding" not in text  # the runner's default (gptq) applies
+    rtn = {**spec, "quantization": {"mode": "auto", "rounding": "rtn"}}
+    text = " ".join(build_command(payload(kind="compression", spec=rtn), tmp_path / "out", tmp_path))
+    assert "--rounding rtn" in text
     deeper = {"model": "resnet50", "pruning": {"keep_ratio": 0.6, "drop_blocks": 10}}
     text = " ".join(build_command(payload(kind="compression", spec=deeper), tmp_path / "out", tmp_path))
     assert "--keep-ratio 0.6" in text

@@ -144,6 +144,8 @@ def test_alice_submits_a_job_sees_it_queued_and_charlie_cannot_find_it(cluster):
                      "spec", "Only resnet50 has residual blocks", id="drop-blocks-not-resnet"),
         pytest.param({**COMPRESSION, "spec": {"model": "resnet50", "pruning": {"drop_blocks": 13}}},
                      "spec", "less than or equal to 12", id="drop-blocks-too-many"),
+        pytest.param({**COMPRESSION, "spec": {"model": "minilm-l6", "quantization": {"rounding": "stochastic"}}},
+                     "spec", "not a valid choice", id="unknown-rounding"),
         pytest.param({**COMPRESSION, "colour": "blue"}, "colour", "Unknown field", id="unknown-top-level-key"),
         pytest.param({**COMPRESSION, "name": ""}, "name", "blank", id="blank-name"),
     ],

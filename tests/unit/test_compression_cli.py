@@ -78,6 +78,7 @@ def test_a_digits_run_prunes_and_quantizes_within_its_budget(digits_run):
     assert base["weight_bytes"] / comp["weight_bytes"] >= 8.0
     assert base["quality"] - comp["quality"] <= 1.1
     assert report["simulated"] is True  # int4 has no CPU kernel
+    assert report["quantization"]["rounding"].startswith("gptq")  # the default
     assert {layer["kept"] for layer in report["layers"] if layer["name"] != "classifier.3"} == {0.7}
 
 
@@ -118,6 +119,14 @@ def refused(proc, out: Path | None = None):
 def test_it_refuses_an_unknown_model(tmp_path):
     err = refused(compression("--model", "gpt-17", "--json", "--out", str(tmp_path / "o")), tmp_path / "o")
     assert "unknown model" in err
+
+
+def test_it_refuses_an_unknown_rounding(tmp_path):
+    err = refused(
+        compression("--model", "digits-cnn", "--rounding", "stochastic", "--json", "--out", str(tmp_path / "o")),
+        tmp_path / "o",
+    )
+    assert "--rounding must be gptq or rtn" in err
 
 
 @pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5", "nan-ish"])

@@ -45,6 +45,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--arch", help="catalog architecture of --upload")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument(
+        "--rounding",
+        default="gptq",
+        help="int4 rounding of Linear weights: gptq (fitted on calibration inputs, the default) or rtn",
+    )
     p.add_argument("--prune-steps", type=int, default=3)
     p.add_argument("--recovery-steps", type=int, default=300)
     p.add_argument(
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch,
         device=args.device,
         group_size=args.group_size,
+        rounding=args.rounding,
         prune_steps=args.prune_steps,
         recovery_steps=args.recovery_steps,
         smoke=args.smoke,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import BadInput
-from .quantize import FULL, pack, packed_bytes, unpack
+from .quantize import FULL, RTN, Rounding, packed_bytes, unpack
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -27,7 +27,9 @@ REFERENCE = "reference.safetensors"
 FORMAT_VERSION = 1
 
 
-def pack_state(model: nn.Module, assignment: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+def pack_state(
+    model: nn.Module, assignment: dict[str, str], rounding: Rounding = RTN
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors to store and the manifest entries that say how to read them back."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
@@ -47,7 +49,7 @@ def pack_state(model: nn.Module, assignment: dict[str, str]) -> tuple[dict[str, 
                 "dtype": str(value.dtype).removeprefix("torch."),
             }
             continue
-        packed = pack(value.detach().cpu(), fmt)
+        packed = {k: t.cpu() for k, t in rounding.pack(key.removesuffix(".weight"), value.detach(), fmt).items()}
         for suffix, t in packed.items():
             tensors[f"{key}.{suffix}" if suffix else key] = t
         entries[key] = {"format": fmt, "shape": list(value.shape), "bytes": packed_bytes(packed)}
@@ -110,12 +112,13 @@ def save(
     assignment: dict[str, str],
     manifest: dict,
     reference: dict[str, torch.Tensor] | None = None,
+    rounding: Rounding = RTN,
 ) -> int:
     """Write the artifact into a temporary sibling and rename it into place; return the weight bytes."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tensors, entries = pack_state(model, assignment)
+    tensors, entries = pack_state(model, assignment, rounding)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .models import Task
+    from .quantize import Rounding
 
 Emit = Callable[[str, float], None]
 
@@ -31,6 +32,7 @@ class Options:
     arch: str | None = None
     device: str = "cpu"
     group_size: int = 64
+    rounding: str = "gptq"  # how int4 Linear weights are rounded: gptq (from calibration data) or rtn
     prune_steps: int = 3
     recovery_steps: int = 300
     smoke: bool = False
@@ -54,6 +56,8 @@ def validate(opts: Options) -> None:
         raise BadInput(f"--quantize must be auto, preset or off, got {opts.quantize!r}")
     if opts.max_quality_drop is not None and opts.max_quality_drop < 0:
         raise BadInput(f"--max-quality-drop must be >= 0, got {opts.max_quality_drop}")
+    if opts.rounding not in ("gptq", "rtn"):
+        raise BadInput(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
     if opts.group_size <= 0:
         raise BadInput(f"--group-size must be positive, got {opts.group_size}")
     if opts.upload is not None:
@@ -95,12 +99,17 @@ def load_upload(opts: Options) -> nn.Module:
     return model.eval()
 
 
-def measure(task: Task, model: nn.Module, assignment: dict[str, str] | None) -> tuple[dict, nn.Module]:
+def measure(
+    task: Task, model: nn.Module, assignment: dict[str, str] | None, rounding: Rounding | None = None
+) -> tuple[dict, nn.Module]:
     """Quality, size, parameters and MACs; latency is measured later, paired with the other model."""
     from . import report
-    from .quantize import apply_simulated
+    from .quantize import RTN, apply_simulated
 
-    quality_model = model if assignment is None else apply_simulated(copy.deepcopy(model), assignment)
+    if assignment is None:
+        quality_model = model
+    else:
+        quality_model = apply_simulated(copy.deepcopy(model), assignment, rounding or RTN)
     return {
         "quality": task.quality(quality_model),
         "weight_bytes": report.weight_bytes(model, assignment),
@@ -114,9 +123,10 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     import torch
 
     from . import artifact, report, sensitivity
-    from .models import make_task
+    from .gptq import collect_hessians
+    from .models import make_task, to_device
     from .prune import kept_fractions, prune
-    from .quantize import FULL, apply_torchao, candidate_formats
+    from .quantize import FULL, RTN, Rounding, apply_torchao, candidate_formats, quantizable_layers
 
     start, cpu_start = time.perf_counter(), time.process_time()
     validate(opts)
@@ -136,7 +146,6 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     max_drop = task.default_max_drop if opts.max_quality_drop is None else opts.max_quality_drop
     say("baseline", 0.0)
     baseline, _ = measure(task, model, None)
-    base_calib = task.calib_score(model)
 
     pruned, kept, pruning = model, {}, None
     if opts.keep_ratio < 1.0 or opts.drop_blocks:
@@ -152,13 +161,23 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         kept = kept_fractions(model, pruned)
 
     sens, quant_info = None, None
+    rounding, qtask = RTN, task
+    if opts.quantize != "off" and opts.rounding == "gptq":
+        # Each Linear's input Gram matrix, for GPTQ's int4 rounding, on inputs that the sensitivities
+        # are then not measured on (qtask's calibration set).
+        say("calibrate", 0.0)
+        fit, qtask = task.gptq_split()
+        hessians = collect_hessians(
+            quantizable_layers(pruned), lambda: [pruned(*to_device(inputs, device)) for inputs in fit]
+        )
+        rounding = Rounding(hessians)
     if opts.quantize == "auto":
         formats = candidate_formats(opts.group_size)
-        sens = sensitivity.measure(task, pruned, formats, progress=lambda f: say("sensitivity", f))
-        spent = base_calib - task.calib_score(pruned)
+        sens = sensitivity.measure(qtask, pruned, formats, progress=lambda f: say("sensitivity", f), rounding=rounding)
+        spent = qtask.calib_score(model) - qtask.calib_score(pruned)
         budget = max(max_drop - max(spent, 0.0), 0.0)
         say("assign", 0.0)
-        assignment, quant_info = sensitivity.auto_assign(task, pruned, sens, budget)
+        assignment, quant_info = sensitivity.auto_assign(qtask, pruned, sens, budget, rounding=rounding)
         quant_info["calib_drop_from_pruning"] = spent
     elif opts.quantize == "preset":
         assignment = sensitivity.preset(pruned, opts.group_size)
@@ -166,12 +185,19 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     else:
         assignment = {}
     assignment = {k: v for k, v in assignment.items() if v != FULL}
+    if quant_info is not None:
+        quant_info["rounding"] = (
+            "gptq: int4 Linear weights rounded by GPTQ, fitted on inputs apart from the calibration set the "
+            "sensitivities were measured on; other weights rounded to nearest"
+            if rounding.hessians
+            else "rtn: every weight rounded to nearest"
+        )
 
     say("evaluate", 0.0)
     executed, simulated_layers = None, list(assignment)
     if device.type == "cuda" and assignment:
-        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, "cuda")
-    compressed, simulated_model = measure(task, pruned, assignment)
+        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, "cuda", rounding)
+    compressed, simulated_model = measure(task, pruned, assignment, rounding)
     say("latency", 0.0)
     baseline["latency_ms"], compressed["latency_ms"] = report.paired_latency_ms(
         [model, executed or simulated_model], task.example_inputs, repeats=opts.latency_repeats
@@ -214,7 +240,7 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             "reported_quality": compressed["quality"],
             "quality_metric": task.quality_metric,
         }
-        artifact.save(opts.out, copy.deepcopy(pruned).cpu(), assignment, manifest, reference)
+        artifact.save(opts.out, copy.deepcopy(pruned).cpu(), assignment, manifest, reference, rounding)
         result["artifact"] = str(opts.out)
     result["wall_s"] = time.perf_counter() - start
     # CPU seconds of this process: on a shared machine, wall time also counts other processes' load.

@@ -116,6 +116,38 @@ def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return unpack(pack(w, fmt), fmt, tuple(w.shape)).to(dtype=w.dtype, device=w.device)
 
 
+class Rounding:
+    """How weights are rounded into their packed format: to nearest (RTN), or, for int4 Linear weights
+    whose layer has a Hessian, by GPTQ (gptq.py). GPTQ results are cached per (layer, format): one
+    Rounding serves one model state (the pruned model a run quantizes)."""
+
+    def __init__(self, hessians: dict[str, torch.Tensor] | None = None):
+        self.hessians = hessians or {}
+        self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    @property
+    def name(self) -> str:
+        return "gptq" if self.hessians else "rtn"
+
+    def pack(self, layer: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+        kind, group = parse_format(fmt)
+        hessian = self.hessians.get(layer)
+        if kind != "int4" or hessian is None or w.dim() != 2 or w.shape[1] % group:
+            return pack(w, fmt)
+        key = (layer, fmt)
+        if key not in self._cache:
+            from .gptq import gptq_int4
+
+            self._cache[key] = gptq_int4(w, hessian, group)
+        return self._cache[key]
+
+    def fake_quant(self, layer: str, w: torch.Tensor, fmt: str) -> torch.Tensor:
+        return unpack(self.pack(layer, w, fmt), fmt, tuple(w.shape)).to(dtype=w.dtype, device=w.device)
+
+
+RTN = Rounding()
+
+
 def packed_bytes(packed: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in packed.values())
 
@@ -144,14 +176,14 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and m.weight.dim() >= 2}
 
 
-def apply_simulated(model: nn.Module, assignment: dict[str, str]) -> nn.Module:
+def apply_simulated(model: nn.Module, assignment: dict[str, str], rounding: Rounding = RTN) -> nn.Module:
     """Replace each assigned layer's weight in place by its quantize-dequantize image."""
     layers = dict(model.named_modules())
     with torch.no_grad():
         for name, fmt in assignment.items():
             if fmt != FULL:
                 w = layers[name].weight
-                w.copy_(fake_quant(w, fmt))
+                w.copy_(rounding.fake_quant(name, w, fmt))
     return model
 
 
@@ -176,11 +208,15 @@ def torchao_config(fmt: str, device: str):
     return None
 
 
-def apply_torchao(model: nn.Module, assignment: dict[str, str], device: str) -> tuple[nn.Module, list[str]]:
+def apply_torchao(
+    model: nn.Module, assignment: dict[str, str], device: str, rounding: Rounding = RTN
+) -> tuple[nn.Module, list[str]]:
     """Execute the assignment with torchao where kernels exist; return the layers left simulated.
 
     Embeddings and formats without kernels are fake-quantized instead (their quality is still the
-    packed weights' quality, their speed that of the compute dtype).
+    packed weights' quality, their speed that of the compute dtype). torchao rounds from the weights it
+    is given; for layers with GPTQ rounding it is given the GPTQ image, which lies on a grid of the same
+    format, so that its rounding keeps GPTQ's choices where the grids agree.
     """
     from torchao.quantization import quantize_
 
@@ -194,12 +230,15 @@ def apply_torchao(model: nn.Module, assignment: dict[str, str], device: str) -> 
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
             cfg = None  # tinygemm's int4 takes bf16 activations only
         if cfg is not None:
+            if rounding.hessians.get(name) is not None:
+                with torch.no_grad():
+                    layer.weight.copy_(rounding.fake_quant(name, layer.weight, fmt))
             try:
                 quantize_(layer, cfg, filter_fn=lambda m, _fqn, target=layer: m is target)
                 continue
             except (AssertionError, RuntimeError, NotImplementedError, ImportError):
                 pass  # no kernel for this shape or dtype here: simulate it, and say so
         with torch.no_grad():
-            layer.weight.copy_(fake_quant(layer.weight, fmt))
+            layer.weight.copy_(rounding.fake_quant(name, layer.weight, fmt))
         simulated.append(name)
     return model, simulated

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .models import Task
-from .quantize import FULL, apply_simulated, candidate_formats, estimate_bytes, fake_quant, quantizable_layers
+from .quantize import FULL, RTN, Rounding, apply_simulated, candidate_formats, estimate_bytes, quantizable_layers
 
 EPS = 1e-6
 Progress = Callable[[float], None]
@@ -71,7 +71,7 @@ class StageReplay:
 
 
 def measure(
-    task: Task, model: nn.Module, formats: list[str], progress: Progress | None = None
+    task: Task, model: nn.Module, formats: list[str], progress: Progress | None = None, rounding: Rounding = RTN
 ) -> dict[str, dict[str, float]]:
     """{layer: {format: calibration drop}} with every other layer left as it is."""
     base = task.calib_score(model)
@@ -85,7 +85,7 @@ def measure(
         result[name] = {}
         for fmt in formats:
             with torch.no_grad():
-                layer.weight.copy_(fake_quant(original, fmt))
+                layer.weight.copy_(rounding.fake_quant(name, original, fmt))
             result[name][fmt] = base - replay.score(task, model, layer)
             done += 1
             if progress:
@@ -149,10 +149,12 @@ def assignment_from(model: nn.Module, moves: list[tuple[str, str]]) -> dict[str,
     return assignment
 
 
-def measured_drop(task: Task, model: nn.Module, assignment: dict[str, str], base: float) -> float:
+def measured_drop(
+    task: Task, model: nn.Module, assignment: dict[str, str], base: float, rounding: Rounding = RTN
+) -> float:
     import copy
 
-    return base - task.calib_score(apply_simulated(copy.deepcopy(model), assignment))
+    return base - task.calib_score(apply_simulated(copy.deepcopy(model), assignment, rounding))
 
 
 # Share of the budget the assignment may spend on calibration data: the held-out evaluation set
@@ -161,7 +163,12 @@ CALIBRATION_MARGIN = 0.9
 
 
 def auto_assign(
-    task: Task, model: nn.Module, sens: dict[str, dict[str, float]], budget: float, margin: float = CALIBRATION_MARGIN
+    task: Task,
+    model: nn.Module,
+    sens: dict[str, dict[str, float]],
+    budget: float,
+    margin: float = CALIBRATION_MARGIN,
+    rounding: Rounding = RTN,
 ) -> tuple[dict[str, str], dict]:
     """Greedy assignment, then checked against the measured calibration drop and cut back if needed."""
     given = budget
@@ -174,18 +181,18 @@ def auto_assign(
         for name, fmt in moves:
             cost[name] = max(sens[name][fmt], 0.0)
         predicted = sum(cost.values())
-    drop = measured_drop(task, model, assignment_from(model, moves), base)
+    drop = measured_drop(task, model, assignment_from(model, moves), base, rounding)
     kept = len(moves)
     if drop > budget and moves:
         lo, hi = 0, len(moves) - 1  # a prefix of length lo fits (the empty one does); find the longest
         while lo < hi:
             mid = math.ceil((lo + hi) / 2)
-            if measured_drop(task, model, assignment_from(model, moves[:mid]), base) <= budget:
+            if measured_drop(task, model, assignment_from(model, moves[:mid]), base, rounding) <= budget:
                 lo = mid
             else:
                 hi = mid - 1
         kept = lo
-        drop = measured_drop(task, model, assignment_from(model, moves[:kept]), base)
+        drop = measured_drop(task, model, assignment_from(model, moves[:kept]), base, rounding)
     info = {
         "method": "greedy: most bytes saved per unit of measured sensitivity, within the budget; "
         "then verified on calibration data with the latest moves undone until it fits",
