@@ -170,6 +170,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         "compression_models": COMPRESSION_MODELS,
         "training_models": TRAINING_MODELS,
         "quantization_modes": [("auto", "Auto — search per layer"), ("preset", "Preset"), ("off", "Off")],
+        "roundings": [("gptq", "GPTQ — from calibration data"), ("rtn", "To nearest")],
         "codecs": ["none", "bf16", "int8", "int4", "topk:0.01", "powersgd:4"],
         # The side panel shows the limits of the user's own teams (not every team, for staff).
         "usage_rows": _usage_rows([t for t in teams if t.pk in team_ids_of(request.user)]),

@@ -233,6 +233,12 @@ def test_a_blank_keep_ratio_means_no_pruning_as_in_the_api(alice, team_a, node_a
     assert Job.objects.get().spec["pruning"] == {"keep_ratio": 1.0}
 
 
+def test_the_form_chooses_how_int4_weights_are_rounded(alice, team_a, node_a):
+    submit(page_for(alice), team_a, rounding="rtn")
+    assert Job.objects.get().spec["quantization"]["rounding"] == "rtn"
+    assert 'value="gptq" selected' in page_for(alice).get("/jobs/new/").content.decode()
+
+
 def test_the_form_asks_for_depth_pruning_of_a_resnet(alice, team_a, node_a):
     submit(page_for(alice), team_a, compression_model="resnet50", keep_ratio="0.5", drop_blocks="10")
     assert Job.objects.get().spec["pruning"] == {"keep_ratio": 0.5, "drop_blocks": 10}
@@ -268,6 +274,7 @@ def test_the_form_team_is_optional_for_a_user_on_one_team(bob, team_a, node_a):
     ({"max_quality_drop": "3"}, "max_quality_drop", "less than or equal to 1"),
     ({"keep_ratio": "0"}, "keep_ratio", "greater than or equal to 0.05"),
     ({"drop_blocks": "2"}, "drop_blocks", "Only resnet50 has residual blocks"),
+    ({"rounding": "stochastic"}, "rounding", "is not a valid choice"),
     ({"name": ""}, "name", "This field is required"),
     ({"nodes": "2", "gpus": "2"}, "resources", "A compression job runs on one node"),
     ({"team": "999999"}, "team", "No team '999999' that you belong to"),
