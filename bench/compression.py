@@ -34,8 +34,16 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from workers.compression import engine, report, sensitivity  # noqa: E402
+from workers.compression.gptq import collect_hessians  # noqa: E402
 from workers.compression.models import make_task, to_device  # noqa: E402
-from workers.compression.quantize import FULL, apply_simulated, apply_torchao  # noqa: E402
+from workers.compression.quantize import (  # noqa: E402
+    FULL,
+    RTN,
+    Rounding,
+    apply_simulated,
+    apply_torchao,
+    quantizable_layers,
+)
 
 START = time.perf_counter()
 # The GPU sections run on DEV; `--dry-run` points them at the CPU, eager only, to check the code paths.
@@ -45,6 +53,7 @@ COMPILE = True
 RESNET_VARIANTS = os.environ.get("RESNET_VARIANTS", "0.5:0,0.6:10,0.7:10")
 # Llama decode: how DecodeLlama is compiled, and the quality budgets whose sensitivity mixes are timed.
 LLAMA_COMPILE_MODE = os.environ.get("LLAMA_COMPILE_MODE", "reduce-overhead")
+ROUNDING = os.environ.get("ROUNDING", "gptq")  # encoders' sensitivity mix: gptq (the engine's default) or rtn
 LLAMA_TUNE = os.environ.get("LLAMA_TUNE", "1") == "1"
 LLAMA_BUDGETS = [float(b) for b in os.environ.get("LLAMA_BUDGETS", "0.01,0.2").split(",")]
 # torch: inductor-fused torch expressions (cuBLAS for bf16); tinygemm: PyTorch's int4 kernel;
@@ -273,12 +282,20 @@ def encoders(bench: Bench, name: str) -> None:
     out = bench.doc["results"].setdefault(
         f"{name} h200", {"real_weights": task.real_weights, "quality_metric": task.quality_metric, "variants": {}}
     )
-    # Sensitivity and assignment on the GPU (fp32 fake-quant of one layer at a time), budget 0.01 cosine.
+    # Sensitivity and assignment on the GPU (fp32 fake-quant of one layer at a time), budget 0.01 cosine,
+    # with the engine's default rounding (GPTQ for int4 Linear weights unless ROUNDING=rtn).
+    rounding, qtask = RTN, task
+    if ROUNDING == "gptq":
+        fit, qtask = task.gptq_split()
+        rounding = Rounding(
+            collect_hessians(quantizable_layers(fp32), lambda: [fp32(*to_device(b, DEV)) for b in fit])
+        )
     if DEV == "cuda":
-        sens = sensitivity.measure(task, fp32, sensitivity.default_formats(128))
-        assignment, info = sensitivity.auto_assign(task, fp32, sens, 0.01)
+        sens = sensitivity.measure(qtask, fp32, sensitivity.default_formats(128), rounding=rounding)
+        assignment, info = sensitivity.auto_assign(qtask, fp32, sens, 0.01, rounding=rounding)
     else:  # the dry run checks code paths, not the (slow on CPU) sweep
         assignment, info = sensitivity.preset(fp32, 128), {"method": "preset (dry run)"}
+    info["rounding"] = rounding.name
     assignment = {k: v for k, v in assignment.items() if v != FULL}
     out["sensitivity_s"] = round(time.perf_counter() - t0, 1)
     out["assignment_info"] = info
@@ -297,12 +314,12 @@ def encoders(bench: Bench, name: str) -> None:
 
     def mix_kernels():
         m = copy.deepcopy(fp32).to(torch.bfloat16)  # layers the mix keeps in fp32 run in bf16 here
-        m, simulated = apply_torchao(m, assignment, DEV)
+        m, simulated = apply_torchao(m, assignment, DEV, rounding)
         out["mix_simulated_layers"] = simulated
         return m
 
     def mix_dequant():
-        return apply_simulated(copy.deepcopy(fp32), assignment).to(torch.bfloat16)
+        return apply_simulated(copy.deepcopy(fp32), assignment, rounding).to(torch.bfloat16)
 
     linear_only = {n: f for n, f in ((n, "int8") for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear))}
     sizes = {
@@ -478,7 +495,7 @@ def llama(bench: Bench) -> None:
     tokens one by one, to the fp32 model's logits on the same 32 tokens.
     """
     from workers.compression.decode import DecodeLlama
-    from workers.compression.quantize import candidate_formats, quantizable_layers
+    from workers.compression.quantize import candidate_formats
 
     torch._dynamo.reset()
     if DEV == "cuda":
