@@ -518,8 +518,15 @@ def llama(bench: Bench) -> None:
         ref_logits = model.lm(input_ids=ids.to(DEV), use_cache=False).logits[0, -1].float()
 
     t = time.perf_counter()
+    rounding, qtask = RTN, task
     with torch.inference_mode():
-        sens = sensitivity.measure(task, model, candidate_formats(128))
+        if ROUNDING == "gptq":
+            fit, qtask = task.gptq_split()
+            rounding = Rounding(
+                collect_hessians(quantizable_layers(model), lambda m=model: [m(*to_device(b, DEV)) for b in fit])
+            )
+        sens = sensitivity.measure(qtask, model, candidate_formats(128), rounding=rounding)
+    out["rounding"] = rounding.name
     out["sensitivity_s"] = round(time.perf_counter() - t, 1)
     out["sensitivity_formats"] = candidate_formats(128)
     bench.save()
@@ -528,8 +535,8 @@ def llama(bench: Bench) -> None:
     for budget in LLAMA_BUDGETS:
         t = time.perf_counter()
         with torch.inference_mode():
-            assignment, info = sensitivity.auto_assign(task, model, sens, budget)
-            quality = task.quality(apply_simulated(copy.deepcopy(model), assignment))
+            assignment, info = sensitivity.auto_assign(qtask, model, sens, budget, rounding=rounding)
+            quality = task.quality(apply_simulated(copy.deepcopy(model), assignment, rounding))
         assignment = {k: v for k, v in assignment.items() if v != FULL}
         counts: dict[str, int] = {}
         for fmt in assignment.values():
@@ -549,7 +556,7 @@ def llama(bench: Bench) -> None:
     everything = {n: "int4_g128" for n in quantizable_layers(model)}
     with torch.inference_mode():
         out["mixes"]["int4_g128 everywhere"] = {
-            "quality_cosine": task.quality(apply_simulated(copy.deepcopy(model), everything))
+            "quality_cosine": task.quality(apply_simulated(copy.deepcopy(model), everything, rounding))
         }
     variants["int4_g128 everywhere (not sensitivity-chosen)"] = everything
 
@@ -560,7 +567,10 @@ def llama(bench: Bench) -> None:
 
     def run(label: str, assignment: dict[str, str], backend: str) -> float:
         torch._dynamo.reset()
-        dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend)
+        # The packs are the ones the mix was chosen with (GPTQ's from the fp32 weights, cached).
+        dec = DecodeLlama(
+            lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend, rounding=rounding, rounding_prefix="lm."
+        )
         row = {"weight_bytes": dec.weight_bytes(), "backend": backend}
         t = time.perf_counter()
         step_fn = torch.compile(dec, mode=LLAMA_COMPILE_MODE, fullgraph=True, dynamic=False) if COMPILE else dec

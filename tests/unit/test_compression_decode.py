@@ -138,3 +138,26 @@ def test_the_triton_kernels_compute_what_the_torch_expressions_compute():
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_gptq_packed_weights_decode_like_the_gptq_model(lm):
+    from workers.compression.gptq import collect_hessians
+    from workers.compression.quantize import Rounding
+
+    layers = quantizable_layers(lm)
+    fit = tokens(32, seed=9)
+    rounding = Rounding(collect_hessians(layers, lambda: lm(input_ids=fit, use_cache=False)))
+    # Q/K/V share int4 (one stacked product of three GPTQ packs); gate int4, up int8 (two products).
+    assignment = {n: ("int8" if n.endswith("up_proj") else "int4_g32") for n in layers if n != "model.embed_tokens"}
+    ids = tokens(6, seed=5)
+    simulated = apply_simulated(copy.deepcopy(lm), assignment, rounding)
+    rtn = apply_simulated(copy.deepcopy(lm), assignment)
+    with torch.no_grad():
+        ref = simulated(input_ids=ids, use_cache=False).logits[0]
+        ref_rtn = rtn(input_ids=ids, use_cache=False).logits[0]
+    dec = DecodeLlama(lm, assignment, max_len=16, dtype=torch.float32, rounding=rounding)
+    assert len(dec.layers[0].qkv) == 1
+    assert len(dec.layers[0].gate_up) == 2
+    out = decode_all(dec, ids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (ref - ref_rtn).abs().max() > 1e-4  # GPTQ's packs are not RTN's

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize import FULL, pack, parse_format
+from .quantize import FULL, RTN, Rounding, pack, parse_format
 
 
 class DecodeError(ValueError):
@@ -46,14 +46,24 @@ BACKENDS = ("torch", "tinygemm", "triton")
 class PackedLinear(nn.Module):
     """y = W x for one vector x, W held packed in one of quantize's formats."""
 
-    def __init__(self, weight: torch.Tensor, fmt: str, dtype: torch.dtype, backend: str = "torch"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        fmt: str,
+        dtype: torch.dtype,
+        backend: str = "torch",
+        packed: dict[str, torch.Tensor] | None = None,
+    ):
+        """`packed`: the weight's packed tensors when they come from elsewhere (GPTQ, an artifact);
+        by default the weight is packed here, rounded to nearest."""
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
         kind, group = parse_format(fmt)
         self.fmt, self.kind, self.dtype = fmt, kind, dtype
         self.out_features, self.in_features = weight.shape
-        packed = pack(weight, fmt)
+        if packed is None:
+            packed = pack(weight, fmt)
         if kind in (FULL, "bf16"):
             # fp32 means "not quantized": it computes in the decode's dtype like every other layer.
             self.register_buffer("w", packed[""].to(dtype if kind == FULL else torch.bfloat16).contiguous())
@@ -206,7 +216,11 @@ class DecodeLlama(nn.Module):
         max_len: int = 512,
         dtype: torch.dtype = torch.bfloat16,
         backend: str = "torch",
+        rounding: Rounding = RTN,
+        rounding_prefix: str = "",
     ):
+        """`rounding` packs the weights (GPTQ where it has a layer's Hessian), its layers named with
+        `rounding_prefix` in front (the catalog's engine names them `lm.…`)."""
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
@@ -230,16 +244,28 @@ class DecodeLlama(nn.Module):
         def fmt(name: str) -> str:
             return fmts.get(name, FULL)
 
-        def linear(names: list[str], weights: list[torch.Tensor]) -> list[tuple[PackedLinear, list[int]]]:
+        def packed_linear(names: list[str], weights: list[torch.Tensor]) -> PackedLinear:
+            """One product for layers of one format: packing is per row, so their packs stack."""
+            f = fmt(names[0])
+            packs = [rounding.pack(rounding_prefix + n, w.detach(), f) for n, w in zip(names, weights, strict=True)]
+            stacked = {
+                k: torch.cat([p[k].reshape(w.shape[0], -1) for p, w in zip(packs, weights, strict=True)])
+                for k in packs[0]
+            }
+            for k in stacked:  # back to each tensor's own layout (int4 nibbles and row scales are flat)
+                if packs[0][k].dim() == 1:
+                    stacked[k] = stacked[k].reshape(-1)
+            w = torch.cat([x.detach() for x in weights])
+            return PackedLinear(w, f, dtype, backend, packed={k: v.to(w.device) for k, v in stacked.items()})
+
+        def linear(names: list[str], weights: list[torch.Tensor]) -> list[PackedLinear]:
             """One PackedLinear per run of consecutive names with the same format."""
             out, i = [], 0
             while i < len(names):
                 j = i
                 while j + 1 < len(names) and fmt(names[j + 1]) == fmt(names[i]):
                     j += 1
-                w = torch.cat([weights[k].detach() for k in range(i, j + 1)])
-                sizes = [weights[k].shape[0] for k in range(i, j + 1)]
-                out.append((PackedLinear(w, fmt(names[i]), dtype, backend), sizes))
+                out.append(packed_linear(names[i : j + 1], weights[i : j + 1]))
                 i = j + 1
             return out
 
@@ -254,10 +280,10 @@ class DecodeLlama(nn.Module):
                 [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight],
             )
             gate_up = linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight])
-            layer.qkv = nn.ModuleList([m for m, _ in qkv])
-            layer.gate_up = nn.ModuleList([m for m, _ in gate_up])
-            layer.o = PackedLinear(att.o_proj.weight.detach(), fmt(f"{p}.self_attn.o_proj"), dtype, backend)
-            layer.down = PackedLinear(mlp.down_proj.weight.detach(), fmt(f"{p}.mlp.down_proj"), dtype, backend)
+            layer.qkv = nn.ModuleList(qkv)
+            layer.gate_up = nn.ModuleList(gate_up)
+            layer.o = packed_linear([f"{p}.self_attn.o_proj"], [att.o_proj.weight])
+            layer.down = packed_linear([f"{p}.mlp.down_proj"], [mlp.down_proj.weight])
             layer.register_buffer("ln1", block.input_layernorm.weight.detach().to(dtype).clone())
             layer.register_buffer("ln2", block.post_attention_layernorm.weight.detach().to(dtype).clone())
             shape = (self.kv_heads, max_len, self.head_dim)
@@ -265,7 +291,7 @@ class DecodeLlama(nn.Module):
             layer.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
             self.layers.append(layer)
         self.register_buffer("norm", lm.model.norm.weight.detach().to(dtype).clone())
-        self.lm_head = PackedLinear(lm.lm_head.weight.detach(), fmt("lm_head"), dtype, backend)
+        self.lm_head = packed_linear(["lm_head"], [lm.lm_head.weight])
         positions = torch.arange(max_len, device=device)
         with torch.no_grad():
             cos, sin = lm.model.rotary_emb(torch.zeros(1, dtype=torch.float32, device=device), positions[None])
