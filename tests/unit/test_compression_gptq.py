@@ -88,3 +88,12 @@ def test_gptq_is_fitted_on_inputs_the_sensitivities_are_not_measured_on():
     assert [b[0][0, 0].item() for b in scored.calib_batches] == [1.0, 2.0]
     assert [r[0, 0].item() for r in scored.reference_calib] == [1.0, 2.0]
     assert len(task.calib_batches) == 3  # the task itself is unchanged
+
+
+def test_an_input_the_fitting_data_never_used_is_rounded_to_nearest_not_dropped():
+    x = correlated_inputs(512, 128)
+    x[:, 5] = 0.0
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(6))
+    got = unpack(gptq_int4(w, x.T @ x, 64), "int4_g64", tuple(w.shape))
+    rtn_step = (w[:, :64].amax(1) - w[:, :64].amin(1)) / 15
+    assert ((got[:, 5] - w[:, 5]).abs() <= rtn_step * 0.5 + 1e-3).all()

@@ -8,8 +8,9 @@ an fp16 scale and minimum per group of G inputs, two codes per byte), with each 
 minimum taken from the weights as they stand when GPTQ reaches the group — so the packed tensors are
 exactly what `quantize.pack()` would store, and they unpack the same way.
 
-H comes from one pass over the calibration batches of the unquantized (possibly pruned) model
-(`collect_hessians`). With H = identity, GPTQ is RTN exactly (a unit test checks it).
+H comes from one pass of fitting inputs through the unquantized (possibly pruned) model
+(`collect_hessians`); the engine keeps those inputs apart from the calibration set it scores
+sensitivities on (`Task.gptq_split`). With H = identity, GPTQ is RTN exactly (a unit test checks it).
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int) -> dict[str, t
         raise ValueError(f"GPTQ needs the group ({group}) to divide the inputs ({cols})")
     W = w.detach().double().clone()
     H = hessian.detach().double().clone().to(W.device)
-    dead = torch.diag(H) == 0  # inputs never seen: their weights cannot matter on such data
+    # An input that is zero on all the fitting data: its weights are rounded to nearest (H's row and
+    # column are zero but the diagonal, so no error moves to or from it), not dropped as in the paper's
+    # code, since other data may use it.
+    dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H += DAMP * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)

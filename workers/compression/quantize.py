@@ -230,7 +230,7 @@ def apply_torchao(
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
             cfg = None  # tinygemm's int4 takes bf16 activations only
         if cfg is not None:
-            if rounding.hessians.get(name) is not None:
+            if parse_format(fmt)[0] == "int4" and rounding.hessians.get(name) is not None:
                 with torch.no_grad():
                     layer.weight.copy_(rounding.fake_quant(name, layer.weight, fmt))
             try:
