@@ -88,6 +88,8 @@ def test_gptq_is_fitted_on_inputs_the_sensitivities_are_not_measured_on():
     assert [b[0][0, 0].item() for b in scored.calib_batches] == [1.0, 2.0]
     assert [r[0, 0].item() for r in scored.reference_calib] == [1.0, 2.0]
     assert len(task.calib_batches) == 3  # the task itself is unchanged
+    task.calib_batches = task.calib_batches[:1]
+    assert task.gptq_split() == ([], task)  # nothing to spare: no GPTQ
 
 
 def test_an_input_the_fitting_data_never_used_is_rounded_to_nearest_not_dropped():

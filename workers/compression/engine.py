@@ -167,10 +167,11 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         # are then not measured on (qtask's calibration set).
         say("calibrate", 0.0)
         fit, qtask = task.gptq_split()
-        hessians = collect_hessians(
-            quantizable_layers(pruned), lambda: [pruned(*to_device(inputs, device)) for inputs in fit]
-        )
-        rounding = Rounding(hessians)
+        if fit:
+            hessians = collect_hessians(
+                quantizable_layers(pruned), lambda: [pruned(*to_device(inputs, device)) for inputs in fit]
+            )
+            rounding = Rounding(hessians)
     if opts.quantize == "auto":
         formats = candidate_formats(opts.group_size)
         sens = sensitivity.measure(qtask, pruned, formats, progress=lambda f: say("sensitivity", f), rounding=rounding)

@@ -82,7 +82,7 @@ class Task:
         if not self.train_is_calib:
             return [inputs for inputs, _ in itertools.islice(self.train_batches(GPTQ_SEED), batches)], self
         if len(self.calib_batches) < 2:
-            raise ValueError("GPTQ needs at least two calibration batches here: one to fit, one to score")
+            return [], self  # nothing to spare: no GPTQ (the caller rounds to nearest)
         rest = copy.copy(self)
         rest.calib_batches = self.calib_batches[1:]
         rest.calib_labels = self.calib_labels[1:]
