@@ -3,9 +3,10 @@
 `gemv` reads a projection's packed bytes once (bf16 / fp32, int8 or fp8 with a per-row scale, int4
 with an fp16 scale and minimum per group — the layouts `quantize.pack()` writes), dequantizes in
 registers and accumulates in fp32. What surrounds a projection in a Llama block is fused into it, so
-that a decoder layer is six kernels instead of a dozen: the RMSNorm of the input (each program
-recomputes the norm of the short input vector), SiLU(gate) * up in front of the down projection,
-and the residual add after the output and down projections. `attention` splits the static cache
+that a decoder layer needs about half the kernels of the unfused step (measured: 131 against 211–227
+a token with the first, one-kernel attention): the RMSNorm of the input (each program recomputes
+the norm of the short input vector), SiLU(gate) * up in front of the down projection, and the
+residual add after the output and down projections. `attention` splits the static cache
 into blocks of positions (one program per query head and block, positions after `pos` masked), then
 combines the blocks' partial softmaxes (flash-decoding).
 
