@@ -9,8 +9,9 @@ behind long ones, which is what this targets.
 This is a separate, simplified simulator (same trace, same cluster shape, best-fit single-node
 placement, multi-node jobs on whole free nodes, no quotas, no reservations, no weights) run three
 ways: FIFO without preemption (to compare with the replay's FIFO), greedy without preemption, and
-two-class LAS with preemption. It prints the replay's metrics for each (wait = time not running:
-queued, and restarting after a preemption) and the number of preemptions.
+two-class LAS with preemption. It prints, for each, the replay's mean and p99 wait, mean bounded
+slowdown and tenant-slowdown Jain (wait = time not running: queued, and restarting after a
+preemption), each tenant's mean bounded slowdown, and the number of preemptions.
 
     python bench/scheduler_preemption_probe.py --nodes 64,72,80,90,100 [--threshold-gpu-s 14400] \
         [--restart-s 300] --out bench/results/scheduler-preemption-probe-DATE.json
