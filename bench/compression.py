@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from gpu_timing import cuda_median_ms  # noqa: E402
 
 from workers.compression import engine, report, sensitivity  # noqa: E402
 from workers.compression.gptq import collect_hessians  # noqa: E402
@@ -219,18 +220,7 @@ def cpu(bench: Bench, models: list[str]) -> None:
 def cuda_time_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
     if DEV != "cuda":
         return statistics.median([_wall_ms(fn) for _ in range(2)])
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, warmup, repeats)
 
 
 def _wall_ms(fn) -> float:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from gpu_timing import cuda_median_ms  # noqa: E402
 
 from workers.compression.decode import PackedLinear  # noqa: E402
 
@@ -55,15 +55,7 @@ def timed_ms(fn, cuda: bool, repeats: int = 200) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(graph.replay, warmup=3, repeats=repeats)
 
 
 def main() -> int:

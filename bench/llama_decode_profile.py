@@ -22,31 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from gpu_timing import cuda_median_ms  # noqa: E402
 
 from workers.compression.decode import DecodeLlama  # noqa: E402
 from workers.compression.models import _build_llama  # noqa: E402
 from workers.compression.quantize import quantizable_layers  # noqa: E402
 
 STEPS = 20
-
-
-def graph_latency_ms(step, tok, pos, repeats: int = 100) -> float:
-    """Median per-token time of the CUDA-graph step (CUDA events)."""
-    import statistics
-
-    with torch.inference_mode():
-        for _ in range(10):
-            step(tok, pos)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(tok, pos)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False) -> dict:
@@ -57,25 +39,22 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False) -
     mode = "reduce-overhead" if graphs else "default"
     step = dec if smoke else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)
     tok, pos = torch.tensor([123], device=dev), torch.tensor([511], device=dev)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(3):
+            step(tok, pos)
+    compile_s = time.perf_counter() - t
     if graphs:
-        t = time.perf_counter()
         with torch.inference_mode():
-            for _ in range(3):
-                step(tok, pos)
-        compile_s = time.perf_counter() - t
+            latency = cuda_median_ms(lambda: step(tok, pos), warmup=10, repeats=100)
         return {
             "backend": backend,
             "weights": weights,
             "weight_bytes": dec.weight_bytes(),
             "compile_s": round(compile_s, 1),
             "cuda_graphs": True,
-            "latency_ms_per_token": graph_latency_ms(step, tok, pos),
+            "latency_ms_per_token": latency,
         }
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(3):
-            step(tok, pos)
-    compile_s = time.perf_counter() - t
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -15,7 +15,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from gpu_timing import cuda_median_ms  # noqa: E402
 
 from workers.archs import ResNet50  # noqa: E402
 
@@ -96,18 +97,7 @@ def time_ms(model: nn.Module, x: torch.Tensor) -> float:
     torch._dynamo.reset()
     compiled = torch.compile(m, mode="reduce-overhead", dynamic=False)
     with torch.inference_mode():
-        for _ in range(5):
-            compiled(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(30):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            compiled(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return cuda_median_ms(lambda: compiled(x), warmup=5, repeats=30)
 
 
 def main() -> int:

@@ -74,8 +74,13 @@ class PackedLinear(nn.Module):
         else:
             if self.in_features % group:
                 raise DecodeError(f"int4 group {group} does not divide {self.in_features} inputs")
-            if backend == "triton" and group > 256:
-                raise DecodeError(f"the triton backend takes int4 groups of up to 256 inputs, not {group}")
+            if backend == "triton":
+                from .triton_decode import MAX_INT4_GROUP
+
+                if group > MAX_INT4_GROUP:
+                    raise DecodeError(
+                        f"the triton backend takes int4 groups of up to {MAX_INT4_GROUP} inputs, not {group}"
+                    )
             n_groups = self.in_features // group
             self.group = group
             q = packed["q"].reshape(self.out_features, n_groups, group // 2)
