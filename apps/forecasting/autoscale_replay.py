@@ -11,7 +11,8 @@ virtual clock, one pass after each instant), plus a decision every `decision_int
    raises if the rule ever picks a busy one), a node brought back takes jobs after
    `provisioning_delay_s` and is paid for from the decision on.
 
-`off` mode is the baseline: every node active all the time, and exactly `replay.simulate`'s result.
+`off` mode is the baseline: every node active all the time, and exactly `replay.simulate`'s result with
+preemption off (`PolicyConfig.preemption`; this study runs jobs start to end).
 Node-hours are the hours nodes are active or coming back; they are counted over the submit window
 (first to last submit) and over the whole run (first submit to the last job's end).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
 from typing import Protocol
 
@@ -147,6 +148,9 @@ def node_seconds(paid: list[tuple[float, int]], start: float, stop: float) -> fl
 def simulate_autoscaled(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int,
                         options: ReplayOptions, racks: int = 1,
                         weights: dict[str, float] | None = None) -> AutoscaleRun:
+    # This study measures node-hours against added wait with jobs running start to end: preemption is
+    # off here (a node is put on standby only when idle, and a preempted job would make it so early).
+    config = replace(config, preemption=False)
     sched, estimator = trace_scheduler(jobs, config, nodes, gpus_per_node, racks, weights)
     cluster = sched.cluster
     t0 = sched.now

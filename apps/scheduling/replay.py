@@ -4,6 +4,13 @@ Event-driven: the clock jumps from one submit or end to the next, and after each
 the core makes one pass, as the live dispatcher does on submit and on job end. The core sees run
 times only as the estimator learns them from jobs that have ended; the true duration of a job is
 used for nothing but scheduling its end event.
+
+Preemption (on by default in wfq, PolicyConfig.preemption): a job the core preempts stops at once,
+keeps what it has run (a checkpoint) and goes back to the queue; when it starts again it pays
+`restart_s` (default 300 s: reloading a checkpoint and warming up) before it makes progress again.
+A job's wait is therefore all the time from submit to end that it was not making progress: queued
+first, queued again after each preemption, and restarting (end - submit - duration; without
+preemption this is start - submit).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from apps.scheduling.policy.types import PRIORITIES
 REQUIRED = ("submit_s", "duration_s", "num_gpus", "tenant")
 SLOWDOWN_BOUND_S = 60.0
 JAIN_MIN_JOBS = 10
+RESTART_S = 300.0
 
 
 class TraceError(ValueError):
@@ -148,51 +156,117 @@ def trace_scheduler(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus
     return sched, estimator
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What a replay did to each job (index-aligned with the trace): first start and end."""
+
+    starts: list[float]
+    ends: list[float]
+    preemptions: int = 0  # in all
+    preempted_jobs: int = 0  # jobs preempted at least once
+    runs: list[tuple[int, float, float]] | None = None  # (job, start, stop) of every run, with `record_runs`
+
+
 def simulate(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int, racks: int = 1,
              weights: dict[str, float] | None = None, scheduler_class: type[Scheduler] = Scheduler) -> list[float]:
-    """Run the trace; return each job's start time (index-aligned with `jobs`). `scheduler_class` lets a
+    """Run the trace; return each job's first start time (index-aligned with `jobs`). `scheduler_class` lets a
     study change one method of the core (bench/scheduler_fairness_probe.py); the product uses Scheduler."""
+    return run_trace(jobs, config, nodes, gpus_per_node, racks, weights, scheduler_class).starts
+
+
+def run_trace(jobs: list[TraceJob], config: PolicyConfig, nodes: int, gpus_per_node: int, racks: int = 1,
+              weights: dict[str, float] | None = None, scheduler_class: type[Scheduler] = Scheduler,
+              restart_s: float = RESTART_S, record_runs: bool = False) -> Outcome:
+    """Run the trace, preempting and requeueing as the core decides."""
     sched, estimator = trace_scheduler(jobs, config, nodes, gpus_per_node, racks, weights, scheduler_class)
-    starts = [math.nan] * len(jobs)
-    ends: list[tuple[float, int]] = []
     total = len(jobs)
+    starts = [math.nan] * total
+    done = [math.nan] * total
+    # Per job: true run time still to go, seconds run so far, start of the current run, times preempted.
+    # An end event whose version is stale belongs to a run that was preempted.
+    remaining = [j.duration for j in jobs]
+    ran = [0.0] * total
+    began = [0.0] * total
+    preempted = [0] * total
+    version = [0] * total
+    ends: list[tuple[float, int, int]] = []
+    runs: list[tuple[int, float, float]] | None = [] if record_runs else None
     i = 0
     enqueue = sched.enqueue
     schedule_pass = sched.schedule_pass
     finish = sched.finish
     observe = estimator.observe
+
+    def queued(k: int) -> QueuedJob:
+        job = jobs[k]
+        return QueuedJob(
+            id=k, team=job.tenant, kind=job.kind, gpus=job.gpus, submit=job.submit, priority=job.priority,
+            nodes=-(-job.gpus // gpus_per_node), attempt=preempted[k] + 1, ran_s=ran[k], preemptions=preempted[k],
+        )
+
+    wake = math.inf  # when a running job becomes preemptible while jobs wait: a pass then
     while i < total or ends:
         now = jobs[i].submit if i < total else math.inf
         if ends and ends[0][0] <= now:
             now = ends[0][0]
+        if wake < now:
+            now = wake
         while ends and ends[0][0] <= now:
-            _, k = heappop(ends)
+            _, k, v = heappop(ends)
+            if v != version[k]:
+                continue
             job = jobs[k]
             finish(k, now)
+            done[k] = now
+            if runs is not None:
+                runs.append((k, began[k], now))
             observe(job.tenant, job.kind, job.gpus, job.duration)
         while i < total and jobs[i].submit <= now:
-            job = jobs[i]
-            enqueue(QueuedJob(
-                id=i, team=job.tenant, kind=job.kind, gpus=job.gpus, submit=job.submit, priority=job.priority,
-                nodes=-(-job.gpus // gpus_per_node),
-            ))
+            enqueue(queued(i))
             i += 1
-        for k in schedule_pass(now).placements:
-            starts[k] = now
-            heappush(ends, (now + jobs[k].duration, k))
-    return starts
+        decision = schedule_pass(now)
+        while True:
+            for k in decision.placements:
+                if math.isnan(starts[k]):
+                    starts[k] = now
+                began[k] = now
+                heappush(ends, (now + remaining[k], k, version[k]))
+            if not decision.preemptions:
+                break
+            # The core has already taken their GPUs back; they wait again, and restart when they resume.
+            for k in decision.preemptions:
+                run = now - began[k]
+                if runs is not None:
+                    runs.append((k, began[k], now))
+                ran[k] += run
+                remaining[k] = max(0.0, remaining[k] - run) + restart_s
+                version[k] += 1
+                preempted[k] += 1
+                enqueue(queued(k))
+            decision = schedule_pass(now)
+        wake = math.inf
+        if sched.preempt and sched.queued:
+            at = sched.next_preemptible_at()
+            if at is not None and at > now:
+                wake = at
+    return Outcome(starts, done, sum(preempted), sum(1 for c in preempted if c), runs)
 
 
-def metrics(jobs: list[TraceJob], starts: list[float], capacity: int) -> dict:
+def metrics(jobs: list[TraceJob], starts: list[float], capacity: int, ends: list[float] | None = None) -> dict:
+    """The replay's numbers. Without `ends` every job ran start to start + duration; with them a job's
+    wait is all the time it was not making progress, end - submit - duration."""
     waits, slowdowns = [], []
     per_tenant: dict[str, dict] = {}
     gpu_seconds = 0.0
     first_submit = min((j.submit for j in jobs), default=0.0)
     last_end = first_submit
     jct_sum = 0.0
-    for job, start in zip(jobs, starts, strict=True):
-        wait = start - job.submit
-        end = start + job.duration
+    for index, (job, start) in enumerate(zip(jobs, starts, strict=True)):
+        if ends is None:
+            wait, end = start - job.submit, start + job.duration
+        else:
+            end = ends[index]
+            wait = max(0.0, end - job.submit - job.duration)
         slowdown = max(1.0, (wait + job.duration) / max(job.duration, SLOWDOWN_BOUND_S))
         waits.append(wait)
         slowdowns.append(slowdown)
@@ -233,7 +307,8 @@ def metrics(jobs: list[TraceJob], starts: list[float], capacity: int) -> dict:
 
 
 def replay(trace: str | Path, policy: str, nodes: int, gpus_per_node: int, racks: int = 1,
-           weights: str | Path | None = None, config: PolicyConfig | None = None) -> dict:
+           weights: str | Path | None = None, config: PolicyConfig | None = None,
+           restart_s: float = RESTART_S) -> dict:
     """Load, simulate and measure; the dict has exactly the fields `replay_trace --json` prints."""
     began = time.perf_counter()
     if nodes < 1 or gpus_per_node < 1:
@@ -246,7 +321,11 @@ def replay(trace: str | Path, policy: str, nodes: int, gpus_per_node: int, racks
         from dataclasses import replace
 
         config = replace(config, policy=policy)
-    starts = simulate(jobs, config, nodes, gpus_per_node, racks, tenant_weights)
-    result = metrics(jobs, starts, nodes * gpus_per_node)
+    if restart_s < 0 or not math.isfinite(restart_s):
+        raise TraceError(f"--restart-s must be a finite number of seconds >= 0, not {restart_s}")
+    outcome = run_trace(jobs, config, nodes, gpus_per_node, racks, tenant_weights, restart_s=restart_s)
+    result = metrics(jobs, outcome.starts, nodes * gpus_per_node, outcome.ends)
+    result["preemptions"] = outcome.preemptions
+    result["preempted_jobs"] = outcome.preempted_jobs
     result["wall_s"] = round(time.perf_counter() - began, 3)
     return result

@@ -239,7 +239,7 @@ def options(mode: str, **extra) -> ReplayOptions:
 def test_without_the_autoscaler_the_replay_is_exactly_replay_trace(sample):
     jobs, weights = sample
     run = simulate_autoscaled(jobs, PolicyConfig(), 16, 8, options("off"), weights=weights)
-    assert run.starts == simulate(jobs, PolicyConfig(), 16, 8, 1, weights)
+    assert run.starts == simulate(jobs, PolicyConfig(preemption=False), 16, 8, 1, weights)
     assert run.paid == [(jobs[0].submit, 16)]
 
 

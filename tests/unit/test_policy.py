@@ -235,7 +235,8 @@ def test_a_long_job_may_take_gpus_the_reserved_job_will_not_need():
 def test_an_overrunning_job_is_expected_to_run_as_long_again():
     nodes = [node(1, busy=(0, 1, 2, 3, 4, 5, 6, 7))]
     run = [running(1, 1, tuple(range(8)), started=NOW - 3600, ends_in=-1800)]  # expected 30 min, ran 1 h
-    decision = schedule(snap(nodes, [queued(10, gpus=8)], run=run))
+    # (Without preemption: it has run 8 GPU-hours, past the mark, and job 10 would preempt it.)
+    decision = schedule(snap(nodes, [queued(10, gpus=8)], run=run), config=PolicyConfig(preemption=False))
     assert decision.reservations[10].time == NOW + 3600  # 30 min, doubled twice: 2 h after its start
 
 

@@ -17,7 +17,7 @@ from apps.scheduling.policy import (
     forecast_etas,
     schedule,
 )
-from apps.scheduling.replay import TraceJob, simulate
+from apps.scheduling.replay import TraceJob, run_trace, simulate
 
 NOW = 1_760_000_000.0
 GB = 1024
@@ -200,10 +200,21 @@ def trace_jobs(rows) -> list[TraceJob]:
 @given(traces, st.sampled_from(["wfq", "fifo", "firstfit"]), st.integers(2, 4))
 def test_in_a_replay_every_job_starts_and_the_cluster_is_never_oversubscribed(rows, policy, nodes):
     jobs = trace_jobs(rows)
-    starts = simulate(jobs, PolicyConfig(policy=policy, aging_s=3600), nodes, 8, racks=2)
-    assert all(start >= job.submit for job, start in zip(jobs, starts, strict=True))
-    events = sorted([(s, j.gpus) for j, s in zip(jobs, starts, strict=True)]
-                    + [(s + j.duration, -j.gpus) for j, s in zip(jobs, starts, strict=True)],
+    # A small preemption mark and minimum run, so that wfq preempts often here.
+    config = PolicyConfig(policy=policy, aging_s=3600, preempt_threshold_gpu_s=600, preempt_min_run_s=60)
+    outcome = run_trace(jobs, config, nodes, 8, racks=2, restart_s=30, record_runs=True)
+    assert all(start >= job.submit for job, start in zip(jobs, outcome.starts, strict=True))
+    # Every job ends, having run (over all its runs) at least its duration.
+    ran = [0.0] * len(jobs)
+    for k, start, stop in outcome.runs:
+        ran[k] += stop - start
+    for job, end, total in zip(jobs, outcome.ends, ran, strict=True):
+        assert end >= job.submit + job.duration
+        assert total >= job.duration
+    if policy != "wfq":
+        assert outcome.preemptions == 0
+    events = sorted([(start, jobs[k].gpus) for k, start, _ in outcome.runs]
+                    + [(stop, -jobs[k].gpus) for k, _, stop in outcome.runs],
                     key=lambda e: (e[0], e[1]))
     in_use = 0
     for _, delta in events:

@@ -20,7 +20,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SAMPLE = FIXTURES / "philly-sample.csv"
 WEIGHTS = FIXTURES / "philly-weights.csv"
 FIELDS = {"jobs", "mean_wait_s", "p50_wait_s", "p95_wait_s", "p99_wait_s", "mean_jct_s", "mean_bounded_slowdown",
-          "makespan_s", "utilization", "tenant_slowdown_jain", "per_tenant", "wall_s"}
+          "makespan_s", "utilization", "tenant_slowdown_jain", "per_tenant", "preemptions", "preempted_jobs", "wall_s"}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,16 @@ Backfill. The first job in that order that cannot start gets a reservation (its 
 the expected ends of running jobs, and the nodes); so does every job past the aging bound, up to
 `max_reservations`. A later job may start only where it delays no reservation: it is expected to
 end before the reservation's time, or it takes GPUs the reserved job will not need.
+
+Preemption (two-class least attained service, as in Tiresias). A queued job that has run less than
+`preempt_threshold_gpu_s` GPU-seconds in all its attempts goes before every job that has run more
+(those wait in sub-queues of their own, after everything else, aging included). When such a job
+cannot start, it may stop running jobs past that mark (preemptible kind, running this attempt for at
+least `preempt_min_run_s`, under the per-job limit): on one node the fewest GPUs to stop, most-served
+jobs first; for whole nodes the cheapest nodes. A stopped job goes back to the queue with what it has
+run and resumes from its checkpoint. Live (`instant_preemption=False`) the stopped jobs give their
+GPUs back only when their workers confirm, so the job they make room for waits for the next pass and
+their nodes are held out of this one; the replay and the ETA forecast stop them at once.
 """
 from __future__ import annotations
 
@@ -40,9 +50,24 @@ class Held:
         self.entry, self.time, self.nodes, self.caps = entry, time, nodes, caps
 
 
+class Run:
+    """A running job as the pass sees it."""
+
+    __slots__ = ("gpus", "kind", "preemptions", "ran_s", "start", "stopping", "team")
+
+    def __init__(self, team: Hashable, kind: str, gpus: int, start: float, ran_s: float, preemptions: int,
+                 stopping: bool = False):
+        self.team, self.kind, self.gpus, self.start = team, kind, gpus, start
+        self.ran_s, self.preemptions, self.stopping = ran_s, preemptions, stopping
+
+    def attained(self, now: float) -> float:
+        """GPU-seconds run in all its attempts, this one included."""
+        return (self.ran_s + max(0.0, now - self.start)) * self.gpus
+
+
 class Scheduler:
     def __init__(self, config: PolicyConfig | None = None, estimator: RuntimeEstimator | None = None,
-                 now: float = 0.0, virtual_time: float = 0.0):
+                 now: float = 0.0, virtual_time: float = 0.0, instant_preemption: bool = True):
         self.config = config or PolicyConfig()
         self.estimator = estimator or RuntimeEstimator(self.config)
         self.now = now
@@ -52,8 +77,16 @@ class Scheduler:
         self.flows: dict[tuple[Hashable, str], Flow] = {}
         self.active_subs: set[SubQueue] = set()
         self.queued: dict[Hashable, Entry] = {}
-        self.running: dict[Hashable, tuple[Hashable, int]] = {}  # id -> (team, GPUs)
+        self.running: dict[Hashable, Run] = {}
         self.reservations: list[Held] = []  # made by the last pass
+        # Preemption: True stops a job the moment the pass decides to (replay, forecast); False leaves
+        # its GPUs held until the caller reports it ended (live). Running jobs that become preemptible
+        # at a time, in a heap; those that are, by node; and jobs waiting on preempted ones (last pass).
+        self.instant_preemption = instant_preemption
+        self.preempt = self.config.policy == "wfq" and self.config.preemption
+        self._eligible: list[tuple[float, int, Hashable, Run]] = []
+        self._victims: dict[int, dict[Hashable, list[Hashable]]] = {}
+        self.preempting: dict[Hashable, tuple[Hashable, ...]] = {}
         self._seq = 0
         self._shapes: dict[tuple, Shape] = {}
         self._ever: dict[tuple, bool] = {}
@@ -62,13 +95,13 @@ class Scheduler:
     # -- building -------------------------------------------------------------------------------
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
-                      config: PolicyConfig | None = None) -> Scheduler:
+                      config: PolicyConfig | None = None, instant_preemption: bool = False) -> Scheduler:
         vtime = snapshot.virtual_time
         if vtime is None:
             # Nothing persisted: the smallest start tag still queued is where virtual time stood.
             stamped = [j.start_tag for j in snapshot.queued if j.start_tag is not None]
             vtime = min(stamped) if stamped else max(snapshot.flow_finish.values(), default=0.0)
-        sched = cls(config, estimator, now=snapshot.now, virtual_time=vtime)
+        sched = cls(config, estimator, now=snapshot.now, virtual_time=vtime, instant_preemption=instant_preemption)
         for team in snapshot.teams:
             sched.add_team(team)
         for node in snapshot.nodes:
@@ -124,11 +157,20 @@ class Scheduler:
         """A job already holding GPUs; `touched` collects its nodes to re-index once at the end."""
         gpus = job.gpu_count
         end = job.estimated_end
-        if end is None:
-            end = job.start + self.estimator.estimate(job.team, job.kind, gpus, job.walltime_s)
+        if job.preempting:
+            end = self.now  # it is being stopped: its GPUs come back as soon as its worker confirms
+        elif end is None:
+            est = self.estimator.estimate(job.team, job.kind, gpus, job.walltime_s)
+            end = job.start + max(self.config.overrun_grace_s, est - job.ran_s) if job.ran_s else job.start + est
         self.cluster.hold(job.id, job.gpus, job.start, end, touched)
         self.team(job.team).start(job.id, gpus, self.now, end)
-        self.running[job.id] = (job.team, gpus)
+        run = self.running[job.id] = Run(job.team, job.kind, gpus, job.start, job.ran_s, job.preemptions,
+                                         job.preempting)
+        if job.preempting:
+            if self.preempt:
+                self._add_victim(job.id)
+        else:
+            self._watch(job.id, run)
 
     def weight(self, team: Hashable, kind: str, priority: str) -> float:
         """A job's WFQ weight: team weight x kind weight x priority factor."""
@@ -146,6 +188,8 @@ class Scheduler:
         est = job.estimated_runtime_s
         if est is None:
             est = self.estimator.estimate(team, kind, gpus, job.walltime_s)
+            if job.ran_s:  # a resumed job is expected to run what is left of its estimate
+                est = max(self.config.overrun_grace_s, est - job.ran_s)
         flow = self.flows.get((team, kind)) or self.flow(team, kind)
         shape = self._shapes.get((gpus, job.nodes if job.nodes > 1 else 1, memory or None))
         if shape is None:
@@ -165,9 +209,13 @@ class Scheduler:
         self._seq += 1
         if entry.finish_tag > flow.last_finish:
             flow.last_finish = entry.finish_tag
-        sub = flow.subs.get(shape.key)
+        sub_key = shape.key
+        if self.preempt and job.ran_s and job.ran_s * gpus >= self.config.preempt_threshold_gpu_s:
+            entry.served = True
+            sub_key = (*sub_key, "served")
+        sub = flow.subs.get(sub_key)
         if sub is None:
-            sub = flow.subs[shape.key] = SubQueue(flow, shape)
+            sub = flow.subs[sub_key] = SubQueue(flow, shape)
         entry.sub = sub
         sub.jobs.append(entry)
         self.active_subs.add(sub)
@@ -175,22 +223,144 @@ class Scheduler:
         return entry
 
     def finish(self, job_id: Hashable, now: float) -> None:
-        """A running job gave its GPUs back (it ended, failed or was cancelled)."""
-        team, gpus = self.running.pop(job_id)
+        """A running job gave its GPUs back (it ended, failed, was cancelled or preempted)."""
+        run = self.running.pop(job_id)
+        if self._victims:
+            self._drop_victim(job_id)
         self.cluster.release_job(job_id)
-        self.teams[team].end(job_id, gpus, now)
+        self.teams[run.team].end(job_id, run.gpus, now)
+
+    # -- preemption -----------------------------------------------------------------------------
+    def _watch(self, job_id: Hashable, run: Run) -> None:
+        """Note when a running job will become preemptible, if it ever will."""
+        config = self.config
+        if not self.preempt or run.kind not in config.preemptible_kinds:
+            return
+        if config.max_preemptions_per_job is not None and run.preemptions >= config.max_preemptions_per_job:
+            return
+        at = run.start + max(config.preempt_min_run_s, config.preempt_threshold_gpu_s / run.gpus - run.ran_s)
+        heappush(self._eligible, (at, self._seq, job_id, run))
+        self._seq += 1
+
+    def _collect(self, now: float) -> bool:
+        """Move the running jobs that have become preemptible by `now` to the victims; any victims?"""
+        eligible = self._eligible
+        while eligible and eligible[0][0] <= now:
+            _, _, job_id, run = heappop(eligible)
+            if self.running.get(job_id) is run:
+                self._add_victim(job_id)
+        return bool(self._victims)
+
+    def next_preemptible_at(self) -> float | None:
+        """When the next running job becomes preemptible (None: none will): a replay runs a pass then,
+        as the live beat would, if jobs are waiting."""
+        eligible = self._eligible
+        while eligible and self.running.get(eligible[0][2]) is not eligible[0][3]:
+            heappop(eligible)
+        return eligible[0][0] if eligible else None
+
+    def _add_victim(self, job_id: Hashable) -> None:
+        hold = self.cluster.jobs.get(job_id)
+        if hold is not None:
+            for n, ids in hold.where:
+                self._victims.setdefault(n, {})[job_id] = ids
+
+    def _drop_victim(self, job_id: Hashable) -> None:
+        hold = self.cluster.jobs.get(job_id)
+        if hold is not None:
+            for n, _ in hold.where:
+                jobs = self._victims.get(n)
+                if jobs is not None and jobs.pop(job_id, None) is not None and not jobs:
+                    del self._victims[n]
+
+    def _room(self, entry: Entry, now: float) -> tuple[list[Hashable], list[int]] | None:
+        """The running jobs to stop so that `entry` fits now, and on which nodes; None: it can't."""
+        cluster, running, shape = self.cluster, self.running, entry.shape
+        p, memory = shape.per_node, shape.memory_mb
+        options: list[tuple[int, int, list[Hashable]]] = []  # (GPUs to stop, node, jobs to stop)
+        hidden = cluster.hidden
+        for n, jobs in self._victims.items():
+            if not cluster.active[n] or n in hidden or cluster.size[n] < p:
+                continue
+            have = cluster._eligible_free(n, memory)
+            chosen: list[Hashable] = []
+            cost = 0
+            if have < p:
+                narrow = memory and cluster.min_memory[n] < memory
+                # Jobs already stopping cost nothing; then the most-served first.
+                for job_id in sorted(jobs, key=lambda j: (not running[j].stopping, -running[j].attained(now))):
+                    ids = jobs[job_id]
+                    got = sum(1 for g in ids if cluster.gpu_memory[g] >= memory) if narrow else len(ids)
+                    if not got:
+                        continue
+                    chosen.append(job_id)
+                    have += got
+                    if not running[job_id].stopping:
+                        cost += running[job_id].gpus
+                    if have >= p:
+                        break
+            if have >= p:
+                options.append((cost, n, chosen))
+        k = shape.nodes
+        if k == 1:
+            if not options:
+                return None
+            _, n, chosen = min(options, key=lambda o: (o[0], len(o[2]), o[1]))
+            return chosen, [n]
+        seen = {n for _, n, _ in options}
+        options.extend((0, n, []) for n in range(len(cluster.ids))
+                       if n not in seen and cluster.active[n] and n not in hidden
+                       and cluster._eligible_free(n, memory) >= p)
+        if len(options) < k:
+            return None
+        options.sort(key=lambda o: (o[0], o[1]))
+        best = options[:k]
+        by_rack: dict[str, list] = {}
+        for option in options:
+            by_rack.setdefault(cluster.rack[option[1]], []).append(option)
+        total = sum(o[0] for o in best)
+        for candidates in by_rack.values():  # one rack when that stops no more than any racks would
+            if len(candidates) >= k and sum(o[0] for o in candidates[:k]) <= total:
+                best = candidates[:k]
+                break
+        stop = list(dict.fromkeys(job_id for _, _, chosen in best for job_id in chosen))
+        return stop, sorted(n for _, n, _ in best)
+
+    def _preempt_for(self, entry: Entry, stop: list[Hashable], nodes: list[int], now: float,
+                     decision: Decision) -> None:
+        """Stop `stop` to make room for `entry`: at once (their GPUs are free on return), or, live, mark
+        them stopping and keep their nodes out of the rest of the pass."""
+        threshold_h = self.config.preempt_threshold_gpu_s / 3600
+        running = self.running
+        for job_id in stop:
+            run = running[job_id]
+            if run.stopping:
+                continue
+            decision.preemptions[job_id] = (
+                f"Preempted for job {entry.id} (team {self.team(entry.team).name}), which has run less than "
+                f"{threshold_h:g} GPU-hours; this job had run {run.attained(now) / 3600:.1f} GPU-hours and "
+                f"goes back to the queue, to resume from its last checkpoint."
+            )
+            if self.instant_preemption:
+                self.finish(job_id, now)
+            else:
+                run.stopping = True
+        if not self.instant_preemption:
+            self.preempting[entry.id] = tuple(stop)
+            self.cluster.hide(nodes)
 
     # -- ordering -------------------------------------------------------------------------------
     def order_key(self, entry: Entry, now: float, levels: dict[Hashable, float]) -> tuple:
         """(0, 0, seq) for arrival order (fifo, firstfit, and WFQ jobs past the aging bound), else
-        (1, finish tag + fair-share level, seq); smaller goes first."""
+        (1, finish tag + fair-share level, seq), and (2, ...) for jobs past the preemption mark;
+        smaller goes first."""
         config = self.config
-        if config.policy != "wfq" or now - entry.submit >= config.aging_s:
+        if config.policy != "wfq" or (now - entry.submit >= config.aging_s and not entry.served):
             return (0, 0.0, entry.seq)
         level = levels.get(entry.team)
         if level is None:
             level = levels[entry.team] = self.teams[entry.team].level(now)
-        return (1, entry.finish_tag + config.fair_share_weight * level, entry.seq)
+        return (2 if entry.served else 1, entry.finish_tag + config.fair_share_weight * level, entry.seq)
 
     def _item(self, sub: SubQueue, position: int, now: float, levels: dict) -> tuple:
         return (*self.order_key(sub.jobs[position], now, levels), sub, position)
@@ -208,9 +378,10 @@ class Scheduler:
         placed blocks its sub-queue (same flow, same shape) for the rest of the pass."""
         self.now = now
         self.reservations = []
+        self.preempting = {}
         decision = Decision()
         cluster, config = self.cluster, self.config
-        if self.active_subs and (cluster.total_free > 0 or explain):
+        if self.active_subs and (cluster.total_free > 0 or explain or (self.preempt and self._collect(now))):
             cluster.refresh(now, config.overrun_grace_s)
             self._place_in_order(now, decision, explain)
             self._advance_vtime()
@@ -235,9 +406,11 @@ class Scheduler:
         holds = self.reservations
         on_hold: dict[int, Held] = {}  # reserved node -> its reservation
         young_shapes: set[tuple] = set()  # shapes of the (EASY) reservations of jobs not yet aged
+        preempt = self.preempt and self._collect(now)
+        no_room: set[tuple] = set()  # shapes preemption could not make room for in this pass
         try:
             while heap:
-                if cluster.total_free == 0 and not explain:
+                if cluster.total_free == 0 and not explain and (not preempt or heap[0][0] == 2):
                     break  # nothing can start; reservations only matter to what could
                 order_class, _, _, sub, position = heappop(heap)
                 entry = sub.jobs[position]
@@ -263,6 +436,27 @@ class Scheduler:
                         else:
                             self.active_subs.discard(sub)
                         continue
+                    if preempt and not entry.served and entry.shape.key not in no_room and self._victims:
+                        room = self._room(entry, now)
+                        if room is None:
+                            no_room.add(entry.shape.key)
+                        else:
+                            self._preempt_for(entry, *room, now, decision)
+                            if not self.instant_preemption:
+                                continue  # it starts in a later pass, once the stopped jobs are gone
+                            caps = {n: cluster.size[n] if end <= h.time else h.caps[n] for n, h in on_hold.items()}
+                            where = cluster.place(entry.shape, caps, end)
+                            if where is not None:
+                                for n, count in where:
+                                    held = on_hold.get(n)
+                                    if held is not None and end > held.time:
+                                        held.caps[n] -= count
+                                self._start(entry, where, now, decision)
+                                if sub.head < len(sub.jobs):
+                                    heappush(heap, self._item(sub, sub.head, now, levels))
+                                else:
+                                    self.active_subs.discard(sub)
+                                continue
                     if policy == "fifo" or (policy == "wfq" and not config.backfill):
                         break  # strict order: nothing may pass the first job that cannot start
                 if not backfill or len(holds) >= config.max_reservations:
@@ -309,8 +503,10 @@ class Scheduler:
         decision.placements[entry.id] = self.cluster.allocate(entry.id, where, now, end, entry.shape.memory_mb)
         entry.sub.pop()
         del self.queued[entry.id]
-        self.running[entry.id] = (entry.team, entry.gpus)
+        job = entry.job
+        run = self.running[entry.id] = Run(entry.team, job.kind, entry.gpus, now, job.ran_s, job.preemptions)
         self.teams[entry.team].start(entry.id, entry.gpus, now, end)
+        self._watch(entry.id, run)
 
 
 @contextmanager
@@ -336,7 +532,7 @@ def schedule(snapshot: Snapshot, estimator: RuntimeEstimator | None = None, conf
 
 def _schedule(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: PolicyConfig | None,
               format_time: Callable[[float, float], str] | None) -> Decision:
-    sched = Scheduler.from_snapshot(snapshot, estimator, config)
+    sched = Scheduler.from_snapshot(snapshot, estimator, config, instant_preemption=False)
     decision = sched.schedule_pass(snapshot.now, explain=True, format_time=format_time)
     decision.flow_finish = {key: flow.last_finish for key, flow in sched.flows.items()}
     decision.stamps = {e.id: (e.est, e.start_tag, e.finish_tag) for e in sched.queued.values()}

@@ -43,18 +43,20 @@ def _memory(shape) -> str:
 
 def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     """Every queued job as (aged, entry), in the order the next pass would take them: the jobs past
-    the aging bound oldest first, then the others by finish tag + fair-share level (the pass's
-    Scheduler.order_key, for the whole queue at once)."""
+    the aging bound oldest first, then the others by finish tag + fair-share level, then the jobs past
+    the preemption mark the same way (the pass's Scheduler.order_key, for the whole queue at once)."""
     config = sched.config
     queued = list(sched.queued.values())  # in arrival order, which the stable sort keeps on ties
     if config.policy != "wfq":
         return [(False, e) for e in queued]
     aged_before = now - config.aging_s
     levels = {team: book.level(now) * config.fair_share_weight for team, book in sched.teams.items()}
-    aged = [(True, e) for e in queued if e.submit <= aged_before]
-    rest = [e for e in queued if e.submit > aged_before]
+    aged = [(True, e) for e in queued if e.submit <= aged_before and not e.served]
+    rest = [e for e in queued if e.submit > aged_before and not e.served]
+    served = [e for e in queued if e.served]
     rest.sort(key=lambda e: e.finish_tag + levels[e.team])
-    return aged + [(False, e) for e in rest]
+    served.sort(key=lambda e: e.finish_tag + levels[e.team])
+    return aged + [(False, e) for e in rest] + [(False, e) for e in served]
 
 
 def _describe(code: str, entry: Entry, book, when: Callable[[float], str], first_hold, now: float) -> str:
@@ -106,6 +108,7 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
     per_sub: dict = {}
     texts: dict[tuple, str] = {}
     aged_note = f"; queued over {_duration(config.aging_s)}, so it goes before newer jobs"
+    mark = f"{config.preempt_threshold_gpu_s / 3600:g} GPU-hours"
     pending = decision.pending
 
     def text(case: tuple, code: str, entry: Entry) -> str:
@@ -158,8 +161,17 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
                         what = "that waited longer" if aged else "of higher fair-share priority"
                     jobs = "1 job" if position == 2 else f"{position - 1} jobs"
                     reason = f"{reason}; behind {jobs} {what}"
+        stopping = sched.preempting.get(entry.id)
+        if stopping is not None:
+            code = "preempting"
+            reason = (f"stopping {_plural(len(stopping), 'job')} ({', '.join(str(j) for j in stopping)}) that "
+                      f"ran past {mark} to make room; it starts when they have given their GPUs back")
         if aged:
             reason += aged_note
+        if entry.served:
+            ran = entry.job.ran_s * entry.gpus / 3600
+            reason += (f"; it has run {ran:.1f} GPU-hours already, past the preemption mark of {mark}, "
+                       f"so jobs that have run less go first")
         pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
 
 

@@ -35,7 +35,9 @@ def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
 
 def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: PolicyConfig,
               limit: int | None, resolution_s: float) -> dict[Hashable, float | None]:
-    sched = Scheduler.from_snapshot(snapshot, estimator, config)
+    # Jobs a pass preempts stop at once here (they are running, so they need no ETA; when they come back
+    # they are not replayed, which makes the ETAs of jobs past the preemption mark a little early).
+    sched = Scheduler.from_snapshot(snapshot, estimator, config, instant_preemption=True)
     now = snapshot.now
     cluster = sched.cluster
     # Overrunning jobs get their doubled estimates, the same the reservations are made of.
@@ -61,7 +63,8 @@ def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: Po
         while ends and ends[0][0] <= until:
             end, _, job_id = heappop(ends)
             now = max(now, end)
-            sched.finish(job_id, now)
+            if job_id in sched.running:  # not if a pass preempted it
+                sched.finish(job_id, now)
     for job_id in sched.queued:
         etas[job_id] = None
     return etas

@@ -16,7 +16,8 @@ from .cluster import Shape
 class Entry:
     """A queued job as the pass sees it: its shape, estimate and WFQ tags."""
 
-    __slots__ = ("est", "finish_tag", "gpus", "id", "inc", "seq", "shape", "start_tag", "sub", "submit", "team")
+    __slots__ = ("est", "finish_tag", "gpus", "id", "inc", "job", "seq", "served", "shape", "start_tag", "sub",
+                 "submit", "team")
 
     def __init__(self, job, seq: int, shape: Shape, est: float, inc: float, start_tag: float):
         self.id = job.id
@@ -30,6 +31,10 @@ class Entry:
         self.start_tag = start_tag
         self.finish_tag = start_tag + inc
         self.sub: SubQueue | None = None
+        self.job = job  # the QueuedJob, to requeue it the same way after a preemption
+        # Past the preemption mark (it has run that many GPU-seconds in earlier attempts): goes after
+        # every job that has not, in a sub-queue of its own.
+        self.served = False
 
 
 class SubQueue:

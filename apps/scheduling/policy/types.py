@@ -40,6 +40,11 @@ class RunningJob:
     # When the job is expected to end. None: start + the estimator's answer (walltime first).
     estimated_end: float | None = None
     walltime_s: float | None = None
+    # Preemption: seconds run in earlier attempts, how often it was preempted, and whether it is being
+    # stopped for a preemption right now (its GPUs come back when its worker confirms).
+    ran_s: float = 0.0
+    preemptions: int = 0
+    preempting: bool = False
 
     @property
     def gpu_count(self) -> int:
@@ -63,6 +68,9 @@ class QueuedJob:
     estimated_runtime_s: float | None = None
     start_tag: float | None = None
     finish_tag: float | None = None
+    # Seconds run in earlier attempts (a preempted or retried job) and how often it was preempted.
+    ran_s: float = 0.0
+    preemptions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,16 @@ class PolicyConfig:
     runtime_priors_s: Mapping[str, float] = field(default_factory=_default_runtime_priors)
     # The least a job that has overrun its estimate is still expected to run.
     overrun_grace_s: float = 300.0
+    # Preemption (wfq only), two-class least-attained-service: a queued job that has run less than
+    # `preempt_threshold_gpu_s` GPU-seconds goes before every job that has run more, and when it cannot
+    # start it may stop running jobs past that mark (of a kind in `preemptible_kinds`, running this
+    # attempt for at least `preempt_min_run_s`, preempted fewer than `max_preemptions_per_job` times;
+    # None: no limit). A stopped job goes back to the queue and resumes from its last checkpoint.
+    preemption: bool = True
+    preempt_threshold_gpu_s: float = 4 * 3600.0
+    preempt_min_run_s: float = 1800.0
+    preemptible_kinds: frozenset[str] = frozenset({"training"})
+    max_preemptions_per_job: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -126,6 +144,11 @@ class PolicyConfig:
             raise ValueError("fair_share_half_life_s must be >= 0 and aging_s > 0")
         if self.reservation_depth < 0 or self.max_reservations < 0:
             raise ValueError("reservation_depth and max_reservations must be >= 0")
+        if self.preempt_threshold_gpu_s < 0 or self.preempt_min_run_s < 0:
+            raise ValueError("preempt_threshold_gpu_s and preempt_min_run_s must be >= 0")
+        if self.max_preemptions_per_job is not None and self.max_preemptions_per_job < 0:
+            raise ValueError("max_preemptions_per_job must be >= 0 or None")
+        object.__setattr__(self, "preemptible_kinds", frozenset(self.preemptible_kinds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +178,7 @@ class Pending:
     finish_tag: float
     reason: str
     # quota_per_job | never_fits | max_gpus | month_quota | reserved | reservation | capacity | order
+    # | preempting (running jobs are being stopped to make room for it)
     code: str
 
 
@@ -163,6 +187,8 @@ class Decision:
     placements: dict[Hashable, list[tuple[Hashable, list[Hashable]]]] = field(default_factory=dict)
     reservations: dict[Hashable, Reservation] = field(default_factory=dict)
     pending: dict[Hashable, Pending] = field(default_factory=dict)  # every job still queued, in order
+    # Running jobs to stop and requeue, each with the reason (which job it makes room for, and why).
+    preemptions: dict[Hashable, str] = field(default_factory=dict)
     # What to keep for the next pass: every queued job's (estimate, start tag, finish tag), the
     # virtual time, and each flow's last finish tag.
     stamps: dict[Hashable, tuple[float, float, float]] = field(default_factory=dict)
