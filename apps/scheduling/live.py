@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -22,8 +22,8 @@ from apps.dashboard import fanout
 
 from . import pass_stats, policy
 from .models import Allocation, Job, QueueEntry, SchedulerState
-from .services import allocate_queued
-from .states import LIVE, JobState
+from .services import allocate_queued, transition
+from .states import LIVE, IllegalTransition, JobState
 from .usage import month_start
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,13 @@ def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapsho
         policy.RunningJob(
             id=job_id, team=team_id, kind=kind, gpus=held.get(job_id, {}),
             start=_ts(started or updated), walltime_s=wall * 60 if wall else None,
+            ran_s=ran_s, preemptions=preemptions, preempting=state == JobState.PREEMPTING,
         )
-        for job_id, team_id, kind, started, updated, wall in Job.objects.filter(state__in=LIVE).values_list(
-            "id", "team_id", "kind", "started_at", "updated_at", "walltime_minutes"
+        for job_id, team_id, kind, started, updated, wall, ran_s, preemptions, state in (
+            Job.objects.filter(state__in=LIVE).values_list(
+                "id", "team_id", "kind", "started_at", "updated_at", "walltime_minutes", "ran_seconds",
+                "preemptions", "state",
+            )
         )
     ]
     # A job keeps the estimate and WFQ tags it was stamped with (its queue row) until it leaves the queue.
@@ -100,14 +104,14 @@ def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapsho
             gpu_memory_mb=int(memory * 1024) if memory else None, walltime_s=wall * 60 if wall else None,
             submit=submitted.timestamp(), attempt=attempt,
             estimated_runtime_s=estimate, start_tag=start if estimate is not None else None,
-            finish_tag=finish if estimate is not None else None,
+            finish_tag=finish if estimate is not None else None, ran_s=ran_s, preemptions=preemptions,
         )
         for (job_id, team_id, kind, gpus, n_nodes, priority, memory, wall, submitted, attempt,
-             estimate, start, finish) in (
+             estimate, start, finish, ran_s, preemptions) in (
             Job.objects.filter(state=JobState.QUEUED).order_by("submitted_at", "id").values_list(
                 "id", "team_id", "kind", "gpus", "nodes", "priority", "gpu_memory_gb", "walltime_minutes",
                 "submitted_at", "attempt", "queue_entry__estimate_s", "queue_entry__start_tag",
-                "queue_entry__finish_tag",
+                "queue_entry__finish_tag", "ran_seconds", "preemptions",
             )
         )
     ]
@@ -170,6 +174,7 @@ class PassResult:
     skipped: bool = False
     etas: bool = False  # whether this pass computed ETAs (see _etas_due)
     eta_ms: float | None = None  # the ETA forecast and its write, after the pass committed
+    preempted: list[int] = field(default_factory=list)  # running jobs this pass told to stop and requeue
 
 
 def _lock() -> None:
@@ -216,6 +221,7 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         decision = policy.schedule(snapshot, estimator, config, format_time=policy.default_format_time)
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
+        preempted = _preempt(decision)
         written, etas = _write_queue(decision, None, now)  # the ETAs already written stay until refreshed
         _save_wfq_state(decision)
         fanout.queue_changed(snapshot, decision, etas, placed, written)  # live pages, after the commit
@@ -228,7 +234,7 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         _refresh_etas(snapshot, estimator, config, decision, placed, now)
         eta_ms = (time.perf_counter() - t1) * 1000
     return PassResult(placed=placed, queued=len(decision.pending), policy_ms=policy_ms, pass_ms=pass_ms,
-                      etas=eta_due, eta_ms=eta_ms)
+                      etas=eta_due, eta_ms=eta_ms, preempted=preempted)
 
 
 def _refresh_etas(snapshot: policy.Snapshot, estimator: policy.RuntimeEstimator, config: policy.PolicyConfig,
@@ -268,6 +274,20 @@ def _update_etas(changed: list[tuple[int, datetime | None]]) -> None:
         cursor.execute(
             f'UPDATE "{table}" AS q SET "{column}" = (e->>1)::timestamptz '  # noqa: S608 - names from the model
             f'FROM json_array_elements(%s::json) AS e WHERE q."job_id" = (e->>0)::bigint', [rows])
+
+
+def _preempt(decision: policy.Decision) -> list[int]:
+    """Running jobs the pass stops to make room: each goes `preempting` (its workers are told to stop on
+    their next poll, about a second) and back to `queued` when they confirm; the job it makes room for
+    is placed by the pass that follows. A job that ended or was cancelled since the snapshot is left be."""
+    done = []
+    for job_id, reason in decision.preemptions.items():
+        try:
+            transition(job_id, JobState.PREEMPTING, message=reason[:1000])
+        except (IllegalTransition, Job.DoesNotExist):
+            continue
+        done.append(job_id)
+    return done
 
 
 def _allocate(decision: policy.Decision, now: datetime) -> list[int]:

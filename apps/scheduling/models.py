@@ -52,7 +52,11 @@ class Job(models.Model):
     state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED)
     pending_reason = models.CharField(max_length=300, blank=True)
     attempt = models.PositiveIntegerField(default=1)
-    max_attempts = models.PositiveIntegerField(default=3)
+    max_attempts = models.PositiveIntegerField(default=3)  # preemptions do not count against it
+    # Preemption: how often the scheduler stopped it to make room, and the seconds its earlier attempts
+    # ran (what it has been served: past PolicyConfig.preempt_threshold_gpu_s it yields to newer jobs).
+    preemptions = models.PositiveIntegerField(default=0)
+    ran_seconds = models.FloatField(default=0.0)
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
 

@@ -8,7 +8,8 @@ Faults it repairs, each with a threshold in settings.DEEPOPT_WORKERS:
 - an allocation no worker started within `start_timeout_s` of its dispatch (the message was lost with
   a Redis restart, or the worker was down) is dispatched again, `max_redispatches` times, then retried
   as a new attempt;
-- a `cancelling` job whose worker never confirmed within `cancel_timeout_s` is ended;
+- a `cancelling` job whose worker never confirmed within `cancel_timeout_s` is ended, and a `preempting`
+  one is requeued (its GPUs released);
 - no allocation stays live for a job that no longer holds GPUs.
 """
 from __future__ import annotations
@@ -37,11 +38,13 @@ def reconcile(now: datetime | None = None) -> dict:
     """One round of repairs; returns what it did (ids), for the task's result and for tests."""
     config = settings.DEEPOPT_WORKERS
     now = now or timezone.now()
-    done: dict[str, list] = {"nodes_down": [], "retried": [], "redispatched": [], "cancelled": [], "released": []}
+    done: dict[str, list] = {"nodes_down": [], "retried": [], "redispatched": [], "cancelled": [], "preempted": [],
+                             "released": []}
     _silent_nodes(now, config, done)
     _silent_workers(now, config, done)
     _unstarted(now, config, done)
     _stuck_cancels(now, config, done)
+    _stuck_preemptions(now, config, done)
     _leaked_allocations(now, done)
     if any(done.values()):
         log.info("Reconciler: %s", {k: v for k, v in done.items() if v})
@@ -140,6 +143,15 @@ def _stuck_cancels(now: datetime, config: dict, done: dict) -> None:
         except IllegalTransition:
             continue
         done["cancelled"].append(job.pk)
+
+
+def _stuck_preemptions(now: datetime, config: dict, done: dict) -> None:
+    cutoff = now - timedelta(seconds=config["cancel_timeout_s"])
+    for job in Job.objects.filter(state=JobState.PREEMPTING, updated_at__lt=cutoff):
+        if retry_or_fail(job.pk, job.attempt,
+                         f"No worker confirmed the preemption within {config['cancel_timeout_s']:.0f} s; "
+                         "the GPUs are released") is not None:
+            done["preempted"].append(job.pk)
 
 
 def _leaked_allocations(now: datetime, done: dict) -> None:

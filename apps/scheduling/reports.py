@@ -29,7 +29,7 @@ from apps.dashboard import fanout
 from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent
 from .services import transition
 from .signals import job_changed
-from .states import LIVE, TERMINAL, IllegalTransition, JobState
+from .states import LIVE, STOPPING, TERMINAL, IllegalTransition, JobState
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def progress(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str
         if not run.run_id:
             run.run_id, run.started_at, run.pid = run_id, now, pid
         elif seq <= run.last_seq:
-            return Answer("ignored", job.state, stop=job.state == JobState.CANCELLING,
+            return Answer("ignored", job.state, stop=job.state in STOPPING,
                           reason=f"report {seq} was already received")
         run.last_seq, run.seen_at = seq, now
         run.save()
@@ -138,7 +138,7 @@ def progress(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str
             fanout.job_progress(job, attempt, lines[-MAX_LINES_PER_REPORT:], rank=rank)  # live job page
             latest = events[-1]
             transaction.on_commit(lambda: job_changed.send(sender=Job, job=job, event=latest))
-        return Answer("accepted", job.state, stop=job.state == JobState.CANCELLING)
+        return Answer("accepted", job.state, stop=job.state in STOPPING)
 
 
 def attempt_status(node: GpuNode, items: list[dict]) -> list[dict]:
@@ -164,6 +164,8 @@ def attempt_status(node: GpuNode, items: list[dict]) -> list[dict]:
             reason = f"the job has ended ({job.state})"
         elif job.state == JobState.CANCELLING:
             reason = "cancel requested"
+        elif job.state == JobState.PREEMPTING:
+            reason = "preempted by the scheduler; the job goes back to the queue and resumes from its checkpoint"
         elif run is not None and run.run_id and item.get("run") and run.run_id != item["run"]:
             reason = "another run holds this attempt"
         elif run is not None:
@@ -206,6 +208,12 @@ def result(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str, 
             job = transition(job, JobState.CANCELLED, expected_attempt=attempt, data=data,
                              message=f"Cancelled: the runner on {where} was stopped.",
                              **({"result": result} if result else {}))
+        elif job.state == JobState.PREEMPTING and not (status == "succeeded" and rank == 0):
+            # Stopped for the preemption (or it failed or was interrupted meanwhile): back to the queue
+            # without using up an attempt; a run that failed on its own shows in the event's data.
+            job = transition(job, JobState.QUEUED, expected_attempt=attempt, data=data,
+                             message=f"Preempted: the runner on {where} was stopped; requeued as attempt "
+                                     f"{attempt + 1}, to resume from its last checkpoint.")
         elif status == "succeeded" and rank != 0:
             JobEvent.objects.create(job=job, kind=JobEvent.Kind.NOTE, attempt=attempt, data=data,
                                     message=f"Rank {rank} finished on {node.name}.")
@@ -239,9 +247,15 @@ def retry_or_fail(job_id: int, attempt: int, reason: str) -> Job | None:
             if job.state == JobState.CANCELLING:
                 return transition(job, JobState.CANCELLED, expected_attempt=attempt,
                                   message=f"{reason}; the cancel is complete.")
-            if job.attempt < job.max_attempts:
+            if job.state == JobState.PREEMPTING:
                 return transition(job, JobState.QUEUED, expected_attempt=attempt, data={"reason": reason},
-                                  message=f"{reason}. Requeued as attempt {attempt + 1} of {job.max_attempts}.")
+                                  message=f"{reason}; the preemption is complete. Requeued as attempt {attempt + 1}.")
+            tries = job.attempt - job.preemptions  # attempts that ended without a preemption
+            if tries < job.max_attempts:  # preemptions use up no attempt
+                which = (f"{attempt + 1} of {job.max_attempts}" if not job.preemptions else
+                         f"{attempt + 1} (try {tries + 1} of {job.max_attempts}; preemptions do not count)")
+                return transition(job, JobState.QUEUED, expected_attempt=attempt, data={"reason": reason},
+                                  message=f"{reason}. Requeued as attempt {which}.")
             return transition(job, JobState.FAILED, expected_attempt=attempt, data={"reason": reason},
                               error=f"{reason}. No attempts left ({job.max_attempts} tried).",
                               message=f"{reason}. No attempts left ({job.max_attempts} tried).")

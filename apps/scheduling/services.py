@@ -94,7 +94,12 @@ def transition(
         if target in TERMINAL:
             locked.finished_at = now
         if target == JobState.QUEUED:
-            # A retried attempt: the old attempt's allocations go, the new attempt starts clean.
+            # A retried or preempted attempt: the old attempt's allocations go, the new attempt starts
+            # clean; what it ran counts as served (it resumes from its checkpoint).
+            if locked.started_at is not None:
+                locked.ran_seconds += max(0.0, (now - locked.started_at).total_seconds())
+            if current == JobState.PREEMPTING:
+                locked.preemptions += 1
             locked.attempt += 1
             locked.started_at = None
         if target != JobState.QUEUED:
@@ -150,6 +155,6 @@ def cancel_job(job: Job, *, actor=None) -> Job:
         current = Job.objects.select_for_update().values_list("state", flat=True).get(pk=job.pk)
         if current == JobState.QUEUED:
             return transition(job, JobState.CANCELLED, message="Cancelled before it started.", actor=actor)
-        if current in (JobState.ALLOCATED, JobState.RUNNING):
+        if current in (JobState.ALLOCATED, JobState.RUNNING, JobState.PREEMPTING):
             return transition(job, JobState.CANCELLING, message="Cancel requested.", actor=actor)
         raise IllegalTransition(current, JobState.CANCELLED)

@@ -5,6 +5,8 @@
        └── retry ──┴────────────┘          (a requeued attempt goes back to queued, attempt + 1)
     queued ──────────────────────────────▶ cancelled         (nothing to stop)
     allocated | running ──▶ cancelling ──▶ cancelled | failed
+    allocated | running ──▶ preempting ──▶ queued (attempt + 1, resumes from its checkpoint)
+                                       ──▶ succeeded | failed (it ended first) | cancelling
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class JobState(models.TextChoices):
     ALLOCATED = "allocated", "Allocated"
     RUNNING = "running", "Running"
     CANCELLING = "cancelling", "Cancelling"
+    PREEMPTING = "preempting", "Preempting"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
@@ -24,16 +27,19 @@ class JobState(models.TextChoices):
 S = JobState
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.QUEUED: frozenset({S.ALLOCATED, S.CANCELLED, S.FAILED}),
-    S.ALLOCATED: frozenset({S.RUNNING, S.QUEUED, S.CANCELLING, S.FAILED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLING}),
+    S.ALLOCATED: frozenset({S.RUNNING, S.QUEUED, S.CANCELLING, S.FAILED, S.PREEMPTING}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLING, S.PREEMPTING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
+    S.PREEMPTING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLING}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
 }
 TERMINAL: frozenset[str] = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 # States in which the job holds (or is about to hold) GPUs.
-LIVE: frozenset[str] = frozenset({S.ALLOCATED, S.RUNNING, S.CANCELLING})
+LIVE: frozenset[str] = frozenset({S.ALLOCATED, S.RUNNING, S.CANCELLING, S.PREEMPTING})
+# States in which the worker is told to stop the attempt.
+STOPPING: frozenset[str] = frozenset({S.CANCELLING, S.PREEMPTING})
 
 
 class IllegalTransition(Exception):

@@ -232,7 +232,14 @@ CELERY_BEAT_SCHEDULE = {
 
 # The scheduler (apps/scheduling/policy). Keys are PolicyConfig fields; docs/scheduler.md explains each
 # default. Example: DEEPOPT_SCHEDULER = {"fair_share_half_life_s": 3 * 3600, "aging_s": 12 * 3600}.
-DEEPOPT_SCHEDULER: dict = {}
+# Preemption (jobs that have run less than the mark go first and may stop jobs past it, which resume
+# from their checkpoints) is on by default for training jobs; these variables tune or switch it off.
+DEEPOPT_SCHEDULER: dict = {
+    "preemption": env.bool("DEEPOPT_PREEMPTION", default=True),
+    "preempt_threshold_gpu_s": env.float("DEEPOPT_PREEMPT_THRESHOLD_GPU_HOURS", default=4.0) * 3600,
+    "preempt_min_run_s": env.float("DEEPOPT_PREEMPT_MIN_RUN_S", default=1800.0),
+    "preemptible_kinds": frozenset(env.list("DEEPOPT_PREEMPTIBLE_KINDS", default=["training"])),
+}
 # Queue ETAs (a forward play of the first 1,000 queued jobs) are recomputed by a pass at most this often
 # per worker process; passes in between keep the ETAs already written (apps/scheduling/live.py).
 DEEPOPT_ETA_REFRESH_S = env.float("DEEPOPT_ETA_REFRESH_S", default=15.0)

@@ -212,7 +212,8 @@ def test_an_allocation_not_started_in_time_is_sent_again_then_retried(broker, no
 def test_a_started_attempt_is_never_sent_again(broker, running_job, settings):
     settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "node_silent_s": 10_000.0, "attempt_silent_s": 10_000.0}
     done = reconcile(now=later(1_000))
-    assert done == {"nodes_down": [], "retried": [], "redispatched": [], "cancelled": [], "released": []}
+    assert done == {"nodes_down": [], "retried": [], "redispatched": [], "cancelled": [], "preempted": [],
+                    "released": []}
     assert take(broker, "node.gpu-one") == []
 
 

@@ -94,7 +94,7 @@ class JobSerializer(serializers.ModelSerializer):
         model = Job
         fields = ["id", "name", "team", "team_name", "submitter", "kind", "priority", "resources",
                   "walltime_minutes", "spec", "state", "pending_reason", "attempt", "max_attempts",
-                  "submitted_at", "started_at", "finished_at", "result", "error"]
+                  "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error"]
         read_only_fields = fields
 
     def get_resources(self, job: Job) -> ResourcesSerializer:
@@ -114,14 +114,15 @@ class JobSerializer(serializers.ModelSerializer):
 # of 50 jobs, model instances (a Job, its Team and its User each) were a third of the request's CPU.
 LIST_FIELDS = ("id", "name", "team_id", "team__name", "submitter__username", "kind", "priority", "gpus", "nodes",
                "gpu_memory_gb", "walltime_minutes", "spec", "state", "pending_reason", "attempt", "max_attempts",
-               "submitted_at", "started_at", "finished_at", "result", "error")
+               "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error")
 _OWN = frozenset(f for f in LIST_FIELDS if "__" not in f)
 
 
 def job_row(values, *, team_name: str | None = None, submitter: str | None = None) -> dict:  # noqa: ANN001
     """One job as JobSerializer shows it, from the LIST_FIELDS values in that order."""
     (pk, name, team_id, team_name_value, submitter_value, kind, priority, gpus, nodes, gpu_memory_gb, walltime,
-     spec, state, pending_reason, attempt, max_attempts, submitted_at, started_at, finished_at, result, error) = values
+     spec, state, pending_reason, attempt, max_attempts, preemptions, ran_seconds, submitted_at, started_at,
+     finished_at, result, error) = values
     when = _DATETIME.to_representation
     return {
         "id": pk,
@@ -138,6 +139,8 @@ def job_row(values, *, team_name: str | None = None, submitter: str | None = Non
         "pending_reason": pending_reason,
         "attempt": attempt,
         "max_attempts": max_attempts,
+        "preemptions": preemptions,  # times the scheduler stopped it to make room (it resumes)
+        "ran_seconds": ran_seconds,  # what its earlier attempts ran
         "submitted_at": when(submitted_at) if submitted_at is not None else None,
         "started_at": when(started_at) if started_at is not None else None,
         "finished_at": when(finished_at) if finished_at is not None else None,
