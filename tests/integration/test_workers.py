@@ -281,6 +281,41 @@ def test_a_cancel_kills_the_runner_within_5_seconds_and_frees_its_slot(cluster, 
     assert [a["name"] for a in artifacts] == ["runner.log"]  # for the post-mortem
 
 
+def test_a_preempted_job_stops_requeues_and_finishes_after_the_newcomer(cluster, alice, team_a, settings):
+    # Preemption cut to seconds: self-test jobs may be preempted once they have run 2 GPU-seconds.
+    settings.DEEPOPT_SCHEDULER = {**settings.DEEPOPT_SCHEDULER, "preemptible_kinds": frozenset({"selftest"}),
+                                  "preempt_threshold_gpu_s": 2.0, "preempt_min_run_s": 2.0}
+    node = cluster.start_node(alice, team_a, slots=1)
+    long_job = submit(cluster, alice, team_a, steps=100, step_seconds=0.1)
+    pid = wait_for(lambda: spawned_pid(long_job), 60, "the first runner to start", node)
+    wait_for(lambda: job_state(long_job) == "running", 10, "the first job to run", node)
+    time.sleep(3.0)  # past the mark and the minimum run
+
+    began = time.monotonic()
+    newcomer = submit(cluster, alice, team_a, steps=5, step_seconds=0.1)
+    assert job_state(long_job) in ("preempting", "queued")  # the submit's pass preempted it
+    wait_for(lambda: not _alive(pid), 10, "the preempted runner to be stopped", node)
+    stopped_after = time.monotonic() - began
+    wait_for(lambda: job_state(newcomer) == "succeeded", 60, "the newcomer to run and succeed", node)
+    assert stopped_after < 5.0, f"the preempted runner lived {stopped_after:.1f} s"
+
+    # The preempted job ran again, as attempt 2, once the slot was free, and succeeded.
+    wait_for(lambda: job_state(long_job) == "succeeded", 60, "the preempted job to run again and succeed", node)
+    job = Job.objects.get(pk=long_job)
+    assert (job.attempt, job.preemptions) == (2, 1)
+    assert job.ran_seconds >= 3.0
+    events = cluster.api(alice).get(f"{cluster.server}/api/v1/jobs/{long_job}/events/").json()["results"]
+    states = [(e["from_state"], e["to_state"]) for e in events if e["to_state"]]
+    assert ("running", "preempting") in states
+    assert ("preempting", "queued") in states
+    [preempting] = [e for e in events if e["to_state"] == "preempting"]
+    assert f"Preempted for job {newcomer}" in preempting["message"]
+    runs = {r.attempt: r.status for r in AttemptRun.objects.filter(job_id=long_job)}
+    assert runs == {1: "cancelled", 2: "succeeded"}
+    newcomer_started = Job.objects.get(pk=newcomer).started_at
+    assert newcomer_started < Job.objects.get(pk=long_job).started_at  # attempt 2 started after it
+
+
 def test_a_node_killed_mid_job_loses_the_attempt_and_the_job_finishes_elsewhere(cluster, alice, team_a):
     first = cluster.start_node(alice, team_a, slots=1)
     second = cluster.start_node(alice, team_a, slots=1)
