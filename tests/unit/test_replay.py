@@ -117,3 +117,20 @@ def test_weights_shift_waits_toward_the_lighter_tenant(tmp_path):
     result = replay(trace, "wfq", nodes=1, gpus_per_node=8, weights=weights)
     assert result["per_tenant"]["a"]["mean_wait_s"] < result["per_tenant"]["b"]["mean_wait_s"]
     assert not math.isnan(result["mean_wait_s"])
+
+
+def test_the_command_replays_with_or_without_preemption(capsys):
+    args = [str(SAMPLE), "--policy", "wfq", "--nodes", "8", "--gpus-per-node", "8", "--weights", str(WEIGHTS), "--json"]
+    call_command("replay_trace", *args)
+    with_preemption = json.loads(capsys.readouterr().out)
+    call_command("replay_trace", *args, "--no-preemption")
+    without = json.loads(capsys.readouterr().out)
+    assert with_preemption["preemptions"] > 0
+    assert without["preemptions"] == without["preempted_jobs"] == 0
+    # On this sample (8 nodes, queues of days) preemption cuts the mean wait and evens out the tenants.
+    assert with_preemption["mean_wait_s"] < without["mean_wait_s"]
+    assert with_preemption["tenant_slowdown_jain"] > without["tenant_slowdown_jain"]
+    with pytest.raises(CommandError) as caught:
+        call_command("replay_trace", *args, "--restart-s", "-5")
+    assert caught.value.returncode == 2
+    assert "--restart-s" in str(caught.value)

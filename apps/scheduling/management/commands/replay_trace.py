@@ -1,16 +1,17 @@
 """`manage.py replay_trace TRACE.csv --policy wfq|fifo|firstfit --nodes N --gpus-per-node G [--racks R]
-[--weights W.csv] --json`: the policy core on a virtual clock over a job trace."""
+[--weights W.csv] [--no-preemption] [--restart-s S] --json`: the policy core on a virtual clock over a job
+trace."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.scheduling.policy import PolicyConfig
 from apps.scheduling.policy.types import POLICIES
-from apps.scheduling.replay import TraceError, replay
+from apps.scheduling.replay import RESTART_S, TraceError, replay
 
 
 def configured_policy(policy: str) -> PolicyConfig:
@@ -33,13 +34,20 @@ class Command(BaseCommand):
         parser.add_argument("--gpus-per-node", type=int, required=True)
         parser.add_argument("--racks", type=int, default=1, help="nodes are split evenly over this many racks")
         parser.add_argument("--weights", help="CSV with columns tenant,weight; missing tenants weigh 1")
+        parser.add_argument("--no-preemption", action="store_true",
+                            help="wfq without preemption (running jobs are never stopped)")
+        parser.add_argument("--restart-s", type=float, default=RESTART_S,
+                            help="what a preempted job pays when it resumes (default %(default)s s)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def handle(self, *args, **options) -> None:
+        config = configured_policy(options["policy"])
+        if options["no_preemption"]:
+            config = replace(config, preemption=False)
         try:
             result = replay(
                 options["trace"], options["policy"], options["nodes"], options["gpus_per_node"],
-                racks=options["racks"], weights=options["weights"], config=configured_policy(options["policy"]),
+                racks=options["racks"], weights=options["weights"], config=config, restart_s=options["restart_s"],
             )
         except TraceError as exc:
             raise CommandError(str(exc), returncode=2) from None
@@ -53,6 +61,7 @@ class Command(BaseCommand):
             f"p95 {result['p95_wait_s']:.0f} s, p99 {result['p99_wait_s']:.0f} s\n"
             f"mean JCT {result['mean_jct_s']:.0f} s, mean bounded slowdown {result['mean_bounded_slowdown']:.2f}, "
             f"makespan {result['makespan_s']:.0f} s, utilization {result['utilization']:.1%}, "
-            f"tenant slowdown Jain {result['tenant_slowdown_jain']:.3f}\n"
+            f"tenant slowdown Jain {result['tenant_slowdown_jain']:.3f}, "
+            f"{result['preemptions']} preemptions of {result['preempted_jobs']} jobs\n"
             f"replayed in {result['wall_s']:.1f} s"
         )
