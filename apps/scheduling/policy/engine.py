@@ -86,6 +86,8 @@ class Scheduler:
         self.preempt = self.config.policy == "wfq" and self.config.preemption
         self._eligible: list[tuple[float, int, Hashable, Run]] = []
         self._victims: dict[int, dict[Hashable, list[Hashable]]] = {}
+        # Per pass, by node: its victims in the order to stop them, and their GPUs in all.
+        self._victim_order: dict[int, tuple[list[tuple[Hashable, list[Hashable], bool]], int]] = {}
         self.preempting: dict[Hashable, tuple[Hashable, ...]] = {}
         self._seq = 0
         self._shapes: dict[tuple, Shape] = {}
@@ -264,11 +266,13 @@ class Scheduler:
         if hold is not None:
             for n, ids in hold.where:
                 self._victims.setdefault(n, {})[job_id] = ids
+                self._victim_order.pop(n, None)
 
     def _drop_victim(self, job_id: Hashable) -> None:
         hold = self.cluster.jobs.get(job_id)
         if hold is not None:
             for n, _ in hold.where:
+                self._victim_order.pop(n, None)
                 jobs = self._victims.get(n)
                 if jobs is not None and jobs.pop(job_id, None) is not None and not jobs:
                     del self._victims[n]
@@ -279,6 +283,7 @@ class Scheduler:
         p, memory = shape.per_node, shape.memory_mb
         options: list[tuple[int, int, list[Hashable]]] = []  # (GPUs to stop, node, jobs to stop)
         hidden = cluster.hidden
+        orders = self._victim_order
         for n, jobs in self._victims.items():
             if not cluster.active[n] or n in hidden or cluster.size[n] < p:
                 continue
@@ -286,16 +291,25 @@ class Scheduler:
             chosen: list[Hashable] = []
             cost = 0
             if have < p:
+                cached = orders.get(n)
+                if cached is None:
+                    # Jobs already stopping cost nothing; then the most-served first. Kept for the pass
+                    # (attained service moves with the clock, the order within a pass does not).
+                    order = [(job_id, jobs[job_id], running[job_id].stopping)
+                             for job_id in sorted(jobs, key=lambda j: (not running[j].stopping,
+                                                                        -running[j].attained(now)))]
+                    cached = orders[n] = (order, sum(len(ids) for _, ids, _ in order))
+                order, total = cached
                 narrow = memory and cluster.min_memory[n] < memory
-                # Jobs already stopping cost nothing; then the most-served first.
-                for job_id in sorted(jobs, key=lambda j: (not running[j].stopping, -running[j].attained(now))):
-                    ids = jobs[job_id]
+                if have + total < p:
+                    continue
+                for job_id, ids, stopping in order:
                     got = sum(1 for g in ids if cluster.gpu_memory[g] >= memory) if narrow else len(ids)
                     if not got:
                         continue
                     chosen.append(job_id)
                     have += got
-                    if not running[job_id].stopping:
+                    if not stopping:
                         cost += running[job_id].gpus
                     if have >= p:
                         break
@@ -345,6 +359,9 @@ class Scheduler:
                 self.finish(job_id, now)
             else:
                 run.stopping = True
+                hold = self.cluster.jobs.get(job_id)
+                for n, _ in hold.where if hold is not None else ():
+                    self._victim_order.pop(n, None)
         if not self.instant_preemption:
             self.preempting[entry.id] = tuple(stop)
             self.cluster.hide(nodes)
@@ -379,6 +396,7 @@ class Scheduler:
         self.now = now
         self.reservations = []
         self.preempting = {}
+        self._victim_order = {}
         decision = Decision()
         cluster, config = self.cluster, self.config
         if self.active_subs and (cluster.total_free > 0 or explain or (self.preempt and self._collect(now))):
