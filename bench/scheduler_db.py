@@ -11,7 +11,9 @@ submit would trigger it:
 - `steady`: passes over the same full cluster and queue (nothing fits), as they run in production: the
   ETAs of the first 1,000 queued jobs are recomputed at most every DEEPOPT_ETA_REFRESH_S (15 s);
 - `steady_with_etas`: the same with the ETAs recomputed by every pass;
-- `after_end`: a pass right after a tenth of the running jobs ended (some of the queue starts).
+- `after_end`: a pass right after a tenth of the running jobs ended (some of the queue starts);
+- `preempting`: a pass once the running jobs have run two hours (those of 2 or more GPUs are then past
+  the 4 GPU-hour preemption mark): it moves the jobs it preempts to `preempting`, one transition each.
 
 Prints one JSON object (`db_pass_ms` = the steady p50 of `pass_ms`, the time to the commit of the
 pass's allocations and queue rows; `ms` is the whole of run_pass, with the ETA forecast that follows the
@@ -67,7 +69,8 @@ def timed_pass(with_etas: bool | None = None) -> dict:
     result = run_pass(with_etas=with_etas)
     return {"ms": round((time.perf_counter() - began) * 1000, 1), "pass_ms": round(result.pass_ms, 1),
             "policy_ms": round(result.policy_ms, 1), "eta_ms": round(result.eta_ms, 1) if result.eta_ms else None,
-            "placed": len(result.placed), "queued": result.queued, "etas": result.etas}
+            "placed": len(result.placed), "queued": result.queued, "etas": result.etas,
+            "preempted": len(result.preempted)}
 
 
 def main() -> int:
@@ -104,9 +107,13 @@ def main() -> int:
         transition(job, Job.State.RUNNING)
         transition(job, Job.State.SUCCEEDED)
     after_end = timed_pass()
+    # Two hours on: the bench's shortcut to running jobs with that much service (no worker reports here).
+    Job.objects.filter(state=Job.State.ALLOCATED).update(
+        state=Job.State.RUNNING, started_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
+    preempting = timed_pass()
     steady_ms = sorted(p["pass_ms"] for p in steady)
     db_pass_ms = statistics.median(steady_ms)
-    committed = max(db_pass_ms, first["pass_ms"], after_end["pass_ms"])
+    committed = max(db_pass_ms, first["pass_ms"], after_end["pass_ms"], preempting["pass_ms"])
     with_etas = max(statistics.median(p["ms"] for p in steady), first["ms"], after_end["ms"],
                     statistics.median(p["ms"] for p in steady_with_etas))
     out = {
@@ -115,6 +122,7 @@ def main() -> int:
         "load_avg": [round(x, 2) for x in os.getloadavg()], "settings": "production",
         "jobs": args.jobs, "nodes": args.nodes, "gpus": args.nodes * 8, "seed_s": round(seed_s, 1),
         "first": first, "steady": steady, "steady_with_etas": steady_with_etas, "after_end": after_end,
+        "preempting": preempting,
         "ended_jobs": len(running[::10]), "db_pass_ms": db_pass_ms,
         "db_pass_with_etas_ms": statistics.median(p["ms"] for p in steady_with_etas),
         "eta_refresh_s": settings.DEEPOPT_ETA_REFRESH_S,
@@ -123,8 +131,8 @@ def main() -> int:
                  "worst_ms_including_etas": with_etas,
                  "note": "pass_ms: from the start of run_pass to the commit of its allocations and queue rows; "
                          "ms: run_pass as a whole, with the ETA forecast and its write that follow the commit "
-                         "when due. Met only if the first, steady (p50) and after-end passes are all within "
-                         "the goal."},
+                         "when due. Met only if the first, steady (p50), after-end and preempting passes are "
+                         "all within the goal."},
     }
     text = json.dumps(out, indent=2)
     print(text)
