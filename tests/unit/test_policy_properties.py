@@ -54,6 +54,7 @@ def snapshots(draw):
                 id=job_id, team=draw(st.integers(0, len(teams) - 1)), kind="training",
                 gpus={n: tuple(n * 100 + i for i in take)}, start=start,
                 estimated_end=start + draw(st.integers(60, 40000)),
+                ran_s=draw(st.sampled_from([0.0, 0.0, 30000.0])),  # some resumed after a preemption
             ))
             job_id += 1
         free = frozenset(g.gpu_id for g in gpus) - {g for job in running for ids in job.gpus.values() for g in ids}
@@ -109,6 +110,28 @@ def test_a_pass_gives_only_free_gpus_of_active_nodes_and_each_gang_whole(case):
                 assert all(memory[g] >= job.gpu_memory_mb for g in ids)
             handed.update(ids)
     assert all(count == 1 for count in handed.values())
+
+
+@PROPERTY
+@given(snapshots())
+def test_only_jobs_past_the_mark_are_preempted_and_only_under_wfq(case):
+    snap, config = case
+    decision = schedule(snap, config=config)
+    if config.policy != "wfq":
+        assert decision.preemptions == {}
+    running = {j.id: j for j in snap.running}
+    for job_id in decision.preemptions:
+        job = running[job_id]
+        assert job.kind in config.preemptible_kinds
+        assert NOW - job.start >= config.preempt_min_run_s
+        assert (job.ran_s + NOW - job.start) * job.gpu_count >= config.preempt_threshold_gpu_s
+    # Live, the job it makes room for does not start in the same pass, and no job starts on its GPUs.
+    freed = {g for job_id in decision.preemptions for ids in running[job_id].gpus.values() for g in ids}
+    assert not freed & {g for where in decision.placements.values() for _, ids in where for g in ids}
+    waiting = {job_id for job_id, p in decision.pending.items() if p.code == "preempting"}
+    assert not waiting & set(decision.placements)
+    if decision.preemptions:
+        assert waiting
 
 
 @PROPERTY

@@ -320,7 +320,7 @@ class Scheduler:
             if not options:
                 return None
             _, n, chosen = min(options, key=lambda o: (o[0], len(o[2]), o[1]))
-            return chosen, [n]
+            return (chosen, [n]) if chosen else None
         seen = {n for _, n, _ in options}
         options.extend((0, n, []) for n in range(len(cluster.ids))
                        if n not in seen and cluster.active[n] and n not in hidden
@@ -338,6 +338,8 @@ class Scheduler:
                 best = candidates[:k]
                 break
         stop = list(dict.fromkeys(job_id for _, _, chosen in best for job_id in chosen))
+        if not stop:
+            return None  # the nodes are free: placement, not preemption, is what failed
         return stop, sorted(n for _, n, _ in best)
 
     def _preempt_for(self, entry: Entry, stop: list[Hashable], nodes: list[int], now: float,
