@@ -7,6 +7,7 @@ graphs (bench/compression.py) the same kernels run back to back, without the lau
 
     python bench/llama_decode_profile.py --variants "torch:bf16,triton:int4,tinygemm:int4" --out X.json
     python bench/llama_decode_profile.py --graphs --tune --variants torch:bf16,triton:int4   # latency only
+    python bench/llama_decode_profile.py --raw-graph --variants torch:bf16,triton:int4   # GPU time of one replay
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from workers.compression.quantize import quantizable_layers  # noqa: E402
 STEPS = 20
 
 
-def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False) -> dict:
+def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, raw: bool = False) -> dict:
     torch._dynamo.reset()
     assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), "int4_g128")
     dev = lm.lm_head.weight.device
     dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend)
-    mode = "reduce-overhead" if graphs else "default"
+    mode = "reduce-overhead" if graphs and not raw else "default"
     step = dec if smoke else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)
     tok, pos = torch.tensor([123], device=dev), torch.tensor([511], device=dev)
     t = time.perf_counter()
@@ -44,6 +45,27 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False) -
         for _ in range(3):
             step(tok, pos)
     compile_s = time.perf_counter() - t
+    if raw:
+        # the compiled step (no cudagraph trees) captured by hand as one CUDA graph: a replay costs
+        # the GPU's time, not the compiled module's Python call
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                step(tok, pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            step(tok, pos)
+        latency = cuda_median_ms(graph.replay, warmup=10, repeats=100)
+        return {
+            "backend": backend,
+            "weights": weights,
+            "weight_bytes": dec.weight_bytes(),
+            "compile_s": round(compile_s, 1),
+            "cuda_graphs": "one torch.cuda.CUDAGraph of the compiled step",
+            "latency_ms_per_token": latency,
+        }
     if graphs:
         with torch.inference_mode():
             latency = cuda_median_ms(lambda: step(tok, pos), warmup=10, repeats=100)
@@ -97,6 +119,11 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--smoke", action="store_true", help="the small Llama on the CPU, eager (checks the code path)")
     p.add_argument("--graphs", action="store_true", help="time each variant with CUDA graphs instead of profiling")
+    p.add_argument(
+        "--raw-graph",
+        action="store_true",
+        help="time one hand-captured CUDA graph of the compiled step (without the compiled module's Python call)",
+    )
     p.add_argument("--tune", action="store_true", help="inductor coordinate_descent_tuning (as bench/compression.py)")
     args = p.parse_args()
     dev = "cpu" if args.smoke else "cuda"
@@ -110,7 +137,9 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
         "setup": "batch 1, position 511 of a 512-token cache, "
         + (
-            "compiled with CUDA graphs (reduce-overhead), median of 100"
+            "compiled (mode default), the step captured as one torch.cuda.CUDAGraph, median of 100 replays"
+            if args.raw_graph
+            else "compiled with CUDA graphs (reduce-overhead), median of 100"
             if args.graphs
             else "compiled without CUDA graphs, 20 steps profiled"
         )
@@ -123,7 +152,8 @@ def main() -> int:
         if dev == "cpu" and backend != "torch":
             continue
         try:
-            doc["variants"].append(profile(lm, backend, weights, args.smoke, args.graphs and not args.smoke))
+            graphs = (args.graphs or args.raw_graph) and not args.smoke
+            doc["variants"].append(profile(lm, backend, weights, args.smoke, graphs, args.raw_graph and not args.smoke))
         except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
             doc["errors"].append({"variant": spec, "error": f"{type(exc).__name__}: {exc}"[:500]})
         if args.out:

@@ -107,6 +107,10 @@ for fmt in ["int4_g64", "int8", "fp8_e4m3", "bf16", "fp32"]:
     torch.testing.assert_close(layer.fused(x), layer(x), atol=1e-4, rtol=1e-4)
     res = torch.randn(40)
     torch.testing.assert_close(layer.fused(x, residual=res), layer(x) + res, atol=1e-4, rtol=1e-4)
+    gate_up = PackedLinear(torch.randn(64, 256), fmt, torch.float32, backend="triton")
+    y = gate_up(x)
+    act = torch.nn.functional.silu(y[:32]) * y[32:]
+    torch.testing.assert_close(gate_up.fused(x, epilogue=1), act, atol=1e-4, rtol=1e-4)  # SILU_PAIR
 lm = _build_llama(False, smoke=True).lm.float()
 names = list(quantizable_layers(lm))
 ids = torch.randint(0, 1024, (6,), generator=torch.Generator().manual_seed(0))

@@ -122,18 +122,20 @@ class PackedLinear(nn.Module):
         norm_weight: torch.Tensor | None = None,
         eps: float = 1e-6,
         residual: torch.Tensor | None = None,
+        epilogue: int = 0,
     ) -> torch.Tensor:
-        """The Triton product, with the RMSNorm / SiLU-gate prologue and residual add fused in."""
+        """The Triton product, with the RMSNorm / SiLU-gate prologue, the SiLU(gate) * up epilogue
+        (`td.SILU_PAIR`: this layer is gate and up stacked; returns half as many outputs) and the
+        residual add fused in."""
         from . import triton_decode as td
 
-        common = dict(prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual)
+        n = self.out_features // 2 if epilogue == td.SILU_PAIR else self.out_features
+        common = dict(prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual, epilogue=epilogue)
         if self.kind in (FULL, "bf16"):
-            return td.gemv(x, self.w, self.out_features, td.W16, self.dtype, **common)
+            return td.gemv(x, self.w, n, td.W16, self.dtype, **common)
         if self.kind in ("int8", "fp8_e4m3"):
-            return td.gemv(x, self.q, self.out_features, td.W8_ROW, self.dtype, scale=self.scale, **common)
-        return td.gemv(
-            x, self.q, self.out_features, td.W4_GROUP, self.dtype, self.scale, self.zero, self.group, **common
-        )
+            return td.gemv(x, self.q, n, td.W8_ROW, self.dtype, scale=self.scale, **common)
+        return td.gemv(x, self.q, n, td.W4_GROUP, self.dtype, self.scale, self.zero, self.group, **common)
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) fp32 weight this layer multiplies by (for tests and inspection)."""
@@ -333,14 +335,18 @@ class DecodeLlama(nn.Module):
     def _forward_triton(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         from . import triton_decode as td
 
-        cos, sin = self.cos[pos], self.sin[pos]
         x = self.embed(token)
         for layer in self.layers:
-            qkv = [m.fused(x, td.RMSNORM, layer.ln1, self.eps) for m in layer.qkv]
-            q = self._rope_and_cache(layer, _cat(qkv), cos, sin, pos)
-            x = layer.o.fused(td.attention(q, layer.k, layer.v, pos), residual=x)
-            gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps) for m in layer.gate_up]
-            x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x)
+            qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps) for m in layer.qkv])
+            # rotary embedding and the cache write happen inside the attention kernel
+            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads)
+            x = layer.o.fused(att, residual=x)
+            if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
+                act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR)
+                x = layer.down.fused(act, residual=x)
+            else:
+                gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps) for m in layer.gate_up]
+                x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x)
         return self.lm_head.fused(x, td.RMSNORM, self.norm, self.eps).float()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,23 @@
 `gemv` reads a projection's packed bytes once (bf16 / fp32, int8 or fp8 with a per-row scale, int4
 with an fp16 scale and minimum per group — the layouts `quantize.pack()` writes), dequantizes in
 registers and accumulates in fp32. What surrounds a projection in a Llama block is fused into it, so
-that a decoder layer needs about half the kernels of the unfused step (measured: 131 against 211–227
-a token with the first, one-kernel attention): the RMSNorm of the input (each program recomputes
-the norm of the short input vector), SiLU(gate) * up in front of the down projection, and the
-residual add after the output and down projections. `attention` splits the static cache
-into blocks of positions (one program per query head and block, positions after `pos` masked), then
-combines the blocks' partial softmaxes (flash-decoding).
+that a decoder layer runs five kernels: the RMSNorm of the input (each program accumulates the sum of
+squares of the short input vector alongside the product and scales its rows by the inverse norm at
+the end), SiLU(gate) * up as the epilogue of the fused gate/up product (each program computes a block
+of gate rows and the matching up rows) or, when gate and up have different formats, as the prologue
+of the down projection, and the residual add after the output and down projections. `attention`
+applies the rotary embedding to the token's query and key and writes its key and value into the
+static cache itself (no separate kernels for them), splits the cache into blocks of positions (one
+program per query head and block, positions after `pos` masked), then combines the blocks' partial
+softmaxes (flash-decoding).
+
+The GEMV's tile (rows per program, inputs per step, warps, pipeline stages) is chosen per shape by
+`gemv_config` from a table measured on the H200 (`bench/decode_gemv.py --sweep`), not by Triton's
+autotuner, so that nothing is tuned inside a CUDA-graph capture. int4 is read as a [rows, groups,
+bytes] tile, so that each group's scale and minimum are loaded once and no reshape is needed, and
+its nibbles become floats by bit tricks rather than int-to-float conversions. (Loading int4 as 32-bit
+words unpacked to a 4-D tile measured 1.5-2x slower on the H200: Triton splits its reductions
+across threads.)
 
 Import needs Triton (on CUDA machines it comes with PyTorch). On a CPU the kernels run under
 Triton's interpreter (`TRITON_INTERPRET=1`), which is how the unit tests check them without a GPU.
@@ -16,7 +27,9 @@ Triton's interpreter (`TRITON_INTERPRET=1`), which is how the unit tests check t
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -26,34 +39,36 @@ import triton.language as tl
 W16, W8_ROW, W4_GROUP = 0, 1, 2
 # gemv prologues
 NONE, RMSNORM, SILU_MUL = 0, 1, 2
+# gemv epilogue: out[i] = silu(W[i] x) * (W[i + n] x) for the stacked gate/up weight (2n rows)
+SILU_PAIR = 1
+# int4 groups up to this size (a step of the kernel covers whole groups)
+MAX_INT4_GROUP = 1024
 
 
 @triton.jit
-def _input(x_ptr, nw_ptr, idx, m, K, inv, PRO: tl.constexpr):
+def _input(x_ptr, nw_ptr, idx, m, K, PRO: tl.constexpr):
+    """The product's input at `idx` (before the RMSNorm's 1/rms, applied to the sums), and x^2."""
     if PRO == 2:
         g = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + idx, mask=m, other=0.0).to(tl.float32)
         v = g / (1.0 + tl.exp(-g)) * u
+        sq = v
     else:
         v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        sq = v
         if PRO == 1:
-            v = v * inv * tl.load(nw_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    return v
+            sq = v * v
+            v = v * tl.load(nw_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    return v, sq
 
 
-# (rows per program, columns — bytes for int4 — per step, warps). Decode shapes run from a few
-# rows of long inputs (down_proj: 2048 rows x 8192) to thousands (lm_head: 32,000 rows), so the best tile
-# differs per projection; the interpreter (CPU tests) takes the first only.
-_CONFIGS = [(4, 128, 2), (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (2, 512, 4), (32, 128, 8)]
-MAX_INT4_GROUP = 2 * min(k for _, k, _ in _CONFIGS)  # a step covers whole groups
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = _CONFIGS[:1]
+@triton.jit
+def _nibble_float(q):
+    """int32 0..15 -> float32 without a (slow) int-to-float conversion: the bits 0x4B000000 | q are
+    the float 2^23 + q, and subtracting 2^23 is exact."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in _CONFIGS],
-    key=["N", "K", "FMT", "PRO"],
-)
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -65,59 +80,125 @@ def _gemv_kernel(
     out_ptr,
     N,
     K,
+    stride_w,
     EPS: tl.constexpr,
     FMT: tl.constexpr,
     G: tl.constexpr,
     PRO: tl.constexpr,
+    EPI: tl.constexpr,
     HAS_RES: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    inv = 1.0
-    if PRO == 1:
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            ss += v * v
-        inv = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + EPS)
+    """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows)."""
+    if EPI == 1:
+        # rows interleaved: 2i is gate row n0 + i, 2i + 1 is up row N + n0 + i
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + r // 2 + (r % 2) * N
+        rmask = (tl.program_id(0) * BLOCK_N + r // 2) < N
+        R: tl.constexpr = 2 * BLOCK_N
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        R: tl.constexpr = BLOCK_N
+    rows64 = rows.to(tl.int64)
+    ss = tl.full((), 0.0, tl.float32)
     if FMT == 2:
-        # BLOCK_K bytes of each row per step, i.e. 2 * BLOCK_K inputs (2j in the low nibble of byte j,
-        # 2j + 1 in the high one) in NGB whole groups: one dot product per group, then one scale and
-        # one minimum per group, loaded once.
-        KH = K // 2
+        # int4 as bytes: a [rows, groups, G/2 bytes] tile per step; byte j of a group holds inputs 2j
+        # (low nibble) and 2j + 1 (high). One dot product per row and group, then its scale and minimum.
+        HG: tl.constexpr = G // 2
+        NGB: tl.constexpr = BLOCK_K // G
         NG = K // G
-        NGB: tl.constexpr = 2 * BLOCK_K // G
-        acc = tl.zeros([BLOCK_N, NGB], dtype=tl.float32)
-        for k0 in range(0, KH, BLOCK_K):
-            j = k0 + tl.arange(0, BLOCK_K)
-            b = tl.load(w_ptr + rows[:, None] * KH + j[None, :], mask=rmask[:, None] & (j < KH)[None, :], other=0)
-            w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, NGB, G)).to(tl.float32)
-            kk = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
-            xg = tl.reshape(_input(x_ptr, nw_ptr, kk, kk < K, K, inv, PRO), (NGB, G))
-            dot = tl.sum(w * xg[None, :, :], axis=2)
-            gi = 2 * k0 // G + tl.arange(0, NGB)
-            gm = rmask[:, None] & (gi < NG)[None, :]
-            sc = tl.load(s_ptr + rows[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            zr = tl.load(z_ptr + rows[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            acc += sc * dot + zr * tl.sum(xg, axis=1)[None, :]
+        gl = tl.arange(0, NGB)
+        b = tl.arange(0, HG)
+        acc = tl.zeros([R, NGB], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            gi = k0 // G + gl
+            boff = (gi[:, None] * HG + b[None, :])[None, :, :]
+            if EVEN_K:
+                km = gi < NG + 1  # all true, constant along the tile
+                q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=rmask[:, None, None], other=0)
+            else:
+                km = gi < NG
+                wm = rmask[:, None, None] & km[None, :, None]
+                q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=wm, other=0)
+            q = q.to(tl.int32)
+            ie = gi[:, None] * G + 2 * b[None, :]
+            xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
+            xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
+            if PRO == 1:
+                ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
+            lo = _nibble_float(q & 15)
+            hi = _nibble_float((q >> 4) & 15)
+            dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+            gm = rmask[:, None] & km[None, :]
+            sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+            zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+            acc += sc * dot + zr * tl.sum(xe + xo, axis=1)[None, :]
         y = tl.sum(acc, axis=1)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < K
-            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            xv = _input(x_ptr, nw_ptr, kk, km, K, inv, PRO)
+            if EVEN_K:
+                w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=rmask[:, None], other=0.0)
+            else:
+                wm = rmask[:, None] & km[None, :]
+                w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=wm, other=0.0)
+            xv, sq = _input(x_ptr, nw_ptr, kk, km, K, PRO)
+            if PRO == 1:
+                ss += tl.sum(sq, axis=0)
             acc += w.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
     if FMT == 1:
         y = y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
+    if PRO == 1:
+        y = y / tl.sqrt(ss / K + EPS)
+    if EPI == 1:
+        # the gate and up outputs rounded to the output type, as if stored, then SiLU(gate) * up
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        g, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+        y = g / (1.0 + tl.exp(-g)) * u
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
     if HAS_RES:
         y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+# Tiles measured on the H200 (bench/decode_gemv.py --sweep, decode-gemv-sweep-2026-11-29-h200.json)
+# per (format, outputs, inputs, epilogue): (rows per program, inputs per step, warps, stages).
+TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {
+    (W4_GROUP, 3072, 2048, 0): (8, 1024, 4, 3),
+    (W4_GROUP, 2048, 2048, 0): (8, 1024, 4, 3),
+    (W4_GROUP, 8192, 2048, SILU_PAIR): (32, 512, 8, 3),
+    (W4_GROUP, 2048, 8192, 0): (8, 1024, 4, 3),
+    (W4_GROUP, 32000, 2048, 0): (32, 512, 8, 3),
+    (W8_ROW, 3072, 2048, 0): (4, 1024, 4, 3),
+    (W8_ROW, 2048, 2048, 0): (2, 2048, 4, 1),
+    (W8_ROW, 8192, 2048, SILU_PAIR): (4, 1024, 4, 3),
+    (W8_ROW, 2048, 8192, 0): (2, 2048, 4, 1),
+    (W8_ROW, 32000, 2048, 0): (16, 512, 4, 3),
+    (W16, 3072, 2048, 0): (8, 512, 4, 3),
+    (W16, 2048, 2048, 0): (2, 1024, 4, 3),
+    (W16, 8192, 2048, SILU_PAIR): (4, 1024, 4, 3),
+    (W16, 2048, 8192, 0): (2, 1024, 4, 3),
+    (W16, 32000, 2048, 0): (8, 512, 4, 3),
+}
+if os.environ.get("DECODE_GEMV_TUNED"):  # a sweep's "best" list (bench/decode_gemv.py --sweep), to try it out
+    for _b in json.loads(Path(os.environ["DECODE_GEMV_TUNED"]).read_text()).get("best", []):
+        TUNED[_b["fmt"], _b["n"], _b["k"], _b["epi"]] = tuple(_b["config"])
+
+
+def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, int, int, int]:
+    return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
+
+
+def gemv_config(fmt: int, n: int, k: int, epi: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an n-output, k-input product."""
+    return TUNED.get((fmt, n, k, epi)) or _default_config(fmt, n, k, epi)
 
 
 def gemv(
@@ -133,11 +214,18 @@ def gemv(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    epilogue: int = 0,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """out[n] = sum_k W[n, k] * f(x)[k] (+ residual[n]); K is x's length (half of it for SILU_MUL)."""
+    """out[n] = sum_k W[n, k] * f(x)[k] (+ residual[n]); K is x's length (half of it for SILU_MUL).
+
+    With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
+    bn, bk, warps, stages = config or gemv_config(fmt, n, k, epilogue)
+    bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
     out = torch.empty(n, dtype=out_dtype, device=x.device)
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    stride = k // 2 if fmt == W4_GROUP else k
+    _gemv_kernel[(triton.cdiv(n, bn),)](
         x,
         w,
         scale if scale is not None else x,
@@ -147,42 +235,79 @@ def gemv(
         out,
         n,
         k,
+        stride,
         EPS=eps,
         FMT=fmt,
         G=group or 1,
         PRO=prologue,
+        EPI=epilogue,
         HAS_RES=residual is not None,
+        EVEN_K=k % bk == 0,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out
 
 
 @triton.jit
+def _rope(ptr, c, s, d, D: tl.constexpr):
+    """x * cos + rotate_half(x) * sin for one head at ptr, rounded to the cache's type as torch does."""
+    dt = ptr.dtype.element_ty
+    x = tl.load(ptr + d).to(tl.float32)
+    rot = tl.load(ptr + (d + D // 2) % D).to(tl.float32)
+    rot = tl.where(d < D // 2, -rot, rot)
+    a = (x * c).to(dt).to(tl.float32)
+    b = (rot * s).to(dt).to(tl.float32)
+    return (a + b).to(dt)
+
+
+@triton.jit
 def _attention_partial(
-    q_ptr,
+    qkv_ptr,
     k_ptr,
     v_ptr,
+    cos_ptr,
+    sin_ptr,
     pos_ptr,
     part_ptr,
     T,
     SCALE: tl.constexpr,
+    HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """One query head x one block of positions: the block's max score, softmax mass and weighted V."""
+    """One query head x one block of positions: the block's max score, softmax mass and weighted V.
+
+    The token's query and key get the rotary embedding here; its key and value stand in for the
+    cache's row `pos`, which the block holding `pos` writes (once per key/value head)."""
     h = tl.program_id(0)
     blk = tl.program_id(1)
-    base = (h // GROUP) * T * D
+    kvh = h // GROUP
+    base = kvh * T * D
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
+    c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    q = _rope(qkv_ptr + h * D, c, sn, d, D).to(tl.float32) * SCALE
+    k_new = _rope(qkv_ptr + (HEADS + kvh) * D, c, sn, d, D)
+    v_new = tl.load(qkv_ptr + (HEADS + HEADS // GROUP + kvh) * D + d)
+    mine = (tl.full([D], blk, tl.int32) == pos // BLOCK_T) & (tl.full([D], h % GROUP, tl.int32) == 0)
+    tl.store(k_ptr + base + pos * D + d, k_new.to(k_ptr.dtype.element_ty), mask=mine)
+    tl.store(v_ptr + base + pos * D + d, v_new.to(v_ptr.dtype.element_ty), mask=mine)
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    old = t < pos
+    now = (t == pos)[:, None]
     valid = t <= pos
-    q = tl.load(q_ptr + h * D + d).to(tl.float32) * SCALE
-    kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
+    kb = tl.where(now, k_new.to(tl.float32)[None, :], kb)
     s = tl.where(valid, tl.sum(kb * q[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.where(valid, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
-    vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
+    vb = tl.where(now, v_new.to(tl.float32)[None, :], vb)
     out = part_ptr + (h * tl.num_programs(1) + blk) * (D + 2)
     tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
     tl.store(out + D, m)
@@ -204,20 +329,31 @@ def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr):
     tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """q: (heads, d); caches: (kv_heads, T, d); softmax over positions <= pos. Returns (heads * d,).
+def attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
+    """qkv: the token's (heads + 2 kv_heads) * d projections, before the rotary embedding; caches:
+    (kv_heads, T, d); cos, sin: (T, d) tables. Applies the rotary embedding to q and k, writes k and
+    v into the caches at `pos`, and returns softmax(q K^T / sqrt(d)) V over positions <= pos,
+    (heads * d,).
 
     Split over blocks of 64 positions (one program per head and block), then one program per head
     combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions.
     """
-    heads, d = q.shape
-    kv_heads, t, _ = k_cache.shape
+    kv_heads, t, d = k_cache.shape
     block = min(64, t)
     blocks = t // block
-    part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=q.device)
-    out = torch.empty(heads * d, dtype=q.dtype, device=q.device)
+    part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=qkv.device)
+    out = torch.empty(heads * d, dtype=qkv.dtype, device=qkv.device)
     _attention_partial[(heads, blocks)](
-        q, k_cache, v_cache, pos, part, t, SCALE=d**-0.5, GROUP=heads // kv_heads, D=d, BLOCK_T=block
+        qkv, k_cache, v_cache, cos, sin, pos, part, t,
+        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block,
     )
     _attention_combine[(heads,)](part, out, NB=blocks, D=d)
     return out
