@@ -327,7 +327,7 @@ QUEUE_FIELDS = ("position", "flow", "start_tag", "finish_tag", "estimate_s", "re
 _SQL_TYPES = {"position": "integer", "flow": "text", "start_tag": "double precision",
               "finish_tag": "double precision", "estimate_s": "double precision", "reason": "text", "code": "text",
               "eta": "timestamptz", "reserved_at": "timestamptz"}
-_ETA, _REASON = QUEUE_FIELDS.index("eta"), QUEUE_FIELDS.index("reason")
+_ETA = QUEUE_FIELDS.index("eta")
 
 Row = tuple  # a queue row's QUEUE_FIELDS values, in that order
 
@@ -382,7 +382,9 @@ def _update_entries(changed: list[tuple[int, Row]], now: datetime) -> None:
 
 
 def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) -> tuple[set, dict]:
-    """Bring QueueEntry and Job.pending_reason in line with the pass, touching only what changed.
+    """Bring the QueueEntry rows in line with the pass, touching only what changed. A queued job's reason
+    lives there only (Job.waiting_reason): reasons name a position ("behind 7,371 jobs"), so after an end
+    nearly every one changes, and copying them into the jobs too cost a second 10,000-row UPDATE.
 
     The rows are read as tuples (no model instances: 10,000 of them were a fifth of a pass) and compared
     whole. `etas` None keeps the ETAs already written. Returns the ids of the jobs whose rows changed and
@@ -395,7 +397,6 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) ->
         QueueEntry.objects.filter(job_id__in=stale).delete()
     changed: list[tuple[int, Row]] = []
     created: list[tuple[int, Row]] = []
-    reasons: dict[int, str] = {}
     reservations, stamps = decision.reservations, decision.stamps
     for job_id, pending in decision.pending.items():
         reservation = reservations.get(job_id)
@@ -406,34 +407,9 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) ->
         old = existing.get(job_id)
         if old is None:
             created.append((job_id, values))
-            reasons[job_id] = values[_REASON]
         elif old != values:
-            if old[_REASON] != values[_REASON]:
-                reasons[job_id] = values[_REASON]
             changed.append((job_id, values))
     _insert_entries(created, now)
     _update_entries(changed, now)
-    _update_reasons(reasons)
     return stale | {job_id for job_id, _ in created} | {job_id for job_id, _ in changed}, etas
 
-
-def _update_reasons(reasons: dict[int, str]) -> None:
-    """Job.pending_reason of the queued jobs whose reason changed. Reasons name a position ("behind 7371
-    jobs"), so nearly every one differs: one UPDATE per reason was 10,000 statements (seconds) on a
-    10,000-job queue; PostgreSQL gets one UPDATE ... FROM json_array_elements instead."""
-    if not reasons:
-        return
-    if connection.vendor == "postgresql":
-        table = Job._meta.db_table
-        column = Job._meta.get_field("pending_reason").column
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f'UPDATE "{table}" AS j SET "{column}" = e->>1 '  # noqa: S608 - names from the model
-                f'FROM json_array_elements(%s::json) AS e WHERE j."id" = (e->>0)::bigint AND j."state" = %s',
-                [json.dumps(list(reasons.items()), separators=(",", ":")), JobState.QUEUED])
-        return
-    by_reason: dict[str, list[int]] = {}
-    for job_id, reason in reasons.items():
-        by_reason.setdefault(reason, []).append(job_id)
-    for reason, ids in by_reason.items():
-        Job.objects.filter(pk__in=ids, state=JobState.QUEUED).update(pending_reason=reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import models
 from django.db.models import Q
 
@@ -50,6 +51,8 @@ class Job(models.Model):
     spec = models.JSONField(default=dict)
 
     state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED)
+    # Why it waits as it enters the queue; once a pass has seen it, its QueueEntry's reason (rewritten by
+    # every pass) is the one shown: see `waiting_reason`.
     pending_reason = models.CharField(max_length=300, blank=True)
     attempt = models.PositiveIntegerField(default=1)
     max_attempts = models.PositiveIntegerField(default=3)  # preemptions do not count against it
@@ -83,6 +86,19 @@ class Job(models.Model):
     @property
     def resources(self) -> dict:
         return {"gpus": self.gpus, "nodes": self.nodes, "gpu_memory_gb": self.gpu_memory_gb}
+
+    @property
+    def waiting_reason(self) -> str:
+        """Why a queued job waits: its queue row's reason when that row is loaded (select_related or
+        accessed before), else the reason it entered the queue with. Loads nothing itself."""
+        if self.state == JobState.QUEUED and type(self).queue_entry.is_cached(self):
+            try:
+                reason = self.queue_entry.reason
+            except ObjectDoesNotExist:  # loaded, and there is none: no pass has seen the job yet
+                reason = ""
+            if reason:
+                return reason
+        return self.pending_reason
 
     @property
     def is_terminal(self) -> bool:

@@ -14,6 +14,8 @@ from .states import LIVE, TERMINAL, IllegalTransition, JobState, check_transitio
 # Submission is the API's hottest write: its two INSERTs are compiled once (apps/accounts/compiled.py).
 _INSERT_JOB = CompiledInsert(Job)
 _INSERT_EVENT = CompiledInsert(JobEvent)
+# A queued job's reason until a pass has seen it; then its QueueEntry's (Job.waiting_reason).
+ENTERED_QUEUE_REASON = "Waiting for the scheduler's next pass."
 
 
 def _after_commit(job: Job, event: JobEvent, *, reschedule: bool) -> None:
@@ -52,7 +54,7 @@ def submit_job(
             walltime_minutes=walltime_minutes,
             spec=spec or {},
             state=JobState.QUEUED,
-            pending_reason="Waiting for the scheduler's next pass.",
+            pending_reason=ENTERED_QUEUE_REASON,
         )
         event = _INSERT_EVENT.create(
             job=job, to_state=JobState.QUEUED, attempt=1, message="Submitted.", actor=submitter
@@ -104,6 +106,8 @@ def transition(
             locked.started_at = None
         if target != JobState.QUEUED:
             locked.pending_reason = ""
+        else:
+            locked.pending_reason = ENTERED_QUEUE_REASON
         for name, value in fields.items():
             setattr(locked, name, value)
         locked.save()

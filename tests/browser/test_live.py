@@ -187,7 +187,7 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
     queue_tab.wait_for_selector(f"[data-queue-row='{job.pk}']", state="detached")
     queue_tab.wait_for_function(
         f"document.querySelector(\"[data-queue-row='{big}'] [data-field=position]\").textContent.trim() === '1'")
-    reason = Job.objects.get(pk=big).pending_reason
+    reason = Job.objects.select_related("queue_entry").get(pk=big).waiting_reason
     assert reason
     assert reason[:40] in queue_tab.inner_text(f"[data-queue-row='{big}'] [data-field=reason]")
 

@@ -68,9 +68,9 @@ def test_a_new_job_preempts_a_served_one_which_requeues_and_yields(served, charl
 
     # The next pass places the newcomer; the served job waits behind it and says why.
     assert run_pass().placed == [newcomer.pk]
-    served.refresh_from_db()
-    assert "past the preemption mark" in served.pending_reason
-    assert "16.0 GPU-hours" in served.pending_reason
+    reason = Job.objects.select_related("queue_entry").get(pk=served.pk).waiting_reason
+    assert "past the preemption mark" in reason
+    assert "16.0 GPU-hours" in reason
 
 
 def test_a_preemption_uses_up_no_attempt(served, charlie, team_b, node_a):

@@ -33,10 +33,15 @@ def test_a_pass_places_what_fits_and_explains_what_waits(alice, team_a, node_a, 
     assert entry.position == 1
     assert entry.flow.endswith("/compression")
     assert entry.reason
-    assert Job.objects.get(pk=third).pending_reason == entry.reason
+    assert Job.objects.select_related("queue_entry").get(pk=third).waiting_reason == entry.reason
     detail = client.get(f"/api/v1/jobs/{third}/").json()
     assert detail["queue"]["position"] == 1
     assert detail["queue"]["reason"] == entry.reason
+    # The job's own pending_reason, in the detail and the list, is the latest pass's (its queue row's).
+    assert detail["pending_reason"] == entry.reason
+    listed = {j["id"]: j for j in client.get("/api/v1/jobs/").json()["results"]}
+    assert listed[third]["pending_reason"] == entry.reason
+    assert listed[first]["pending_reason"] == ""
 
 
 def test_a_job_that_starts_leaves_the_queue_view(alice, team_a, node_a, client_for):

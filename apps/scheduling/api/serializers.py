@@ -89,6 +89,7 @@ class JobSerializer(serializers.ModelSerializer):
     submitter = serializers.CharField(source="submitter.username", read_only=True)
     resources = serializers.SerializerMethodField()
     spec = SpecField(read_only=True)
+    pending_reason = serializers.SerializerMethodField()
 
     class Meta:
         model = Job
@@ -102,27 +103,36 @@ class JobSerializer(serializers.ModelSerializer):
 
     get_resources = extend_schema_field(ResourcesSerializer)(get_resources)
 
+    def get_pending_reason(self, job: Job) -> str:
+        """Why it waits: the latest pass's reason once a pass has seen it (see Job.waiting_reason)."""
+        return job.waiting_reason
+
     def to_representation(self, job: Job) -> dict:
         # The same output as the fields above would give (tests/unit/test_job_representation.py holds
         # them equal), built directly: DRF's field-by-field path is most of the CPU of the job list and
         # of a submission's response.
         return job_row([getattr(job, f) if f in _OWN else None for f in LIST_FIELDS],
-                       team_name=job.team.name, submitter=job.submitter.username)
+                       team_name=job.team.name, submitter=job.submitter.username, reason=job.waiting_reason)
 
 
 # The job list reads these columns with values_list() and builds each row with job_row(): for a page
 # of 50 jobs, model instances (a Job, its Team and its User each) were a third of the request's CPU.
 LIST_FIELDS = ("id", "name", "team_id", "team__name", "submitter__username", "kind", "priority", "gpus", "nodes",
-               "gpu_memory_gb", "walltime_minutes", "spec", "state", "pending_reason", "attempt", "max_attempts",
+               "gpu_memory_gb", "walltime_minutes", "spec", "state", "pending_reason", "queue_entry__reason",
+               "attempt", "max_attempts",
                "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error")
 _OWN = frozenset(f for f in LIST_FIELDS if "__" not in f)
 
 
-def job_row(values, *, team_name: str | None = None, submitter: str | None = None) -> dict:  # noqa: ANN001
-    """One job as JobSerializer shows it, from the LIST_FIELDS values in that order."""
+def job_row(values, *, team_name: str | None = None, submitter: str | None = None,  # noqa: ANN001
+            reason: str | None = None) -> dict:
+    """One job as JobSerializer shows it, from the LIST_FIELDS values in that order (`reason`: the waiting
+    reason when the caller has it, else the queue row's, else the one the job entered the queue with)."""
     (pk, name, team_id, team_name_value, submitter_value, kind, priority, gpus, nodes, gpu_memory_gb, walltime,
-     spec, state, pending_reason, attempt, max_attempts, preemptions, ran_seconds, submitted_at, started_at,
-     finished_at, result, error) = values
+     spec, state, pending_reason, entry_reason, attempt, max_attempts, preemptions, ran_seconds, submitted_at,
+     started_at, finished_at, result, error) = values
+    if reason is None:
+        reason = entry_reason if state == "queued" and entry_reason else pending_reason
     when = _DATETIME.to_representation
     return {
         "id": pk,
@@ -136,7 +146,7 @@ def job_row(values, *, team_name: str | None = None, submitter: str | None = Non
         "walltime_minutes": walltime,
         "spec": spec,
         "state": state,
-        "pending_reason": pending_reason,
+        "pending_reason": reason,
         "attempt": attempt,
         "max_attempts": max_attempts,
         "preemptions": preemptions,  # times the scheduler stopped it to make room (it resumes)

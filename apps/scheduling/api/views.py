@@ -72,7 +72,7 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
 
     model = Job
     serializer_class = JobSerializer
-    select_related = ("team", "submitter")
+    select_related = ("team", "submitter", "queue_entry")
     filterset_class = JobFilter
     ordering_fields = ["submitted_at", "priority", "state"]
 
