@@ -1,5 +1,6 @@
 """Weight formats, packing and the sensitivity-driven assignment (no Django, no downloads)."""
 
+import copy
 import math
 
 import pytest
@@ -185,3 +186,27 @@ def test_torchao_runs_int8_on_cpu_and_int4_is_simulated_there():
     assert type(quantized.a.weight).__name__ == "Int8Tensor"
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(quantized(x), ref).mean() > 0.99
+
+
+def test_torchao_is_used_only_where_it_computes_the_packed_weights():
+    from workers.compression.quantize import RTN, apply_torchao, fake_quant, same_grid
+
+    model = TwoLayer().eval()
+    image = fake_quant(model.a.weight.detach(), "int8")
+    quantized, simulated = apply_torchao(copy.deepcopy(model), {"a": "int8"}, "cpu")
+    assert simulated == []  # torchao's int8 grid is the packed format's: executed by torchao
+    assert same_grid(quantized.a.weight, image)
+
+    class OffGrid(type(RTN)):
+        """A rounding whose image torchao's int8 cannot represent: one outlier per row sets torchao's
+        per-row scale so high that the other weights round to 0 (a fake for the check's logic)."""
+
+        def fake_quant(self, layer, w, fmt):  # noqa: ANN001, ANN201
+            out = fake_quant(w, fmt).clone()
+            out[:, 0] = 1000 * out.abs().mean()
+            return out
+
+    off = OffGrid()
+    quantized, simulated = apply_torchao(copy.deepcopy(model), {"a": "int8"}, "cpu", off)
+    assert simulated == ["a"]  # torchao would compute with other weights than the reported ones
+    assert type(quantized.a.weight).__name__ == "Parameter"
