@@ -82,8 +82,11 @@ def test_it_stops_the_fewest_gpus():
 
 def test_a_job_already_being_stopped_is_waited_for_not_preempted_again():
     run = [running(1, 1, FULL, ran_for=HOUR, preempting=True), running(2, 2, FULL, ran_for=HOUR)]
-    decision = schedule(snap([node(1, busy=FULL), node(2, busy=FULL)], [queued(10, gpus=8)], run=run))
+    snapshot = snap([node(1, busy=FULL), node(2, busy=FULL)], [queued(10, gpus=8)], run=run)
+    decision = schedule(snapshot)
     assert decision.preemptions == {}
+    # Its ETA: when the stopping job is expected gone (within the grace), not hours later.
+    assert NOW <= forecast_etas(snapshot)[10] <= NOW + PolicyConfig().overrun_grace_s
     assert decision.pending[10].code == "preempting"
     assert "(1)" in decision.pending[10].reason
 

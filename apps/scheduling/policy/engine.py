@@ -160,7 +160,9 @@ class Scheduler:
         gpus = job.gpu_count
         end = job.estimated_end
         if job.preempting:
-            end = self.now  # it is being stopped: its GPUs come back as soon as its worker confirms
+            # Being stopped: its GPUs come back when its worker confirms, expected within the grace (an
+            # end at `now` would count as overrun and be pushed back by ClusterState.refresh).
+            end = self.now + self.config.overrun_grace_s
         elif end is None:
             est = self.estimator.estimate(job.team, job.kind, gpus, job.walltime_s)
             end = job.start + max(self.config.overrun_grace_s, est - job.ran_s) if job.ran_s else job.start + est
