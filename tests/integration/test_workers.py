@@ -309,7 +309,7 @@ def test_a_preempted_job_stops_requeues_and_finishes_after_the_newcomer(cluster,
     assert ("running", "preempting") in states
     assert ("preempting", "queued") in states
     [preempting] = [e for e in events if e["to_state"] == "preempting"]
-    assert f"Preempted for job {newcomer}" in preempting["message"]
+    assert f"Preempted for job {newcomer} of the same team" in preempting["message"]
     runs = {r.attempt: r.status for r in AttemptRun.objects.filter(job_id=long_job)}
     assert runs == {1: "cancelled", 2: "succeeded"}
     newcomer_started = Job.objects.get(pk=newcomer).started_at

@@ -46,10 +46,14 @@ def test_a_new_job_preempts_a_served_one_which_requeues_and_yields(served, charl
     served.refresh_from_db()
     assert served.state == JobState.PREEMPTING
     event = served.events.get(to_state=JobState.PREEMPTING)
-    assert f"Preempted for job {newcomer.pk}" in event.message
+    # Another team's job: neither side's event or reason names the other's jobs.
+    assert "Preempted for a job of another team" in event.message
+    assert f"job {newcomer.pk}" not in event.message
     entry = QueueEntry.objects.get(job_id=newcomer.pk)
     assert entry.code == "preempting"
-    assert f"({served.pk})" in entry.reason
+    assert "stopping 1 running job" in entry.reason
+    assert f"({served.pk})" not in entry.reason
+    assert f"job {served.pk}" not in entry.reason
     # Nothing more is preempted while it stops.
     assert run_pass().preempted == []
 

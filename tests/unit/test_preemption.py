@@ -31,12 +31,12 @@ def test_a_new_job_preempts_a_job_past_the_mark_and_waits_for_it_live():
     # Job 1 has run 8 GPUs x 1 h = 8 GPU-hours (mark: 4), for longer than the 30 min minimum.
     decision = schedule(snap([node(1, busy=FULL)], [queued(10, gpus=8)], run=[running(1, 1, FULL, ran_for=HOUR)]))
     assert set(decision.preemptions) == {1}
-    assert "job 10" in decision.preemptions[1]
+    assert "job 10 of the same team" in decision.preemptions[1]
     assert "8.0 GPU-hours" in decision.preemptions[1]
     # Live, the GPUs come back only when the worker confirms: job 10 is not placed in this pass.
     assert decision.placements == {}
     assert decision.pending[10].code == "preempting"
-    assert "stopping 1 job (1)" in decision.pending[10].reason
+    assert "stopping 1 running job that ran past 4 GPU-hours" in decision.pending[10].reason
 
 
 def test_jobs_under_the_mark_too_young_or_of_another_kind_are_not_preempted():
@@ -88,7 +88,7 @@ def test_a_job_already_being_stopped_is_waited_for_not_preempted_again():
     # Its ETA: when the stopping job is expected gone (within the grace), not hours later.
     assert NOW <= forecast_etas(snapshot)[10] <= NOW + PolicyConfig().overrun_grace_s
     assert decision.pending[10].code == "preempting"
-    assert "(1)" in decision.pending[10].reason
+    assert "stopping 1 running job" in decision.pending[10].reason
 
 
 def test_whole_node_jobs_take_the_cheapest_nodes():

@@ -354,10 +354,12 @@ class Scheduler:
             run = running[job_id]
             if run.stopping:
                 continue
+            # Names the job it makes room for only within one team: teams see nothing of each other's jobs.
+            whose = f"job {entry.id} of the same team" if entry.team == run.team else "a job of another team"
             decision.preemptions[job_id] = (
-                f"Preempted for job {entry.id} (team {self.team(entry.team).name}), which has run less than "
-                f"{threshold_h:g} GPU-hours; this job had run {run.attained(now) / 3600:.1f} GPU-hours and "
-                f"goes back to the queue, to resume from its last checkpoint."
+                f"Preempted for {whose}, which has run less than {threshold_h:g} GPU-hours; this job had run "
+                f"{run.attained(now) / 3600:.1f} GPU-hours and goes back to the queue, to resume from its "
+                f"last checkpoint."
             )
             if self.instant_preemption:
                 self.finish(job_id, now)

@@ -164,8 +164,9 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
         stopping = sched.preempting.get(entry.id)
         if stopping is not None:
             code = "preempting"
-            reason = (f"stopping {_plural(len(stopping), 'job')} ({', '.join(str(j) for j in stopping)}) that "
-                      f"ran past {mark} to make room; it starts when they have given their GPUs back")
+            # The stopped jobs may be other teams': counted, not named.
+            reason = (f"stopping {_plural(len(stopping), 'running job')} that ran past {mark} to make room; it "
+                      f"starts when {'that job has' if len(stopping) == 1 else 'they have'} given the GPUs back")
         if aged:
             reason += aged_note
         if entry.served:
