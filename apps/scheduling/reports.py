@@ -208,7 +208,7 @@ def result(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str, 
             job = transition(job, JobState.CANCELLED, expected_attempt=attempt, data=data,
                              message=f"Cancelled: the runner on {where} was stopped.",
                              **({"result": result} if result else {}))
-        elif job.state == JobState.PREEMPTING and not (status == "succeeded" and rank == 0):
+        elif job.state == JobState.PREEMPTING and status != "succeeded":
             # Stopped for the preemption (or it failed or was interrupted meanwhile): back to the queue
             # without using up an attempt; a run that failed on its own shows in the event's data.
             job = transition(job, JobState.QUEUED, expected_attempt=attempt, data=data,

@@ -117,6 +117,20 @@ def test_a_preemption_no_worker_confirms_is_finished_by_the_reconciler(served, c
     assert Allocation.objects.filter(job=served, released_at__isnull=True).count() == 0
 
 
+def test_a_rank_that_finishes_while_its_job_is_preempted_is_noted_not_requeued(served, charlie, team_b, node_a):
+    training(charlie, team_b, gpus=4, name="short")
+    run_pass()
+    Job.objects.filter(pk=served.pk).update(nodes=2)  # as if a second rank ran elsewhere
+    AttemptRun.objects.create(job=served, attempt=1, rank=1, node=node_a, world_size=2, run_id="run-r1")
+    AttemptRun.objects.filter(job=served, rank=0).update(world_size=2)
+    reports.result(node_a, served.pk, 1, rank=1, run_id="run-r1", status="succeeded")
+    served.refresh_from_db()
+    assert served.state == JobState.PREEMPTING  # rank 0 decides
+    reports.result(node_a, served.pk, 1, rank=0, run_id=f"run-{served.pk}-0", status="cancelled")
+    served.refresh_from_db()
+    assert (served.state, served.attempt) == (JobState.QUEUED, 2)
+
+
 def test_a_job_being_preempted_can_still_be_cancelled(served, charlie, team_b, alice, node_a):
     training(charlie, team_b, gpus=4, name="short")
     run_pass()
