@@ -432,6 +432,13 @@ class Scheduler:
         young_shapes: set[tuple] = set()  # shapes of the (EASY) reservations of jobs not yet aged
         preempt = self.preempt and self._collect(now)
         no_room: set[tuple] = set()  # shapes preemption could not make room for in this pass
+
+        def place(entry: Entry, end: float) -> list[tuple[int, int]] | None:
+            # A job expected back before a reservation's time may use its nodes freely; one that runs
+            # past it only the GPUs the reserved job will not need there.
+            caps = {n: cluster.size[n] if end <= h.time else h.caps[n] for n, h in on_hold.items()}
+            return cluster.place(entry.shape, caps, end)
+
         try:
             while heap:
                 if cluster.total_free == 0 and not explain and (not preempt or heap[0][0] == 2):
@@ -443,12 +450,17 @@ class Scheduler:
                     if book.quota_block(entry.gpus, entry.est, now) or not self.can_ever(entry.shape):
                         continue  # its sub-queue waits on the same quota or shape; explain says which
                     end = now + entry.est
-                    where = None
-                    if cluster.total_free >= entry.gpus:
-                        # A job expected back before a reservation's time may use its nodes freely;
-                        # one that runs past it only the GPUs the reserved job will not need there.
-                        caps = {n: cluster.size[n] if end <= h.time else h.caps[n] for n, h in on_hold.items()}
-                        where = cluster.place(entry.shape, caps, end)
+                    where = place(entry, end) if cluster.total_free >= entry.gpus else None
+                    if (where is None and preempt and not entry.served and entry.shape.key not in no_room
+                            and self._victims):
+                        room = self._room(entry, now)
+                        if room is None:
+                            no_room.add(entry.shape.key)
+                        else:
+                            self._preempt_for(entry, *room, now, decision)
+                            if not self.instant_preemption:
+                                continue  # it starts in a later pass, once the stopped jobs are gone
+                            where = place(entry, end)
                     if where is not None:
                         for n, count in where:
                             held = on_hold.get(n)
@@ -460,27 +472,6 @@ class Scheduler:
                         else:
                             self.active_subs.discard(sub)
                         continue
-                    if preempt and not entry.served and entry.shape.key not in no_room and self._victims:
-                        room = self._room(entry, now)
-                        if room is None:
-                            no_room.add(entry.shape.key)
-                        else:
-                            self._preempt_for(entry, *room, now, decision)
-                            if not self.instant_preemption:
-                                continue  # it starts in a later pass, once the stopped jobs are gone
-                            caps = {n: cluster.size[n] if end <= h.time else h.caps[n] for n, h in on_hold.items()}
-                            where = cluster.place(entry.shape, caps, end)
-                            if where is not None:
-                                for n, count in where:
-                                    held = on_hold.get(n)
-                                    if held is not None and end > held.time:
-                                        held.caps[n] -= count
-                                self._start(entry, where, now, decision)
-                                if sub.head < len(sub.jobs):
-                                    heappush(heap, self._item(sub, sub.head, now, levels))
-                                else:
-                                    self.active_subs.discard(sub)
-                                continue
                     if policy == "fifo" or (policy == "wfq" and not config.backfill):
                         break  # strict order: nothing may pass the first job that cannot start
                 if not backfill or len(holds) >= config.max_reservations:
