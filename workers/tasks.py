@@ -24,7 +24,15 @@ from celery.signals import worker_shutting_down
 
 from .celery_app import app
 from .client import AgentClient, read_token
-from .runner import BadJob, RunnerProcess, build_command, checkpoint_dir, final_checkpoint, runner_env
+from .runner import (
+    KILL_GRACE_S,
+    BadJob,
+    RunnerProcess,
+    build_command,
+    checkpoint_dir,
+    final_checkpoint,
+    runner_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,9 @@ SHUTDOWN = threading.Event()
 # When rank 0 has ended a multi-node job as succeeded, the other ranks are finishing too: let them.
 RANK_FINISH_GRACE_S = 15.0
 RESULT_RETRY_S = 600.0  # a result outlives a web app restart; after that the reconciler decides
+# How long a preempted runner has between SIGTERM and SIGKILL: a step and a checkpoint of a training run
+# (DEEPOPT_PREEMPT_GRACE_S; a cancel or a shutdown keeps runner.KILL_GRACE_S).
+PREEMPT_GRACE_S = float(os.environ.get("DEEPOPT_PREEMPT_GRACE_S", "30"))
 SHUTDOWN_RETRY_S = 10.0
 
 
@@ -257,7 +268,8 @@ def _relay(runner: RunnerProcess, reporter: Reporter, handle: Handle, config: No
             reason = "walltime"
         if reason:
             log.info("Stopping job %s attempt %s (%s).", handle.job, handle.attempt, handle.stop_reason or reason)
-            runner.stop()
+            # A preempted training run checkpoints at its next step boundary on SIGTERM: give it time to.
+            runner.stop(grace=PREEMPT_GRACE_S if handle.stop_state == "preempting" else KILL_GRACE_S)
             return reason
         if handle.wake.wait(0.1):
             handle.wake.clear()  # woken once; the next waits sleep again (a rank's grace period must not spin)

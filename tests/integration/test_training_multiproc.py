@@ -104,3 +104,36 @@ def test_bad_input_fails_before_any_process_starts_with_status_2():
     assert proc.returncode == 2
     assert proc.stderr == "error: the topk ratio must be in (0, 1], got 1.5\n"
     assert time.monotonic() - started < 30
+
+
+def test_sigterm_ends_the_attempt_at_a_step_boundary_with_a_checkpoint_the_next_one_resumes_from(tmp_path):
+    # As the worker stops a preempted attempt: SIGTERM to the launcher's whole process group.
+    common = ["workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "2",
+              "--backend", "gloo", "--hcof", "intra_node=none,inter_node=int4", "--checkpoint-dir", str(tmp_path),
+              "--checkpoint-every", "100000", "--json"]
+    launcher = subprocess.Popen([sys.executable, "-m", *common, "--steps", "100000"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    try:
+        for line in launcher.stdout:  # rank 0's JSON lines
+            if line.startswith("{") and json.loads(line).get("type") == "step":
+                seen.append(json.loads(line)["step"])
+                if len(seen) == 5:
+                    break
+        os.killpg(launcher.pid, signal.SIGTERM)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    [stopped] = [r for r in _lines(out) if r["type"] == "stopped"]
+    step = stopped["step"]
+    assert step >= 5  # past every step it had printed: nothing done was lost
+    assert (tmp_path / "latest").read_text() == str(step)  # every rank wrote it (checkpoint.save's barrier)
+    assert sorted(p.name for p in (tmp_path / f"step-{step:08d}").iterdir()) == [f"rank{r}.pt" for r in range(4)]
+    again = _run(*common, "--steps", str(step + 3), "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = _lines(again.stdout)
+    assert lines[0] == {"type": "resumed", "step": step}
+    assert [r["step"] for r in lines if r["type"] == "step"] == [step + 1, step + 2, step + 3]

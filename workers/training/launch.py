@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 
-GRACE_S = 10.0
+GRACE_S = 10.0  # after a rank failed, for the others to exit before they are killed
+# After SIGTERM (the worker stopping the attempt), for the ranks to finish their step and, with
+# checkpoints, save one (loop.py); the worker's own grace before SIGKILL bounds it too.
+TERM_GRACE_S = 30.0
 
 
 def free_port() -> int:
@@ -48,7 +51,7 @@ def launch(cfg, argv: list[str], module: str = "workers.training") -> int:
     try:
         while True:
             if stopping["signal"] is not None:
-                _stop(procs)
+                _stop(procs, TERM_GRACE_S)
                 return 128 + stopping["signal"]
             codes = [(rank, p.poll()) for rank, p in procs]
             failed = [(rank, rc) for rank, rc in codes if rc not in (None, 0)]
@@ -65,11 +68,11 @@ def launch(cfg, argv: list[str], module: str = "workers.training") -> int:
             signal.signal(s, handler)
 
 
-def _stop(procs: list[tuple[int, subprocess.Popen]]) -> None:
+def _stop(procs: list[tuple[int, subprocess.Popen]], grace: float = GRACE_S) -> None:
     for _, p in procs:
         if p.poll() is None:
             p.terminate()
-    deadline = time.monotonic() + GRACE_S
+    deadline = time.monotonic() + grace
     for _, p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -85,6 +85,16 @@ def run_worker(cfg: Config) -> int:
         reducer = HcofReducer(task.model, exchanger, cfg.hcof, cfg.critical, world, device,
                               bucket_mb=cfg.bucket_mb, first_bucket_mb=cfg.first_bucket_mb)
 
+    # With checkpoints, SIGTERM (a preemption, a cancel, a worker shutting down: the worker signals the
+    # runner's whole process group) ends the attempt at a step boundary with a checkpoint, so that the
+    # next attempt resumes from there. The ranks agree on the step by a one-number all-reduce each step;
+    # without checkpoints (benchmarks) SIGTERM keeps its default and no collective is added.
+    stop_signal: dict[str, int | None] | None = None
+    if cfg.checkpoint_dir:
+        stop_signal = {"signum": None}
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stop_signal.__setitem__("signum", signum))
+        stop_flag = torch.zeros(1, dtype=torch.int32, device=device)
+
     start_step = 0
     if cfg.resume:
         start_step = checkpoint.load(cfg.checkpoint_dir, rank, task.model, optimizer, reducer)
@@ -152,8 +162,19 @@ def run_worker(cfg: Config) -> int:
                     level_bytes[lv] += record["bytes"][lv]
         if rank == 0:
             emit(cfg, record)
-        if cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        saved = cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+        if saved:
             checkpoint.save(cfg.checkpoint_dir, rank, step + 1, task.model, optimizer, reducer)
+        if stop_signal is not None and step + 1 < cfg.steps:
+            stop_flag.fill_(1 if stop_signal["signum"] is not None else 0)
+            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+            if stop_flag.item():
+                if not saved:
+                    checkpoint.save(cfg.checkpoint_dir, rank, step + 1, task.model, optimizer, reducer)
+                if rank == 0:
+                    emit(cfg, {"type": "stopped", "step": step + 1, "checkpoint": step + 1})
+                dist.destroy_process_group()
+                return 128 + signal.SIGTERM
     if cfg.checkpoint_dir and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
         checkpoint.save(cfg.checkpoint_dir, rank, cfg.steps, task.model, optimizer, reducer)
 
