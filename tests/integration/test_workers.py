@@ -316,6 +316,43 @@ def test_a_preempted_job_stops_requeues_and_finishes_after_the_newcomer(cluster,
     assert newcomer_started < Job.objects.get(pk=long_job).started_at  # attempt 2 started after it
 
 
+def test_a_preempted_training_job_resumes_from_the_step_it_stopped_at(cluster, alice, team_a, settings):
+    settings.DEEPOPT_SCHEDULER = {**settings.DEEPOPT_SCHEDULER, "preempt_threshold_gpu_s": 2.0,
+                                  "preempt_min_run_s": 2.0}
+    node = cluster.start_node(alice, team_a, slots=1)
+    body = {"name": "long training", "team": team_a.pk, "kind": "training", "resources": {"gpus": 1},
+            "spec": {"model": "digits-mlp", "steps": 6000, "batch_size": 32}}
+    response = cluster.api(alice).post(f"{cluster.server}/api/v1/jobs/", json=body)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+
+    def steps_of(attempt: int) -> list[int]:
+        from apps.scheduling.models import JobEvent
+
+        return [e.data["step"] for e in JobEvent.objects.filter(job_id=job_id, attempt=attempt, kind="progress")
+                if e.data.get("type") == "step"]
+
+    wait_for(lambda: len(steps_of(1)) > 0 and max(steps_of(1)) >= 100, 60, "the training to make progress", node)
+    time.sleep(2.5)  # past the (test's) 2 GPU-second mark and minimum run
+    newcomer = submit(cluster, alice, team_a, steps=5, step_seconds=0.1)
+    wait_for(lambda: job_state(newcomer) == "succeeded", 60, "the newcomer to run", node)
+    done_before = max(steps_of(1))
+
+    # Attempt 2 resumes from the checkpoint the stop wrote, not from the last periodic one (every 600 steps).
+    from apps.scheduling.models import JobEvent
+
+    def resumed() -> int | None:
+        event = JobEvent.objects.filter(job_id=job_id, attempt=2, kind="progress", data__type="resumed").first()
+        return event.data["step"] if event is not None else None
+
+    step = wait_for(resumed, 60, "attempt 2 to resume", node)
+    assert step >= done_before, f"resumed at {step}, but attempt 1 had reported step {done_before}"
+    wait_for(lambda: job_state(job_id) in ("succeeded", "failed"), 90, "the training to finish", node)
+    job = Job.objects.get(pk=job_id)
+    assert (job.state, job.attempt, job.preemptions) == ("succeeded", 2, 1), job.error
+    assert job.result["final_accuracy"] > 0.8  # the resumed run went on learning (chance is 0.1)
+
+
 def test_a_node_killed_mid_job_loses_the_attempt_and_the_job_finishes_elsewhere(cluster, alice, team_a):
     first = cluster.start_node(alice, team_a, slots=1)
     second = cluster.start_node(alice, team_a, slots=1)
