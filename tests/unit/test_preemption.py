@@ -7,7 +7,7 @@ from pathlib import Path
 
 from apps.scheduling.policy import PolicyConfig, QueuedJob, RunningJob, Scheduler, forecast_etas, schedule
 from apps.scheduling.replay import TraceJob, load_trace, metrics, run_trace
-from tests.unit.test_policy import NOW, node, queued, snap
+from tests.unit.test_policy import NOW, node, queued, snap, team
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -127,6 +127,31 @@ def test_the_eta_of_a_job_that_will_preempt_is_now():
     etas = forecast_etas(snap([node(1, busy=FULL)], [queued(10, gpus=8)], run=run),
                          config=PolicyConfig(preemption=False))
     assert etas[10] == NOW + 10 * HOUR
+
+
+def test_the_forecast_plays_a_preempted_job_back_into_the_queue():
+    # One node. Job 1 (team 2, 8 GPUs, past the mark, 10 h to go) runs; job 10 is new (1 h); job 5 (team
+    # 1, which used the cluster heavily) has run 5 h before and waits. Job 10 preempts job 1 at once; when
+    # it ends, jobs 1 and 5 are both past the mark and team 2's job 1 goes first: job 5 waits for it.
+    run = [running(1, 1, FULL, ran_for=HOUR, team=2)]
+    served = replace(queued(5, gpus=8, submit=NOW - 3 * HOUR, walltime_s=HOUR), ran_s=5 * HOUR)
+    teams = [team(1, decayed_usage=1e9), team(2)]
+    snapshot = snap([node(1, busy=FULL)], [served, queued(10, gpus=8, walltime_s=HOUR, team=2)], run=run,
+                    teams=teams)
+    etas = forecast_etas(snapshot)
+    assert set(etas) == {5, 10}  # ETAs of queued jobs only, not of the preempted running one
+    assert etas[10] == NOW
+    # Had job 1 vanished when preempted (as the forecast used to play it), job 5 would start at +1 h.
+    assert etas[5] > NOW + 2 * HOUR
+
+
+def test_a_forecast_job_that_starts_and_is_later_preempted_keeps_its_eta():
+    # Job 10 (10 h) starts now; job 11 (1 h) waits until job 10 is past the mark, 30 min in (8 GPUs x
+    # 30 min = 4 GPU-hours, and the minimum run), and preempts it then: the forecast runs a pass at that
+    # moment, and job 10's ETA stays the time it first started.
+    queue = [queued(10, gpus=8, walltime_s=10 * HOUR, submit=NOW - 120), queued(11, gpus=8, walltime_s=HOUR)]
+    etas = forecast_etas(snap([node(1)], queue))
+    assert etas == {10: NOW, 11: NOW + 1800}
 
 
 # -- the replay --------------------------------------------------------------------------------------

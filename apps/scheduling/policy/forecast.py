@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import replace
 from heapq import heappop, heappush
 
 from .engine import Scheduler, cycle_gc_paused
 from .estimator import RuntimeEstimator
 from .explain import ordered
-from .types import PolicyConfig, Snapshot
+from .types import PolicyConfig, QueuedJob, RunningJob, Snapshot
 
 
 def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
@@ -35,36 +36,69 @@ def forecast_etas(snapshot: Snapshot, estimator: RuntimeEstimator | None = None,
 
 def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: PolicyConfig,
               limit: int | None, resolution_s: float) -> dict[Hashable, float | None]:
-    # Jobs a pass preempts stop at once here (they are running, so they need no ETA; when they come back
-    # they are not replayed, which makes the ETAs of jobs past the preemption mark a little early).
+    # Jobs a pass preempts stop at once here and go back to the queue with what they have run, as they
+    # would live, so that the jobs queued behind them see them again.
     sched = Scheduler.from_snapshot(snapshot, estimator, config, instant_preemption=True)
     now = snapshot.now
     cluster = sched.cluster
     # Overrunning jobs get their doubled estimates, the same the reservations are made of.
     cluster.refresh(now, config.overrun_grace_s)
+    queued = {job.id: job for job in snapshot.queued}
+    running = {job.id: job for job in snapshot.running}
+    # Per job: when its current run started, what it ran before that, how often it was preempted.
+    run_start = {job.id: job.start for job in snapshot.running}
+    ran_before = {job.id: job.ran_s for job in (*snapshot.running, *snapshot.queued)}
+    times_preempted = {job.id: job.preemptions for job in (*snapshot.running, *snapshot.queued)}
     ends: list[tuple[float, int, Hashable]] = []
+    token: dict[Hashable, int] = {}  # the end event of a job's current run (a preempted run's is stale)
     for order, job_id in enumerate(sched.running):
         hold = cluster.jobs.get(job_id)
         heappush(ends, (hold.end if hold is not None else now + config.overrun_grace_s, order, job_id))
+        token[job_id] = order
     order = len(ends)
     etas: dict[Hashable, float | None] = {}
     wanted = set(sched.queued) if limit is None else {entry.id for _, entry in ordered(sched, now)[:limit]}
     while wanted:
         decision = sched.schedule_pass(now)
+        for job_id in decision.preemptions:
+            ran_before[job_id] += max(0.0, now - run_start[job_id])
+            times_preempted[job_id] += 1
+            sched.enqueue(_requeued(queued.get(job_id), running.get(job_id), job_id, ran_before[job_id],
+                                    times_preempted[job_id]))
         for job_id in decision.placements:
-            etas[job_id] = now
-            wanted.discard(job_id)
+            if job_id in queued and job_id not in etas:  # a queued job's first start (not a resumption)
+                etas[job_id] = now
+                wanted.discard(job_id)
+            run_start[job_id] = now
             heappush(ends, (cluster.jobs[job_id].end, order, job_id))
+            token[job_id] = order
             order += 1
         if not sched.queued or not ends:
             break
-        now = max(now, ends[0][0])
+        following = ends[0][0]
+        if sched.preempt:  # a pass also when a running job becomes preemptible, as the live beat would run
+            at = sched.next_preemptible_at()
+            if at is not None and now < at < following:
+                following = at
+        now = max(now, following)
         until = now + resolution_s
         while ends and ends[0][0] <= until:
-            end, _, job_id = heappop(ends)
+            end, event, job_id = heappop(ends)
             now = max(now, end)
-            if job_id in sched.running:  # not if a pass preempted it
+            if token.get(job_id) == event and job_id in sched.running:  # not a preempted run's old end
                 sched.finish(job_id, now)
     for job_id in sched.queued:
-        etas[job_id] = None
+        if job_id in queued and job_id not in etas:  # never started (not: started, then preempted)
+            etas[job_id] = None
     return etas
+
+
+def _requeued(queued: QueuedJob | None, running: RunningJob | None, job_id: Hashable, ran_s: float,
+              preemptions: int) -> QueuedJob:
+    """A job the forecast preempted, queued again with what it has run (stamped afresh)."""
+    if queued is not None:
+        return replace(queued, ran_s=ran_s, preemptions=preemptions, attempt=queued.attempt + 1,
+                       estimated_runtime_s=None, start_tag=None, finish_tag=None)
+    return QueuedJob(id=job_id, team=running.team, kind=running.kind, gpus=running.gpu_count,
+                     nodes=len(running.gpus), submit=running.start, walltime_s=running.walltime_s,
+                     ran_s=ran_s, preemptions=preemptions)
