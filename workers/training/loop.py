@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -89,10 +90,9 @@ def run_worker(cfg: Config) -> int:
     # runner's whole process group) ends the attempt at a step boundary with a checkpoint, so that the
     # next attempt resumes from there. The ranks agree on the step by a one-number all-reduce each step;
     # without checkpoints (benchmarks) SIGTERM keeps its default and no collective is added.
-    stop_signal: dict[str, int | None] | None = None
-    if cfg.checkpoint_dir:
-        stop_signal = {"signum": None}
-        signal.signal(signal.SIGTERM, lambda signum, _frame: stop_signal.__setitem__("signum", signum))
+    stop_requested = threading.Event() if cfg.checkpoint_dir else None
+    if stop_requested is not None:
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
         stop_flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     start_step = 0
@@ -165,8 +165,8 @@ def run_worker(cfg: Config) -> int:
         saved = cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
         if saved:
             checkpoint.save(cfg.checkpoint_dir, rank, step + 1, task.model, optimizer, reducer)
-        if stop_signal is not None and step + 1 < cfg.steps:
-            stop_flag.fill_(1 if stop_signal["signum"] is not None else 0)
+        if stop_requested is not None and step + 1 < cfg.steps:
+            stop_flag.fill_(int(stop_requested.is_set()))
             dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
             if stop_flag.item():
                 if not saved:

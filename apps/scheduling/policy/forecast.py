@@ -45,10 +45,9 @@ def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: Po
     cluster.refresh(now, config.overrun_grace_s)
     queued = {job.id: job for job in snapshot.queued}
     running = {job.id: job for job in snapshot.running}
-    # Per job: when its current run started, what it ran before that, how often it was preempted.
-    run_start = {job.id: job.start for job in snapshot.running}
-    ran_before = {job.id: job.ran_s for job in (*snapshot.running, *snapshot.queued)}
-    times_preempted = {job.id: job.preemptions for job in (*snapshot.running, *snapshot.queued)}
+    run_start = {job.id: job.start for job in snapshot.running}  # when each job's current run started
+    # What a job the play preempted has run and how often it was preempted (others: as in the snapshot).
+    history: dict[Hashable, tuple[float, int]] = {}
     ends: list[tuple[float, int, Hashable]] = []
     token: dict[Hashable, int] = {}  # the end event of a job's current run (a preempted run's is stale)
     for order, job_id in enumerate(sched.running):
@@ -61,10 +60,10 @@ def _forecast(snapshot: Snapshot, estimator: RuntimeEstimator | None, config: Po
     while wanted:
         decision = sched.schedule_pass(now)
         for job_id in decision.preemptions:
-            ran_before[job_id] += max(0.0, now - run_start[job_id])
-            times_preempted[job_id] += 1
-            sched.enqueue(_requeued(queued.get(job_id), running.get(job_id), job_id, ran_before[job_id],
-                                    times_preempted[job_id]))
+            job = queued.get(job_id) or running[job_id]
+            ran_s, preemptions = history.get(job_id, (job.ran_s, job.preemptions))
+            history[job_id] = (ran_s + max(0.0, now - run_start[job_id]), preemptions + 1)
+            sched.enqueue(_requeued(queued.get(job_id), running.get(job_id), job_id, *history[job_id]))
         for job_id in decision.placements:
             if job_id in queued and job_id not in etas:  # a queued job's first start (not a resumption)
                 etas[job_id] = now
