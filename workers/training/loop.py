@@ -98,7 +98,7 @@ def run_worker(cfg: Config) -> int:
     start_step = 0
     if cfg.resume:
         start_step = checkpoint.load(cfg.checkpoint_dir, rank, task.model, optimizer, reducer)
-        if start_step:
+        if start_step and rank == 0:  # one line, as for steps: ranks writing together interleave on stdout
             emit(cfg, {"type": "resumed", "step": start_step})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
