@@ -52,6 +52,9 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
             command += ["--max-quality-drop", str(quantization["max_quality_drop"])]
         if quantization.get("rounding") in ("gptq", "rtn"):
             command += ["--rounding", quantization["rounding"]]
+        for key, flag in (("formats", "--formats"), ("linear_formats", "--linear-formats")):
+            if quantization.get(key):
+                command += [flag, ",".join(str(f) for f in quantization[key])]
         return command
     if kind == "training":
         hcof = spec.get("hcof") or {}

@@ -11,6 +11,9 @@ from apps.accounts.api.base import StrictSerializer
 COMPRESSION_MODELS = ("minilm-l6", "digits-cnn", "resnet50", "bert-base", "llama-1b")
 TRAINING_MODELS = ("digits-mlp", "resnet50", "bert-base", "gpt2-small")
 
+# Weight formats a compression job may restrict its assignment to (workers/compression/quantize.py).
+WEIGHT_FORMATS = ("bf16", "fp8_e4m3", "int8", "int4_g32", "int4_g64", "int4_g128")
+
 CODEC_RE = re.compile(r"^(none|bf16|int8|int4|topk:(?P<ratio>[0-9]*\.?[0-9]+)|powersgd:(?P<rank>[0-9]+))$")
 
 
@@ -37,6 +40,16 @@ class QuantizationSpec(StrictSerializer):
         choices=["gptq", "rtn"], required=False,
         help_text="How int4 Linear weights are rounded: gptq (from calibration data, the default) or rtn "
                   "(to nearest).",
+    )
+    formats = serializers.ListField(
+        child=serializers.ChoiceField(choices=WEIGHT_FORMATS), min_length=1, required=False,
+        help_text="Weight formats the sensitivity-driven assignment may choose from (default: bf16, fp8_e4m3, "
+                  "int8, int4_g64).",
+    )
+    linear_formats = serializers.ListField(
+        child=serializers.ChoiceField(choices=WEIGHT_FORMATS), min_length=1, required=False,
+        help_text="Formats for Linear layers only (default: formats). ['fp8_e4m3'] keeps every Linear on the FP8 "
+                  "tensor-core path of GPUs that have one, while embeddings may still go to int4.",
     )
 
 

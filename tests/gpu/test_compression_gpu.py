@@ -34,6 +34,31 @@ def test_torchao_executes_int8_and_int4_linears_on_cuda():
     assert torch.nn.functional.cosine_similarity(out, ref).mean() > 0.98
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (sm89+)")
+def test_fp8_linears_run_on_the_tensor_cores_and_compute_what_the_cpu_simulation_computes():
+    from workers.compression.fp8_linear import Fp8Linear
+    from workers.compression.quantize import apply_torchao, pack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768)).cuda()
+    x = torch.randn(4, 128, 768, device="cuda")
+    ref = model(x).float()
+    executed, simulated = apply_torchao(model.to(torch.bfloat16), {"0": "fp8_e4m3", "2": "fp8_e4m3"}, "cuda")
+    assert simulated == []
+    assert isinstance(executed[0], Fp8Linear)
+    assert isinstance(executed[2], Fp8Linear)
+    got = executed(x.to(torch.bfloat16)).float()
+    cos = torch.nn.functional.cosine_similarity(got.reshape(-1, 768), ref.reshape(-1, 768), dim=1)
+    assert cos.mean() > 0.99
+    # The kernel path against the same layer's CPU path (simulation): equal up to accumulation order.
+    layer = Fp8Linear.from_packed(pack(torch.randn(256, 512), "fp8_e4m3"), torch.randn(256), torch.bfloat16)
+    inputs = torch.randn(64, 512, dtype=torch.bfloat16)
+    on_cpu = layer(inputs).float()
+    on_gpu = layer.cuda()(inputs.cuda()).float().cpu()
+    assert (on_gpu - on_cpu).abs().max() <= 0.02 * on_cpu.abs().max()
+
+
 def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_matches_fused():
     from workers.compression.decode import DecodeLlama, PackedLinear
     from workers.compression.models import _build_llama

@@ -48,6 +48,12 @@ def test_a_compression_job_becomes_the_compression_runners_command(tmp_path):
     rtn = {**spec, "quantization": {"mode": "auto", "rounding": "rtn"}}
     text = " ".join(build_command(payload(kind="compression", spec=rtn), tmp_path / "out", tmp_path))
     assert "--rounding rtn" in text
+    assert "--formats" not in text
+    assert "--linear-formats" not in text
+    fp8 = {**spec, "quantization": {"mode": "auto", "formats": ["int8", "int4_g64"], "linear_formats": ["fp8_e4m3"]}}
+    text = " ".join(build_command(payload(kind="compression", spec=fp8), tmp_path / "out", tmp_path))
+    assert "--formats int8,int4_g64" in text
+    assert "--linear-formats fp8_e4m3" in text
     deeper = {"model": "resnet50", "pruning": {"keep_ratio": 0.6, "drop_blocks": 10}}
     text = " ".join(build_command(payload(kind="compression", spec=deeper), tmp_path / "out", tmp_path))
     assert "--keep-ratio 0.6" in text

@@ -194,3 +194,33 @@ def test_an_uploaded_model_is_compressed_like_the_catalog_one(tmp_path):
     assert report["baseline"]["quality"] > 90
     assert {layer["format"] for layer in report["layers"]} == {"int4_g64"}
     assert report["baseline"]["weight_bytes"] / report["compressed"]["weight_bytes"] > 6
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [("--formats", "int3", "--formats: unknown weight format 'int3'"),
+     ("--linear-formats", "fp8_e4m3,int4_g0", "--linear-formats: unknown weight format 'int4_g0'"),
+     ("--formats", " , ", "--formats needs at least one format")],
+)
+def test_it_refuses_unknown_formats(flag, value, words, tmp_path):
+    err = refused(compression("--model", "digits-cnn", flag, value, "--json", "--out", str(tmp_path / "o")),
+                  tmp_path / "o")
+    assert words in err
+
+
+def test_linear_layers_take_only_the_formats_they_are_given(tmp_path):
+    proc = compression("--model", "digits-cnn", "--keep-ratio", "1", "--formats", "int8,int4_g16",
+                       "--linear-formats", "fp8_e4m3", "--rounding", "rtn", "--max-quality-drop", "1.0", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["quantization"]["formats"] == ["int8", "int4_g16"]
+    assert report["quantization"]["linear_formats"] == ["fp8_e4m3"]
+    kinds = {row["name"]: row for row in report["layers"]}
+    model = models.make_task("digits-cnn").model
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    conv = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert linear
+    assert conv
+    assert {kinds[n]["format"] for n in linear} <= {"fp8_e4m3", "fp32"}
+    assert {kinds[n]["format"] for n in conv} <= {"int8", "int4_g16", "fp32"}
+    assert {kinds[n]["format"] for n in linear | conv} != {"fp32"}  # something was quantized

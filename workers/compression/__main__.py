@@ -50,6 +50,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default="gptq",
         help="int4 rounding of Linear weights: gptq (fitted on calibration inputs, the default) or rtn",
     )
+    p.add_argument(
+        "--formats",
+        help="comma list of weight formats the assignment may use (default bf16,fp8_e4m3,int8,int4_g<group-size>)",
+    )
+    p.add_argument(
+        "--linear-formats",
+        help="comma list for Linear layers only (default: --formats); fp8_e4m3 alone keeps every Linear on the "
+        "FP8 tensor-core path",
+    )
     p.add_argument("--prune-steps", type=int, default=3)
     p.add_argument("--recovery-steps", type=int, default=300)
     p.add_argument(
@@ -71,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
-    from .engine import Options, run, validate
+    from .engine import Options, parse_formats, run, validate
 
+    try:
+        formats = parse_formats(args.formats, "--formats") if args.formats is not None else None
+        linear_formats = (
+            parse_formats(args.linear_formats, "--linear-formats") if args.linear_formats is not None else None
+        )
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     opts = Options(
         model=args.model,
         quantize=args.quantize,
@@ -88,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         prune_steps=args.prune_steps,
         recovery_steps=args.recovery_steps,
         smoke=args.smoke,
+        formats=formats,
+        linear_formats=linear_formats,
     )
 
     def emit(stage: str, pct: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
     from .quantize import Rounding
 
 Emit = Callable[[str, float], None]
+
+# The weight formats a run may be asked to choose from (quantize.parse_format's, without importing torch).
+FORMAT_RE = re.compile(r"^(bf16|fp8_e4m3|int8|int4_g(?P<group>[0-9]+))$")
+
+
+def parse_formats(text: str, what: str) -> tuple[str, ...]:
+    """'fp8_e4m3,int4_g64' -> ('fp8_e4m3', 'int4_g64'); anything else is BadInput naming the entry."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise BadInput(f"{what} needs at least one format (bf16, fp8_e4m3, int8, int4_gN)")
+    for name in names:
+        match = FORMAT_RE.match(name)
+        if match is None or (match["group"] is not None and int(match["group"]) <= 0):
+            raise BadInput(f"{what}: unknown weight format {name!r}; use bf16, fp8_e4m3, int8 or int4_gN (N > 0)")
+    return names
 
 
 @dataclass
@@ -37,6 +53,11 @@ class Options:
     recovery_steps: int = 300
     smoke: bool = False
     latency_repeats: int = 7
+    # Formats the sensitivity sweep and the assignment may use (None: bf16, fp8_e4m3, int8, int4_g<group>),
+    # and, if given, the ones Linear layers may use instead: `linear_formats=("fp8_e4m3",)` keeps every
+    # Linear on the FP8 tensor-core path (fp8_linear.py) while embeddings may still go to int4.
+    formats: tuple[str, ...] | None = None
+    linear_formats: tuple[str, ...] | None = None
 
 
 def validate(opts: Options) -> None:
@@ -60,6 +81,9 @@ def validate(opts: Options) -> None:
         raise BadInput(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
     if opts.group_size <= 0:
         raise BadInput(f"--group-size must be positive, got {opts.group_size}")
+    for what, formats in (("--formats", opts.formats), ("--linear-formats", opts.linear_formats)):
+        if formats is not None:
+            parse_formats(",".join(formats), what)
     if opts.upload is not None:
         if opts.arch not in MODEL_NAMES:
             raise BadInput(f"--upload needs --arch, one of {', '.join(MODEL_NAMES)}; got {opts.arch!r}")
@@ -173,13 +197,18 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             )
             rounding = Rounding(hessians)
     if opts.quantize == "auto":
-        formats = candidate_formats(opts.group_size)
-        sens = sensitivity.measure(qtask, pruned, formats, progress=lambda f: say("sensitivity", f), rounding=rounding)
+        formats = list(opts.formats) if opts.formats else candidate_formats(opts.group_size)
+        linear_formats = list(opts.linear_formats) if opts.linear_formats else None
+        sens = sensitivity.measure(qtask, pruned, formats, progress=lambda f: say("sensitivity", f), rounding=rounding,
+                                   linear_formats=linear_formats)
         spent = qtask.calib_score(model) - qtask.calib_score(pruned)
         budget = max(max_drop - max(spent, 0.0), 0.0)
         say("assign", 0.0)
         assignment, quant_info = sensitivity.auto_assign(qtask, pruned, sens, budget, rounding=rounding)
         quant_info["calib_drop_from_pruning"] = spent
+        quant_info["formats"] = formats
+        if linear_formats:
+            quant_info["linear_formats"] = linear_formats
     elif opts.quantize == "preset":
         assignment = sensitivity.preset(pruned, opts.group_size)
         quant_info = {"method": "fixed preset: attention Q/K/V fp8, other Linear/Conv int4, embeddings and norms fp32"}
@@ -200,8 +229,9 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, "cuda", rounding)
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
     if executed is not None:
-        # `quality` is the packed weights' (what the artifact reproduces); the model torchao executes
-        # (and whose latency is reported) is measured too: on a GPU the two can differ.
+        # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute
+        # (and whose latency is reported) is measured too: on a GPU the two can differ (FP8 Linear layers
+        # also round their inputs to e4m3; see fp8_linear.py).
         compressed["executed_quality"] = task.quality(executed)
     say("latency", 0.0)
     baseline["latency_ms"], compressed["latency_ms"] = report.paired_latency_ms(
@@ -220,7 +250,8 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         "compressed": compressed,
         "layers": report.layer_rows(pruned, assignment, sens, kept),
         "simulated": bool(simulated_layers),
-        "execution": ("torchao kernels where they exist; " if device.type == "cuda" else "")
+        "execution": ("kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int8, int4: torchao); "
+                      if device.type == "cuda" else "")
         + (
             f"{len(simulated_layers)} layer(s) simulated: weights unpacked to the compute dtype, "
             "quality exactly that of the packed weights, sizes those of the packed tensors"

@@ -211,7 +211,11 @@ def torchao_config(fmt: str, device: str):
 def apply_torchao(
     model: nn.Module, assignment: dict[str, str], device: str, rounding: Rounding = RTN
 ) -> tuple[nn.Module, list[str]]:
-    """Execute the assignment with torchao where kernels exist; return the layers left simulated.
+    """Execute the assignment with real kernels where they exist; return the layers left simulated.
+
+    fp8_e4m3 Linear layers on a GPU with FP8 tensor cores (sm89+) become Fp8Linear (fp8_linear.py): the
+    packed weight exactly, times inputs rounded to e4m3 per token — W8A8, which is what makes FP8 pay
+    (torchao's Float8WeightOnly dequantizes to bf16 first). Other formats go to torchao, as follows.
 
     Embeddings and formats without kernels are fake-quantized instead (their quality is still the
     packed weights' quality, their speed that of the compute dtype). torchao rounds from the weights it
@@ -226,12 +230,20 @@ def apply_torchao(
     """
     from torchao.quantization import quantize_
 
+    from .fp8_linear import kernel_available, swap_fp8_linears
+
     layers = dict(model.named_modules())
     simulated = []
+    fp8_kernels = kernel_available(device)
     for name, fmt in assignment.items():
         if fmt in (FULL, "bf16"):
             continue
         layer = layers[name]
+        if fmt == "fp8_e4m3" and fp8_kernels and isinstance(layer, nn.Linear):
+            # The packed e4m3 weight and its row scales as they are, on FP8 tensor cores (W8A8).
+            with torch.no_grad():
+                swap_fp8_linears(model, {name: rounding.pack(name, layer.weight, fmt)}, layer.weight.dtype)
+            continue
         cfg = torchao_config(fmt, device) if isinstance(layer, nn.Linear) else None
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
             cfg = None  # tinygemm's int4 takes bf16 activations only

@@ -71,19 +71,26 @@ class StageReplay:
 
 
 def measure(
-    task: Task, model: nn.Module, formats: list[str], progress: Progress | None = None, rounding: Rounding = RTN
+    task: Task, model: nn.Module, formats: list[str], progress: Progress | None = None, rounding: Rounding = RTN,
+    linear_formats: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{layer: {format: calibration drop}} with every other layer left as it is."""
+    """{layer: {format: calibration drop}} with every other layer left as it is. Linear layers are tried
+    in `linear_formats` when given (the assignment can then only choose those for them), others in
+    `formats`."""
     base = task.calib_score(model)
     replay = StageReplay(task, model)
     layers = quantizable_layers(model)
+
+    def formats_of(layer: nn.Module) -> list[str]:
+        return linear_formats if linear_formats and isinstance(layer, nn.Linear) else formats
+
     result: dict[str, dict[str, float]] = {}
-    total = len(layers) * len(formats)
+    total = sum(len(formats_of(layer)) for layer in layers.values())
     done = 0
     for name, layer in layers.items():
         original = layer.weight.detach().clone()
         result[name] = {}
-        for fmt in formats:
+        for fmt in formats_of(layer):
             with torch.no_grad():
                 layer.weight.copy_(rounding.fake_quant(name, original, fmt))
             result[name][fmt] = base - replay.score(task, model, layer)

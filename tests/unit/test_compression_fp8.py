@@ -1,0 +1,70 @@
+"""FP8 W8A8 Linear layers (fp8_linear.py) on this CPU: the arithmetic a GPU's FP8 tensor cores compute,
+from the engine's packed fp8_e4m3 format, and the assignment restricted to it."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from workers.compression.fp8_linear import FP8, Fp8Linear, kernel_available, quantize_rows, swap_fp8_linears
+from workers.compression.quantize import pack, unpack
+
+torch.manual_seed(0)
+
+
+def test_rows_are_quantized_each_with_its_own_scale():
+    x = torch.randn(5, 64) * torch.tensor([0.01, 1.0, 30.0, 500.0, 1e-4])[:, None]
+    q, scale = quantize_rows(x)
+    assert q.dtype == FP8
+    assert scale.shape == (5, 1)
+    assert torch.allclose(q.float().abs().amax(dim=1), torch.full((5,), 448.0))  # each row uses the full range
+    back = q.float() * scale
+    rel = ((back - x).abs().amax(dim=1) / x.abs().amax(dim=1))
+    assert (rel < 2 ** -3).all()  # e4m3: 3 mantissa bits, at most half a step of 2^-3 relative
+
+
+def test_an_fp8_linear_is_the_packed_weight_times_the_rounded_input():
+    layer = nn.Linear(96, 48)
+    packed = pack(layer.weight, "fp8_e4m3")
+    fp8 = Fp8Linear.from_packed(packed, layer.bias, out_dtype=torch.float32)
+    x = torch.randn(3, 7, 96)
+    got = fp8(x)
+    assert got.shape == (3, 7, 48)
+    assert got.dtype == torch.float32
+    # Exactly: e4m3-rounded input (per token) times the unpacked weight, plus the bias.
+    q, s = quantize_rows(x.reshape(-1, 96))
+    w = unpack(packed, "fp8_e4m3", (48, 96))
+    want = ((q.float() * s) @ w.t() + layer.bias).reshape(3, 7, 48)
+    assert torch.allclose(got, want, atol=1e-5)
+    # And close to the fp32 layer: W8A8 e4m3 keeps about two significant digits.
+    ref = layer(x)
+    cos = nn.functional.cosine_similarity(got.reshape(-1, 48), ref.reshape(-1, 48), dim=1)
+    assert cos.min() > 0.995
+    assert not torch.allclose(got, ref, atol=1e-4)  # it is quantized, not the fp32 layer
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="one scale per output row"):
+        Fp8Linear(torch.zeros(4, 16, dtype=FP8), torch.ones(3), None)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        Fp8Linear(torch.zeros(4, 16), torch.ones(4), None)
+
+
+def test_swapping_keeps_the_model_working_and_only_touches_the_named_layers():
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    x = torch.randn(8, 32)
+    ref = model(x)
+    swapped = copy.deepcopy(model)
+    done = swap_fp8_linears(swapped, {"0": pack(model[0].weight, "fp8_e4m3")}, out_dtype=torch.float32)
+    assert done == ["0"]
+    assert isinstance(swapped[0], Fp8Linear)
+    assert isinstance(swapped[2], nn.Linear)
+    got = swapped(x)
+    assert nn.functional.cosine_similarity(got, ref, dim=1).min() > 0.995
+    with pytest.raises(ValueError, match="not a Linear"):
+        swap_fp8_linears(swapped, {"1": pack(model[0].weight, "fp8_e4m3")})
+
+
+def test_no_kernel_on_a_cpu():
+    assert kernel_available("cpu") is False
