@@ -20,7 +20,8 @@ real evaluation sentences). Weight bytes are the packed formats' (report.weight_
 
 With `--diagnose` (default on for bert-base), the session-5 puzzle: every Linear and embedding at
 int4_g128 with GPTQ rounding, scored (a) simulated in fp32, (b) simulated then cast to bf16, (c)
-executed by torchao's int4 kernels (apply_torchao), on the same inputs — which step loses fidelity.
+executed by the engine's kernels (apply_torchao: int4 on tinygemm at the packed grid since session 6;
+torchao's own int4 in session 6's first run), on the same inputs — which step loses fidelity.
 """
 from __future__ import annotations
 
@@ -249,11 +250,25 @@ def diagnosis(task, fp32, batches, reference, device) -> dict:
                                                 batches, reference)
     out["simulated_then_bf16"] = cosine(copy.deepcopy(sim).to(torch.bfloat16), batches, reference)
     executed, simulated_layers = apply_torchao(copy.deepcopy(fp32).to(torch.bfloat16), assignment, device, rounding)
-    out["torchao_executed"] = cosine(executed, batches, reference)
-    out["torchao_simulated_layers"] = len(simulated_layers)
-    # The executed model with its embeddings replaced by the fp32 simulation's (cast): isolates the Linears.
+    out["executed"] = cosine(executed, batches, reference)
+    out["executed_simulated_layers"] = len(simulated_layers)
+    out["executed_kernels"] = sorted({type(m).__name__ for m in executed.modules()
+                                      if type(m).__name__ in ("Int4Linear", "Fp8Linear", "Linear")})
     executed2, _ = apply_torchao(copy.deepcopy(fp32).to(torch.bfloat16), linear_only, device, rounding)
-    out["torchao_executed_linears_only"] = cosine(executed2, batches, reference)
+    out["executed_linears_only"] = cosine(executed2, batches, reference)
+    return out
+
+
+def diagnose_only(name: str, device: str) -> dict:
+    began = time.perf_counter()
+    task = make_task(name)
+    fp32 = task.model.to(device).eval()
+    batches = fidelity_batches(task, name, device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.inference_mode():
+        reference = [fp32(*b).float() for b in batches]
+    out = {"gptq_int4_diagnosis": diagnosis(task, fp32, batches, reference, device)}
+    out["wall_s"] = round(time.perf_counter() - began, 1)
     return out
 
 
@@ -264,6 +279,7 @@ def main() -> int:
     parser.add_argument("--no-diagnose", action="store_true")
     parser.add_argument("--variants", help="comma list of variant labels to run (bf16 always runs)")
     parser.add_argument("--compiled-only", action="store_true", help="time only the reduce-overhead builds")
+    parser.add_argument("--diagnose-only", action="store_true", help="only the GPTQ int4 diagnosis (bert-base)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not kernel_available(device):
@@ -277,8 +293,11 @@ def main() -> int:
     for name in args.models.split(","):
         diagnose = not args.no_diagnose and name == "bert-base"
         only = set(args.variants.split(",")) if args.variants else None
-        doc["results"][name] = encoder(name, device, cuda_median_ms, diagnose=diagnose, only=only,
-                                       compiled_only=args.compiled_only)
+        if args.diagnose_only:
+            doc["results"][name] = diagnose_only(name, device)
+        else:
+            doc["results"][name] = encoder(name, device, cuda_median_ms, diagnose=diagnose, only=only,
+                                           compiled_only=args.compiled_only)
         if args.out:
             args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))

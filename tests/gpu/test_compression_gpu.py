@@ -59,6 +59,30 @@ def test_fp8_linears_run_on_the_tensor_cores_and_compute_what_the_cpu_simulation
     assert (on_gpu - on_cpu).abs().max() <= 0.02 * on_cpu.abs().max()
 
 
+def test_int4_linears_run_on_tinygemm_at_the_packed_grid_gptq_included():
+    from workers.compression.gptq import gptq_int4
+    from workers.compression.int4_linear import Int4Linear
+    from workers.compression.quantize import Rounding, apply_torchao, unpack
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(768, 3072).cuda()
+    x = torch.randn(256, 768, device="cuda")
+    hessian = (x.T @ x).float()
+    packed = gptq_int4(layer.weight.detach(), hessian, 64)
+    image = unpack(packed, "int4_g64", (3072, 768))
+    want = torch.nn.functional.linear(x, image.cuda(), layer.bias).float()
+    module = Int4Linear(packed, 768, 3072, 64, layer.bias, torch.float32)
+    got = module(x).float()
+    # bf16 inputs and bf16 scales/zeros are the only differences from the packed image.
+    assert (got - want).abs().mean() <= 0.01 * want.abs().mean()
+    # Through apply_torchao with the GPTQ rounding: tinygemm, not torchao, and nothing simulated.
+    model = torch.nn.Sequential(layer)
+    executed, simulated = apply_torchao(model, {"0": "int4_g64"}, "cuda", Rounding({"0": hessian}))
+    assert simulated == []
+    assert isinstance(executed[0], Int4Linear)
+    assert (executed(x).float() - want).abs().mean() <= 0.01 * want.abs().mean()
+
+
 def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_matches_fused():
     from workers.compression.decode import DecodeLlama, PackedLinear
     from workers.compression.models import _build_llama

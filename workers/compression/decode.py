@@ -86,13 +86,11 @@ class PackedLinear(nn.Module):
             q = packed["q"].reshape(self.out_features, n_groups, group // 2)
             scale, zero = packed["scale"], packed["zero"]
             if backend == "tinygemm":
-                # tinygemm computes (q - 8) * scale + zero' with the even element in the high nibble.
-                swapped = ((q & 0x0F) << 4) | (q >> 4)
-                self.register_buffer(
-                    "tiny", torch.ops.aten._convert_weight_to_int4pack(swapped.reshape(self.out_features, -1), 8)
-                )
-                sz = torch.stack([scale.float(), zero.float() + 8 * scale.float()], dim=-1)  # (N, groups, 2)
-                self.register_buffer("tiny_sz", sz.transpose(0, 1).contiguous().to(torch.bfloat16))
+                from .int4_linear import tinygemm_pack
+
+                tiny, tiny_sz = tinygemm_pack(q, scale, zero, self.out_features, group)
+                self.register_buffer("tiny", tiny)
+                self.register_buffer("tiny_sz", tiny_sz)
             else:
                 self.register_buffer("q", q.contiguous())
                 self.register_buffer("scale", scale.contiguous())

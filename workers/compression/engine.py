@@ -250,8 +250,8 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         "compressed": compressed,
         "layers": report.layer_rows(pruned, assignment, sens, kept),
         "simulated": bool(simulated_layers),
-        "execution": ("kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int8, int4: torchao); "
-                      if device.type == "cuda" else "")
+        "execution": ("kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int4 Linear: tinygemm at "
+                      "the packed grid; int8: torchao); " if device.type == "cuda" else "")
         + (
             f"{len(simulated_layers)} layer(s) simulated: weights unpacked to the compute dtype, "
             "quality exactly that of the packed weights, sizes those of the packed tensors"

@@ -215,7 +215,9 @@ def apply_torchao(
 
     fp8_e4m3 Linear layers on a GPU with FP8 tensor cores (sm89+) become Fp8Linear (fp8_linear.py): the
     packed weight exactly, times inputs rounded to e4m3 per token — W8A8, which is what makes FP8 pay
-    (torchao's Float8WeightOnly dequantizes to bf16 first). Other formats go to torchao, as follows.
+    (torchao's Float8WeightOnly dequantizes to bf16 first). int4 Linear layers on sm80+ become
+    Int4Linear (int4_linear.py): the packed codes at their own grid on tinygemm. The rest goes to
+    torchao, as follows (int8; int4 of shapes tinygemm refuses).
 
     Embeddings and formats without kernels are fake-quantized instead (their quality is still the
     packed weights' quality, their speed that of the compute dtype). torchao rounds from the weights it
@@ -225,16 +227,17 @@ def apply_torchao(
     from the image it is given, and where its grid differed from the packed format's, re-rounding would
     add a second error that the reported quality (the packed weights') does not include. Such layers are
     simulated instead. On the H200 (2026-11-29) torchao's int8, int4 (tile-packed) and fp8 reproduced
-    round-to-nearest and GPTQ images of a 768 x 3072 layer to 0.2-0.8 % (mean |difference| / mean
-    |weight|), so they pass.
+    round-to-nearest and GPTQ images of a random 768 x 3072 layer to 0.2-0.8 % (mean |difference| / mean
+    |weight|), but torchao's int4 refused 72 of BERT-base's 73 GPTQ layers: hence int4 on tinygemm.
     """
     from torchao.quantization import quantize_
 
+    from . import int4_linear
     from .fp8_linear import kernel_available, swap_fp8_linears
 
     layers = dict(model.named_modules())
     simulated = []
-    fp8_kernels = kernel_available(device)
+    fp8_kernels, int4_kernels = kernel_available(device), int4_linear.kernel_available(device)
     for name, fmt in assignment.items():
         if fmt in (FULL, "bf16"):
             continue
@@ -243,6 +246,16 @@ def apply_torchao(
             # The packed e4m3 weight and its row scales as they are, on FP8 tensor cores (W8A8).
             with torch.no_grad():
                 swap_fp8_linears(model, {name: rounding.pack(name, layer.weight, fmt)}, layer.weight.dtype)
+            continue
+        kind, group = parse_format(fmt)
+        if (kind == "int4" and int4_kernels and isinstance(layer, nn.Linear)
+                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group)):
+            # The packed codes (GPTQ's where it rounded them) at their own grid, on tinygemm.
+            with torch.no_grad():
+                new = int4_linear.Int4Linear(rounding.pack(name, layer.weight, fmt), layer.in_features,
+                                             layer.out_features, group, layer.bias, layer.weight.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(layers[parent] if parent else model, child, new)
             continue
         cfg = torchao_config(fmt, device) if isinstance(layer, nn.Linear) else None
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
