@@ -50,6 +50,14 @@ KIND_FIELDS = {
         FormField("hcof_overlap", ("spec", "hcof", "overlap"), checkbox=True),
     ),
 }
+# The form's one choice of weight formats, each a preset of the API's quantization.formats / linear_formats.
+FORMAT_PRESETS: dict[str, tuple[str, dict]] = {
+    "": ("Any — the fewest bits within the budget", {}),
+    "fp8-linear": ("Linear layers FP8 (tensor cores), embeddings int8/int4",
+                   {"formats": ["int8", "int4_g64"], "linear_formats": ["fp8_e4m3"]}),
+    "integer": ("int8 and int4 only", {"formats": ["int8", "int4_g64"]}),
+}
+
 # Errors on a whole group (e.g. "over the team's GPUs per job") are shown at the top of that group.
 SECTIONS: dict[Path, str] = {("resources",): "resources", ("spec",): "spec"}
 NON_FIELD = "__all__"
@@ -109,13 +117,23 @@ class JobForm:
             for key in f.path[:-1]:
                 node = node.setdefault(key, {})
             node[f.path[-1]] = value
+        if self.kind == "compression":
+            preset = str(self.values.get("format_preset", "")).strip()
+            # An unknown preset reaches the API as a format, so its "not a valid choice" comes back here.
+            chosen = FORMAT_PRESETS[preset][1] if preset in FORMAT_PRESETS else {"formats": [preset]}
+            if chosen:
+                body["spec"].setdefault("quantization", {}).update(chosen)
         return body
 
     def set_errors(self, serializer_errors: dict) -> None:
         by_path = {f.path: f.name for f in self.fields()}
+        if self.kind == "compression":
+            by_path[("spec", "quantization", "formats")] = "format_preset"
+            by_path[("spec", "quantization", "linear_formats")] = "format_preset"
         self.errors = {}
         for path, messages in flatten_errors(serializer_errors):
-            target = by_path.get(path)
+            # A field's own error, or one of its items' (a list's entry comes back as path + index).
+            target = by_path.get(path) or (by_path.get(path[:-1]) if path[-1:] and path[-1].isdigit() else None)
             if target is None:
                 # Walk up to the nearest group the page shows, else the form as a whole.
                 target = next((SECTIONS[path[:n]] for n in range(len(path), 0, -1) if path[:n] in SECTIONS),

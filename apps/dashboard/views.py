@@ -26,7 +26,7 @@ from apps.scheduling.states import LIVE, TERMINAL, IllegalTransition
 from apps.scheduling.usage import team_usage
 
 from . import live_context
-from .forms import NON_FIELD, JobForm
+from .forms import FORMAT_PRESETS, NON_FIELD, JobForm
 from .load import load_context
 
 JOBS_PER_PAGE = 50
@@ -171,6 +171,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         "training_models": TRAINING_MODELS,
         "quantization_modes": [("auto", "Auto — search per layer"), ("preset", "Preset"), ("off", "Off")],
         "roundings": [("gptq", "GPTQ — from calibration data"), ("rtn", "To nearest")],
+        "format_presets": [(key, label) for key, (label, _) in FORMAT_PRESETS.items()],
         "codecs": ["none", "bf16", "int8", "int4", "topk:0.01", "powersgd:4"],
         # The side panel shows the limits of the user's own teams (not every team, for staff).
         "usage_rows": _usage_rows([t for t in teams if t.pk in team_ids_of(request.user)]),

@@ -239,6 +239,18 @@ def test_the_form_chooses_how_int4_weights_are_rounded(alice, team_a, node_a):
     assert 'value="gptq" selected' in page_for(alice).get("/jobs/new/").content.decode()
 
 
+def test_the_form_chooses_the_weight_formats(alice, team_a, node_a):
+    submit(page_for(alice), team_a, format_preset="fp8-linear")
+    quantization = Job.objects.get().spec["quantization"]
+    assert quantization["linear_formats"] == ["fp8_e4m3"]
+    assert quantization["formats"] == ["int8", "int4_g64"]
+    Job.objects.all().delete()
+    submit(page_for(alice), team_a, format_preset="")  # any format: the API's default candidates
+    assert "formats" not in Job.objects.get().spec["quantization"]
+    assert "linear_formats" not in Job.objects.get().spec["quantization"]
+    assert 'id="id_format_preset"' in page_for(alice).get("/jobs/new/").content.decode()
+
+
 def test_the_form_asks_for_depth_pruning_of_a_resnet(alice, team_a, node_a):
     submit(page_for(alice), team_a, compression_model="resnet50", keep_ratio="0.5", drop_blocks="10")
     assert Job.objects.get().spec["pruning"] == {"keep_ratio": 0.5, "drop_blocks": 10}
@@ -275,6 +287,7 @@ def test_the_form_team_is_optional_for_a_user_on_one_team(bob, team_a, node_a):
     ({"keep_ratio": "0"}, "keep_ratio", "greater than or equal to 0.05"),
     ({"drop_blocks": "2"}, "drop_blocks", "Only resnet50 has residual blocks"),
     ({"rounding": "stochastic"}, "rounding", "is not a valid choice"),
+    ({"format_preset": "int3"}, "format_preset", "is not a valid choice"),
     ({"name": ""}, "name", "This field is required"),
     ({"nodes": "2", "gpus": "2"}, "resources", "A compression job runs on one node"),
     ({"team": "999999"}, "team", "No team '999999' that you belong to"),
