@@ -177,6 +177,7 @@ SPECTACULAR_SETTINGS = {
         "JobEventKindEnum": "apps.scheduling.models.JobEvent.Kind",
         "NodeStateEnum": "apps.cluster.models.GpuNode.State",
         "DeviceTypeEnum": "apps.cluster.models.GpuNode.DeviceType",
+        "WeightFormatEnum": "apps.scheduling.specs.WEIGHT_FORMATS",
     },
 }
 
