@@ -55,3 +55,30 @@ def test_a_compression_result_shows_each_layers_precision_and_sensitivity(alice,
     assert embedded(page, "compression-layers") == layers
     assert b"encoder.0.mlp.fc1" in page
     assert b"int4_g64" in page
+
+
+def test_a_compression_result_leads_with_before_and_after(alice, job_of_alice, client):
+    result = {"quality_metric": "cosine", "model": "bert-base", "wall_s": 29.3,
+              "baseline": {"quality": 1.0, "weight_bytes": 435_566_592, "params": 109_482_240, "latency_ms": 7.32},
+              "compressed": {"quality": 0.99376, "executed_quality": 0.99374, "weight_bytes": 61_668_672,
+                             "params": 109_482_240, "latency_ms": 9.16},
+              "layers": [{"name": "encoder.0.attn.q", "format": "int4_g64", "sensitivity": 0.001,
+                          "sensitivity_by_format": {}, "bytes": 1, "kept": 1.0, "shape": [4, 4]}]}
+    Job.objects.filter(pk=job_of_alice.pk).update(result=result)
+    client.force_login(alice)
+    html = client.get(f"/jobs/{job_of_alice.pk}/").content.decode()
+    table = html.split('data-testid="compression-summary"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td><td class=\"num\">(.*?)</td>"
+                      r"<td class=\"num\">(.*?)</td></tr>", table)
+    assert rows == [
+        ("Quality", "1.0000", "0.9938", "-0.0062"),
+        ("Quality as executed", "1.0000", "0.9937", "-0.0063"),
+        ("Weights", "435.6 MB", "61.7 MB", "7.06x smaller"),
+        ("Parameters", "109,482,240", "109,482,240", "same"),
+        ("Latency (ms)", "7.32", "9.16", "1.25x slower"),
+    ]
+    # The flat list below keeps the rest of the result, without the rows shown above or the per-layer list.
+    flat = html.split('data-testid="compression-summary"')[1].split("</dl>")[0]
+    assert "<dt>wall_s</dt>" in flat
+    assert "<dt>baseline.quality</dt>" not in flat
+    assert "<dt>layers</dt>" not in flat

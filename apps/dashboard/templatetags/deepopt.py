@@ -40,6 +40,61 @@ def flat_items(spec: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+# The rows of a compression result's summary: (label, key in baseline/compressed, how to show a value).
+COMPRESSION_ROWS = (
+    ("Quality", "quality", "{:.4f}"),
+    ("Quality as executed", "executed_quality", "{:.4f}"),
+    ("Weights", "weight_bytes", "bytes"),
+    ("Parameters", "params", "{:,}"),
+    ("MACs", "macs", "{:,}"),
+    ("Latency (ms)", "latency_ms", "{:.2f}"),
+)
+
+
+def _show(value: object, how: str) -> str:
+    if value is None:
+        return "—"
+    if how == "bytes":
+        return f"{float(value) / 1e6:.1f} MB"
+    try:
+        return how.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+@register.filter
+def compression_summary(result: dict | None) -> list[tuple[str, str, str, str]]:
+    """A compression result's baseline against compressed: (label, before, after, change) rows, only the
+    measures the report has. Change: "4.39x smaller" / "1.25x slower" for sizes, counts and latency, the
+    difference for quality."""
+    before, after = (result or {}).get("baseline") or {}, (result or {}).get("compressed") or {}
+    rows = []
+    for label, key, how in COMPRESSION_ROWS:
+        if key not in before and key not in after:
+            continue
+        a = before.get(key, before.get("quality") if key == "executed_quality" else None)
+        b = after.get(key)
+        change = ""
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if key in ("quality", "executed_quality"):
+                change = f"{b - a:+.4f}"
+            elif a == b:
+                change = "same"
+            elif a > 0 and b > 0:
+                less, more = ("faster", "slower") if key == "latency_ms" else ("smaller", "larger")
+                change = f"{a / b:.2f}x {less}" if b < a else f"{b / a:.2f}x {more}"
+        rows.append((label, _show(a, how), _show(b, how), change))
+    return rows
+
+
+@register.filter
+def result_items(result: dict | None, kind: str = "") -> list[tuple[str, object]]:
+    """The job result as flat rows, less what the page shows in its own cards (a compression job's
+    per-layer rows and its before/after summary)."""
+    hidden = {"layers", "baseline", "compressed"} if kind == "compression" else set()
+    return flat_items({k: v for k, v in (result or {}).items() if k not in hidden})
+
+
 @register.simple_tag(takes_context=True)
 def nav_active(context: template.Context, *url_names: str) -> str:
     match = getattr(context.get("request"), "resolver_match", None)
