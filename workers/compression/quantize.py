@@ -242,7 +242,8 @@ def apply_torchao(
         if fmt in (FULL, "bf16"):
             continue
         layer = layers[name]
-        if fmt == "fp8_e4m3" and fp8_kernels and isinstance(layer, nn.Linear):
+        if (fmt == "fp8_e4m3" and fp8_kernels and isinstance(layer, nn.Linear)
+                and layer.in_features % 16 == 0 and layer.out_features % 16 == 0):  # what _scaled_mm takes
             # The packed e4m3 weight and its row scales as they are, on FP8 tensor cores (W8A8).
             with torch.no_grad():
                 swap_fp8_linears(model, {name: rounding.pack(name, layer.weight, fmt)}, layer.weight.dtype)
