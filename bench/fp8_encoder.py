@@ -157,18 +157,24 @@ def time_variant(model, task, name, device, mode, timer) -> dict:
     return out
 
 
-def encoder(name: str, device: str, timer, diagnose: bool, only: set[str] | None = None,
-            compiled_only: bool = False) -> dict:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    torch._dynamo.reset()
-    began = time.perf_counter()
+def setup(name: str, device: str) -> tuple:
+    """The task, its fp32 model on `device`, the fidelity inputs and fp32's outputs on them (TF32 off)."""
     task = make_task(name)
     fp32 = task.model.to(device).eval()
     batches = fidelity_batches(task, name, device)
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         reference = [fp32(*b).float() for b in batches]
+    return task, fp32, batches, reference
+
+
+def encoder(name: str, device: str, timer, diagnose: bool, only: set[str] | None = None,
+            compiled_only: bool = False) -> dict:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    torch._dynamo.reset()
+    began = time.perf_counter()
+    task, fp32, batches, reference = setup(name, device)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     lin = linears(fp32)
     fp32_bytes = report.weight_bytes(fp32)
@@ -261,12 +267,7 @@ def diagnosis(task, fp32, batches, reference, device) -> dict:
 
 def diagnose_only(name: str, device: str) -> dict:
     began = time.perf_counter()
-    task = make_task(name)
-    fp32 = task.model.to(device).eval()
-    batches = fidelity_batches(task, name, device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.inference_mode():
-        reference = [fp32(*b).float() for b in batches]
+    task, fp32, batches, reference = setup(name, device)
     out = {"gptq_int4_diagnosis": diagnosis(task, fp32, batches, reference, device)}
     out["wall_s"] = round(time.perf_counter() - began, 1)
     return out
