@@ -83,6 +83,21 @@ def test_int4_linears_run_on_tinygemm_at_the_packed_grid_gptq_included():
     assert (executed(x).float() - want).abs().mean() <= 0.01 * want.abs().mean()
 
 
+def test_an_artifact_is_served_by_the_kernels_from_its_stored_packs(tmp_path):
+    from workers.compression import artifact, engine
+
+    out = tmp_path / "art"
+    report = engine.run(engine.Options(model="llama-1b", smoke=True, device="cuda", keep_ratio=1.0,
+                                       formats=("int4_g64", "fp8_e4m3"), max_quality_drop=0.05, out=out))
+    formats = {row["format"] for row in report["layers"]}
+    assert formats & {"int4_g64", "fp8_e4m3"}
+    served = artifact.evaluate(out, "cuda")
+    assert sum(served["kernels"].values()) >= 1
+    # The kernels compute with the stored weights: the quality is the reported one, up to bf16 and
+    # (for fp8 layers) the inputs' rounding.
+    assert abs(served["executed_quality"] - served["reported_quality"]) <= 0.01
+
+
 def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_matches_fused():
     from workers.compression.decode import DecodeLlama, PackedLinear
     from workers.compression.models import _build_llama

@@ -106,6 +106,19 @@ def test_the_artifact_reloads_in_a_fresh_process_with_the_reported_quality(digit
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_serving_an_artifact_on_a_gpu_that_is_not_there_is_refused(digits_run):
+    _, out = digits_run
+    for args in ([str(out), "--device", "cuda"], [str(out), "--device", "tpu"], [str(out), "extra"]):
+        proc = subprocess.run([sys.executable, "-m", "workers.compression.artifact", *args], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no CUDA device" in subprocess.run(
+        [sys.executable, "-m", "workers.compression.artifact", str(out), "--device", "cuda"], cwd=REPO, env=ENV,
+        capture_output=True, text=True, timeout=120, check=False).stderr
+
+
 def refused(proc, out: Path | None = None):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

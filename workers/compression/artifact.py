@@ -4,6 +4,11 @@ A fresh process rebuilds the catalog architecture, resizes every layer to the sh
 (pruning changed them), unpacks the weights and evaluates: `python -m workers.compression.artifact DIR`
 prints the quality it measures, which must equal the quality the compression run reported.
 Loading reads safetensors and JSON only; nothing is unpickled.
+
+`--device cuda` serves the artifact as it would be deployed: the stored int4 and fp8 Linear weights
+go straight into the GPU kernels (int4_linear.Int4Linear on tinygemm, fp8_linear.Fp8Linear on FP8
+tensor cores), never unpacked, the rest in bf16. It then prints the quality of that executed model,
+which kernels ran which layers, and the bytes the model holds on the GPU.
 """
 
 from __future__ import annotations
@@ -169,7 +174,53 @@ def load(art_dir: Path) -> tuple[nn.Module, dict]:
     return model.eval(), manifest
 
 
-def evaluate(art_dir: Path) -> dict:
+def stored_packs(art_dir: Path, manifest: dict) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """{layer: (format, packed tensors)} for the quantized weights as the artifact stores them."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(Path(art_dir) / WEIGHTS))
+    out = {}
+    for key, entry in manifest["tensors"].items():
+        if entry["format"] in ("alias", "raw", FULL, "bf16") or not key.endswith(".weight"):
+            continue
+        out[key.removesuffix(".weight")] = (entry["format"], {s: stored[f"{key}.{s}"] for s in ("q", "scale", "zero")
+                                                              if f"{key}.{s}" in stored})
+    return out
+
+
+def to_kernels(model: nn.Module, packs: dict[str, tuple[str, dict[str, torch.Tensor]]],
+               device: torch.device) -> tuple[nn.Module, dict[str, int]]:
+    """The model in bf16 on `device`, its int4 and fp8 Linear layers replaced by the kernels' modules
+    built from the stored packed tensors (not from the unpacked weights: nothing is re-rounded).
+    Returns it and how many layers each kind of module runs."""
+    from . import fp8_linear, int4_linear
+    from .quantize import parse_format
+
+    model = model.to(device=device, dtype=torch.bfloat16)
+    modules = dict(model.named_modules())
+    counts: dict[str, int] = {}
+    for name, (fmt, packed) in packs.items():
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            continue
+        kind, group = parse_format(fmt)
+        packed = {k: v.to(device) for k, v in packed.items()}
+        new: nn.Module | None = None
+        if (kind == "int4" and int4_linear.kernel_available(device)
+                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group)):
+            new = int4_linear.Int4Linear(packed, layer.in_features, layer.out_features, group, layer.bias)
+        elif (kind == "fp8_e4m3" and fp8_linear.kernel_available(device)
+              and layer.in_features % 16 == 0 and layer.out_features % 16 == 0):
+            new = fp8_linear.Fp8Linear.from_packed(packed, layer.bias)
+        if new is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+        counts[type(new).__name__] = counts.get(type(new).__name__, 0) + 1
+    return model, counts
+
+
+def evaluate(art_dir: Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
     from .models import make_task
@@ -180,15 +231,37 @@ def evaluate(art_dir: Path) -> dict:
     if ref_path.exists():
         ref = load_file(str(ref_path))
         task.reference_eval = [ref[f"eval.{i}"] for i in range(len(task.eval_batches))]
-    return {"model": manifest["model"], "quality": task.quality(model), **task.extra_quality(model)}
+    if device == "cpu":
+        return {"model": manifest["model"], "quality": task.quality(model), **task.extra_quality(model)}
+    if not torch.cuda.is_available():
+        raise BadInput("--device cuda asked for, but no CUDA device is visible")
+    executed, counts = to_kernels(model, stored_packs(art_dir, manifest), torch.device(device))
+    unpacked = sum(m.weight.numel() for m in executed.modules() if isinstance(m, nn.Linear))
+    return {
+        "model": manifest["model"],
+        "device": device,
+        "reported_quality": manifest.get("reported_quality"),
+        "executed_quality": task.quality(executed),
+        **task.extra_quality(executed),
+        "kernels": counts,
+        "linear_params_left_bf16": unpacked,
+        "gpu_bytes": sum(t.numel() * t.element_size() for t in (*executed.parameters(), *executed.buffers())),
+    }
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m workers.compression.artifact ARTIFACT_DIR", file=sys.stderr)
+    device = "cpu"
+    if len(argv) == 3 and argv[1] == "--device" and argv[2] in ("cpu", "cuda"):
+        device = argv[2]
+    elif len(argv) != 1:
+        print("usage: python -m workers.compression.artifact ARTIFACT_DIR [--device cpu|cuda]", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    print(json.dumps(evaluate(Path(argv[0]))))
+    try:
+        print(json.dumps(evaluate(Path(argv[0]), device)))
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
