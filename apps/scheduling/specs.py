@@ -53,6 +53,15 @@ class QuantizationSpec(StrictSerializer):
     )
 
 
+    def validate(self, attrs: dict) -> dict:
+        if attrs.get("mode", "auto") != "auto":
+            for key in ("formats", "linear_formats"):
+                if key in attrs:
+                    raise serializers.ValidationError(
+                        {key: [f"Formats are chosen by the auto mode only; mode {attrs['mode']!r} does not use them."]})
+        return attrs
+
+
 class PruningSpec(StrictSerializer):
     keep_ratio = serializers.FloatField(
         min_value=0.05, max_value=1.0, default=0.7, help_text="Share of channels, heads and neurons to keep."

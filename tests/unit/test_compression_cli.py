@@ -221,6 +221,12 @@ def test_it_refuses_unknown_formats(flag, value, words, tmp_path):
     assert words in err
 
 
+def test_it_refuses_formats_the_chosen_mode_would_ignore(tmp_path):
+    err = refused(compression("--model", "digits-cnn", "--quantize", "preset", "--formats", "int8", "--json",
+                              "--out", str(tmp_path / "o")), tmp_path / "o")
+    assert "--formats is for --quantize auto" in err
+
+
 def test_linear_layers_take_only_the_formats_they_are_given(tmp_path):
     proc = compression("--model", "digits-cnn", "--keep-ratio", "1", "--formats", "int8,int4_g16",
                        "--linear-formats", "fp8_e4m3", "--rounding", "rtn", "--max-quality-drop", "1.0", "--json")

@@ -288,6 +288,7 @@ def test_the_form_team_is_optional_for_a_user_on_one_team(bob, team_a, node_a):
     ({"drop_blocks": "2"}, "drop_blocks", "Only resnet50 has residual blocks"),
     ({"rounding": "stochastic"}, "rounding", "is not a valid choice"),
     ({"format_preset": "int3"}, "format_preset", "is not a valid choice"),
+    ({"format_preset": "integer", "quantization_mode": "preset"}, "format_preset", "chosen by the auto mode only"),
     ({"name": ""}, "name", "This field is required"),
     ({"nodes": "2", "gpus": "2"}, "resources", "A compression job runs on one node"),
     ({"team": "999999"}, "team", "No team '999999' that you belong to"),

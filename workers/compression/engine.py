@@ -84,6 +84,8 @@ def validate(opts: Options) -> None:
     for what, formats in (("--formats", opts.formats), ("--linear-formats", opts.linear_formats)):
         if formats is not None:
             parse_formats(",".join(formats), what)
+            if opts.quantize != "auto":
+                raise BadInput(f"{what} is for --quantize auto (the assignment); --quantize {opts.quantize} ignores it")
     if opts.upload is not None:
         if opts.arch not in MODEL_NAMES:
             raise BadInput(f"--upload needs --arch, one of {', '.join(MODEL_NAMES)}; got {opts.arch!r}")
