@@ -314,6 +314,15 @@ def replay(trace: str | Path, policy: str, nodes: int, gpus_per_node: int, racks
     if nodes < 1 or gpus_per_node < 1:
         raise TraceError("--nodes and --gpus-per-node must be at least 1")
     jobs = load_trace(trace)
+    # A job larger than the whole cluster could never start: it is rejected, as the live API rejects it
+    # at submit, and left out of the replay and of every metric (the output says how many and which rows).
+    capacity = nodes * gpus_per_node
+    rejected = [j for j in jobs if j.gpus > capacity]
+    if rejected:
+        jobs = [j for j in jobs if j.gpus <= capacity]
+        if not jobs:
+            raise TraceError(f"every job asks for more GPUs than the cluster's {capacity} (row {rejected[0].row}: "
+                             f"{rejected[0].gpus})")
     tenant_weights = load_weights(weights) if weights else {}
     if config is None:
         config = PolicyConfig(policy=policy)
@@ -327,5 +336,9 @@ def replay(trace: str | Path, policy: str, nodes: int, gpus_per_node: int, racks
     result = metrics(jobs, outcome.starts, nodes * gpus_per_node, outcome.ends)
     result["preemptions"] = outcome.preemptions
     result["preempted_jobs"] = outcome.preempted_jobs
+    result["rejected_jobs"] = len(rejected)
+    if rejected:
+        result["rejected"] = {"reason": f"asks for more GPUs than the cluster's {capacity}",
+                              "rows": [j.row for j in rejected[:20]]}
     result["wall_s"] = round(time.perf_counter() - began, 3)
     return result

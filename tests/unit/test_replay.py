@@ -20,7 +20,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SAMPLE = FIXTURES / "philly-sample.csv"
 WEIGHTS = FIXTURES / "philly-weights.csv"
 FIELDS = {"jobs", "mean_wait_s", "p50_wait_s", "p95_wait_s", "p99_wait_s", "mean_jct_s", "mean_bounded_slowdown",
-          "makespan_s", "utilization", "tenant_slowdown_jain", "per_tenant", "preemptions", "preempted_jobs", "wall_s"}
+          "makespan_s", "utilization", "tenant_slowdown_jain", "per_tenant", "preemptions", "preempted_jobs",
+          "rejected_jobs", "wall_s"}
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +88,28 @@ def test_a_bad_trace_is_refused_with_the_row_and_why(tmp_path, content, message)
     assert caught.value.returncode == 2
 
 
-def test_a_job_bigger_than_the_cluster_is_refused(tmp_path):
+def test_a_job_bigger_than_the_cluster_is_rejected_and_left_out_of_the_numbers(tmp_path):
     trace = tmp_path / "huge.csv"
-    trace.write_text("submit_s,duration_s,num_gpus,tenant\n0,10,64,a\n")
-    with pytest.raises(TraceError, match="row 1: asks for 64 GPUs; the cluster has 16"):
-        replay(trace, "wfq", nodes=2, gpus_per_node=8)
+    trace.write_text("submit_s,duration_s,num_gpus,tenant\n0,10,64,a\n5,20,8,b\n6,30,17,a\n")
+    for policy in ("fifo", "firstfit", "wfq"):
+        result = replay(trace, policy, nodes=2, gpus_per_node=8)
+        assert result["jobs"] == 1
+        assert result["rejected_jobs"] == 2
+        assert result["rejected"] == {"reason": "asks for more GPUs than the cluster's 16", "rows": [1, 3]}
+        assert result["mean_wait_s"] == 0
+        assert set(result["per_tenant"]) == {"b"}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "replay_trace", str(trace), "--nodes", "2", "--gpus-per-node", "8", "--json"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rejected_jobs"] == 2
+    assert done.stderr.strip().splitlines() == [
+        "warning: 2 job(s) rejected, left out of the replay and its numbers: asks for more GPUs than the "
+        "cluster's 16 (rows 1, 3)"]
+    only_huge = tmp_path / "only-huge.csv"
+    only_huge.write_text("submit_s,duration_s,num_gpus,tenant\n0,10,64,a\n")
+    with pytest.raises(TraceError, match="every job asks for more GPUs than the cluster's 16"):
+        replay(only_huge, "wfq", nodes=2, gpus_per_node=8)
 
 
 def test_the_command_exits_2_with_one_line_on_a_bad_trace(tmp_path):

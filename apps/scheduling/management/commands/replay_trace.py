@@ -51,6 +51,11 @@ class Command(BaseCommand):
             )
         except TraceError as exc:
             raise CommandError(str(exc), returncode=2) from None
+        if result["rejected_jobs"]:
+            rows = result["rejected"]["rows"]
+            more = ", ..." if result["rejected_jobs"] > len(rows) else ""
+            self.stderr.write(f"warning: {result['rejected_jobs']} job(s) rejected, left out of the replay and its "
+                              f"numbers: {result['rejected']['reason']} (rows {', '.join(map(str, rows))}{more})")
         if options["json"]:
             self.stdout.write(json.dumps(result))
             return
