@@ -122,7 +122,7 @@ class JobForm:
             # An unknown preset reaches the API as a format, so its "not a valid choice" comes back here.
             chosen = FORMAT_PRESETS[preset][1] if preset in FORMAT_PRESETS else {"formats": [preset]}
             if chosen:
-                body["spec"].setdefault("quantization", {}).update(chosen)
+                body["spec"].setdefault("quantization", {}).update({k: list(v) for k, v in chosen.items()})
         return body
 
     def set_errors(self, serializer_errors: dict) -> None:
