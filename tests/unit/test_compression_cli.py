@@ -77,7 +77,7 @@ def test_a_digits_run_prunes_and_quantizes_within_its_budget(digits_run):
     assert comp["macs"] < base["macs"]
     assert base["weight_bytes"] / comp["weight_bytes"] >= 8.0
     assert base["quality"] - comp["quality"] <= 1.1
-    assert report["simulated"] is True  # int4 has no CPU kernel
+    assert report["simulated"] is True  # convolutions (and shapes the CPU int4 kernel refuses) are simulated
     assert report["quantization"]["rounding"].startswith("gptq")  # the default
     assert {layer["kept"] for layer in report["layers"] if layer["name"] != "classifier.3"} == {0.7}
 

@@ -68,3 +68,36 @@ def test_swapping_keeps_the_model_working_and_only_touches_the_named_layers():
 
 def test_no_kernel_on_a_cpu():
     assert kernel_available("cpu") is False
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
+def test_int4_linear_layers_run_on_the_cpu_kernel_at_the_packed_grid():
+    from workers.compression.gptq import gptq_int4
+    from workers.compression.int4_linear import Int4Linear, kernel_available
+    from workers.compression.quantize import Rounding, apply_torchao
+
+    assert kernel_available("cpu")
+    layer = nn.Linear(384, 256)
+    x = torch.randn(64, 384)
+    hessian = (x.T @ x).float()
+    packed = gptq_int4(layer.weight.detach(), hessian, 64)
+    image = unpack(packed, "int4_g64", (256, 384))
+    want = nn.functional.linear(x, image, layer.bias)
+    module = Int4Linear(packed, 384, 256, 64, layer.bias, torch.float32)
+    got = module(x)
+    assert got.dtype == torch.float32
+    # bf16 inputs, scales and zeros are all that differ from the packed image.
+    assert (got - want).abs().mean() <= 0.01 * want.abs().mean()
+    assert (got - layer(x)).abs().mean() > 2 * (got - want).abs().mean()  # nearer the image than fp32's weights
+    # Through apply_torchao on the CPU without torchao: int4 on the kernel, int8 simulated.
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(256, 32))
+    executed, simulated = apply_torchao(copy.deepcopy(model), {"0": "int4_g64", "2": "int8"}, "cpu",
+                                        Rounding({"0": hessian}), use_torchao=False)
+    assert isinstance(executed[0], Int4Linear)
+    assert simulated == ["2"]
+    assert isinstance(executed[2], nn.Linear)
+    assert type(executed[2].weight).__name__ == "Parameter"
+    # A shape the kernel does not take stays simulated.
+    odd = nn.Sequential(nn.Linear(96, 64))
+    _, simulated = apply_torchao(odd, {"0": "int4_g32"}, "cpu", use_torchao=False)
+    assert simulated == ["0"]

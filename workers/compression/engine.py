@@ -227,8 +227,11 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
 
     say("evaluate", 0.0)
     executed, simulated_layers = None, list(assignment)
-    if device.type == "cuda" and assignment:
-        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, "cuda", rounding)
+    if assignment:
+        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
+                                                   use_torchao=device.type == "cuda")
+        if len(simulated_layers) == len(assignment):
+            executed = None  # no kernel took any layer: the executed model is the simulated one
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
     if executed is not None:
         # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute
@@ -253,7 +256,8 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         "layers": report.layer_rows(pruned, assignment, sens, kept),
         "simulated": bool(simulated_layers),
         "execution": ("kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int4 Linear: tinygemm at "
-                      "the packed grid; int8: torchao); " if device.type == "cuda" else "")
+                      "the packed grid; int8: torchao); " if device.type == "cuda"
+                      else "int4 Linear layers on PyTorch's CPU int4 kernel where it takes the shape; ")
         + (
             f"{len(simulated_layers)} layer(s) simulated: weights unpacked to the compute dtype, "
             "quality exactly that of the packed weights, sizes those of the packed tensors"

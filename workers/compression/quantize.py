@@ -209,7 +209,7 @@ def torchao_config(fmt: str, device: str):
 
 
 def apply_torchao(
-    model: nn.Module, assignment: dict[str, str], device: str, rounding: Rounding = RTN
+    model: nn.Module, assignment: dict[str, str], device: str, rounding: Rounding = RTN, use_torchao: bool = True
 ) -> tuple[nn.Module, list[str]]:
     """Execute the assignment with real kernels where they exist; return the layers left simulated.
 
@@ -217,7 +217,9 @@ def apply_torchao(
     packed weight exactly, times inputs rounded to e4m3 per token — W8A8, which is what makes FP8 pay
     (torchao's Float8WeightOnly dequantizes to bf16 first). int4 Linear layers on sm80+ become
     Int4Linear (int4_linear.py): the packed codes at their own grid on tinygemm. The rest goes to
-    torchao, as follows (int8; int4 of shapes tinygemm refuses).
+    torchao, as follows (int8; int4 of shapes tinygemm refuses), unless `use_torchao` is False (the
+    engine's CPU runs: torchao's CPU int8/fp8 are not faster there), which simulates it instead. On a
+    CPU, int4 Linear layers run on PyTorch's CPU int4 kernel (int4_linear.py).
 
     Embeddings and formats without kernels are fake-quantized instead (their quality is still the
     packed weights' quality, their speed that of the compute dtype). torchao rounds from the weights it
@@ -258,7 +260,7 @@ def apply_torchao(
             parent, _, child = name.rpartition(".")
             setattr(layers[parent] if parent else model, child, new)
             continue
-        cfg = torchao_config(fmt, device) if isinstance(layer, nn.Linear) else None
+        cfg = torchao_config(fmt, device) if use_torchao and isinstance(layer, nn.Linear) else None
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
             cfg = None  # tinygemm's int4 takes bf16 activations only
         with torch.no_grad():
