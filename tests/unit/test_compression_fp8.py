@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from workers.compression.fp8_linear import FP8, Fp8Linear, kernel_available, quantize_rows, swap_fp8_linears
-from workers.compression.quantize import pack, unpack
+from workers.compression.quantize import fake_quant, pack, unpack
 
 torch.manual_seed(0)
 
@@ -97,7 +97,12 @@ def test_int4_linear_layers_run_on_the_cpu_kernel_at_the_packed_grid():
     assert simulated == ["2"]
     assert isinstance(executed[2], nn.Linear)
     assert type(executed[2].weight).__name__ == "Parameter"
-    # A shape the kernel does not take stays simulated.
-    odd = nn.Sequential(nn.Linear(96, 64))
-    _, simulated = apply_torchao(odd, {"0": "int4_g32"}, "cpu", use_torchao=False)
-    assert simulated == ["0"]
+    # Inputs need only be whole groups on the CPU; outputs come in 16s, so a 10-way head stays simulated.
+    odd = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 10))
+    executed, simulated = apply_torchao(copy.deepcopy(odd), {"0": "int4_g32", "1": "int4_g32"}, "cpu",
+                                        use_torchao=False)
+    assert isinstance(executed[0], Int4Linear)
+    assert simulated == ["1"]
+    x = torch.randn(8, 96)
+    assert (executed[0](x) - nn.functional.linear(x, fake_quant(odd[0].weight, "int4_g32"), odd[0].bias)
+            ).abs().max() < 0.05

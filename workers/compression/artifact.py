@@ -207,7 +207,7 @@ def to_kernels(model: nn.Module, packs: dict[str, tuple[str, dict[str, torch.Ten
         packed = {k: v.to(device) for k, v in packed.items()}
         new: nn.Module | None = None
         if (kind == "int4" and int4_linear.kernel_available(device)
-                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group)):
+                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group, device)):
             new = int4_linear.Int4Linear(packed, layer.in_features, layer.out_features, group, layer.bias)
         elif (kind == "fp8_e4m3" and fp8_linear.kernel_available(device)
               and layer.in_features % 16 == 0 and layer.out_features % 16 == 0):

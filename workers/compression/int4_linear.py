@@ -47,9 +47,14 @@ def cpu_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_featu
     return packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def kernel_shape(out_features: int, in_features: int, group: int) -> bool:
-    """What tinygemm takes: groups of 32-256 inputs, inputs in tiles of 8 x 16 (inner_k_tiles 8)."""
-    return group in (32, 64, 128, 256) and in_features % group == 0 and in_features % 128 == 0 and out_features % 8 == 0
+def kernel_shape(out_features: int, in_features: int, group: int, device: torch.device | str = "cuda") -> bool:
+    """What the kernel takes: groups of 32-256 inputs; tinygemm wants the inputs in tiles of 8 x 16
+    (inner_k_tiles 8) and outputs in 8s, the CPU kernel outputs in 16s (checked on torch 2.13)."""
+    if group not in (32, 64, 128, 256) or in_features % group:
+        return False
+    if torch.device(device).type == "cpu":
+        return out_features % 16 == 0
+    return in_features % 128 == 0 and out_features % 8 == 0
 
 
 class Int4Linear(nn.Module):
@@ -58,7 +63,7 @@ class Int4Linear(nn.Module):
     def __init__(self, packed: dict[str, torch.Tensor], in_features: int, out_features: int, group: int,
                  bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if not kernel_shape(out_features, in_features, group):
+        if not kernel_shape(out_features, in_features, group, packed["q"].device):
             raise ValueError(f"tinygemm cannot take a {out_features} x {in_features} weight in groups of {group}")
         device = packed["q"].device
         if not kernel_available(device):

@@ -252,7 +252,7 @@ def apply_torchao(
             continue
         kind, group = parse_format(fmt)
         if (kind == "int4" and int4_kernels and isinstance(layer, nn.Linear)
-                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group)):
+                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group, device)):
             # The packed codes (GPTQ's where it rounded them) at their own grid, on tinygemm.
             with torch.no_grad():
                 new = int4_linear.Int4Linear(rounding.pack(name, layer.weight, fmt), layer.in_features,
