@@ -106,3 +106,28 @@ def test_int4_linear_layers_run_on_the_cpu_kernel_at_the_packed_grid():
     x = torch.randn(8, 96)
     assert (executed[0](x) - nn.functional.linear(x, fake_quant(odd[0].weight, "int4_g32"), odd[0].bias)
             ).abs().max() < 0.05
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
+def test_an_artifact_goes_to_the_kernels_from_its_stored_packs(tmp_path):
+    """What `artifact DIR --device cuda` does, run on the CPU kernel: the layers are built from the stored
+    packed tensors, and the model computes what the artifact's own (unpacked) model computes."""
+    from workers.compression import artifact, engine
+    from workers.compression.int4_linear import Int4Linear
+
+    out = tmp_path / "art"
+    report = engine.run(engine.Options(model="digits-cnn", keep_ratio=1.0, out=out, latency_repeats=1))
+    manifest, stored = artifact.read(out)
+    packs = artifact.stored_packs(manifest, stored)
+    assert packs["classifier.1"][0] == "int4_g64"
+    assert set(packs["classifier.1"][1]) == {"q", "scale", "zero"}
+    served, counts = artifact.to_kernels(artifact.build(manifest, stored), packs, torch.device("cpu"))
+    assert counts == {"Int4Linear": 1}  # 160 x 320: whole groups, outputs in 16s; the 10-way head is not
+    assert isinstance(served.classifier[1], Int4Linear)
+    unpacked = artifact.build(manifest, stored)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        got, want = served(x.to(torch.bfloat16)).float(), unpacked(x)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    assert (got - want).abs().mean() <= 0.05 * want.abs().mean()
+    assert report["compressed"]["executed_quality"] == pytest.approx(report["compressed"]["quality"], abs=0.5)

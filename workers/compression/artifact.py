@@ -143,17 +143,26 @@ def save(
     )
 
 
-def load(art_dir: Path) -> tuple[nn.Module, dict]:
-    """The model an artifact stands for, with unpacked (simulated) weights, and its manifest."""
+def read(art_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An artifact's manifest and stored tensors, read once."""
     from safetensors.torch import load_file
 
+    art_dir = Path(art_dir)
+    return json.loads((art_dir / MANIFEST).read_text()), load_file(str(art_dir / WEIGHTS))
+
+
+def load(art_dir: Path) -> tuple[nn.Module, dict]:
+    """The model an artifact stands for, with unpacked (simulated) weights, and its manifest."""
+    manifest, stored = read(art_dir)
+    return build(manifest, stored), manifest
+
+
+def build(manifest: dict, stored: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of a manifest with its stored weights unpacked."""
     from .models import build_architecture
 
-    art_dir = Path(art_dir)
-    manifest = json.loads((art_dir / MANIFEST).read_text())
     model = build_architecture(manifest["arch"], smoke=manifest.get("smoke", False))
     resize_to(model, manifest["layers_shapes"])
-    stored = load_file(str(art_dir / WEIGHTS))
     state = {}
     for key, entry in manifest["tensors"].items():
         fmt = entry["format"]
@@ -171,14 +180,11 @@ def load(art_dir: Path) -> tuple[nn.Module, dict]:
         if entry["format"] == "alias":
             state[key] = state[entry["of"]]
     model.load_state_dict(state, strict=True)
-    return model.eval(), manifest
+    return model.eval()
 
 
-def stored_packs(art_dir: Path, manifest: dict) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+def stored_packs(manifest: dict, stored: dict[str, torch.Tensor]) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
     """{layer: (format, packed tensors)} for the quantized weights as the artifact stores them."""
-    from safetensors.torch import load_file
-
-    stored = load_file(str(Path(art_dir) / WEIGHTS))
     out = {}
     for key, entry in manifest["tensors"].items():
         if entry["format"] in ("alias", "raw", FULL, "bf16") or not key.endswith(".weight"):
@@ -225,7 +231,8 @@ def evaluate(art_dir: Path, device: str = "cpu") -> dict:
 
     from .models import make_task
 
-    model, manifest = load(art_dir)
+    manifest, stored = read(art_dir)
+    model = build(manifest, stored)
     task = make_task(manifest["arch"], model=model, smoke=manifest.get("smoke", False))
     ref_path = Path(art_dir) / REFERENCE
     if ref_path.exists():
@@ -235,7 +242,7 @@ def evaluate(art_dir: Path, device: str = "cpu") -> dict:
         return {"model": manifest["model"], "quality": task.quality(model), **task.extra_quality(model)}
     if not torch.cuda.is_available():
         raise BadInput("--device cuda asked for, but no CUDA device is visible")
-    executed, counts = to_kernels(model, stored_packs(art_dir, manifest), torch.device(device))
+    executed, counts = to_kernels(model, stored_packs(manifest, stored), torch.device(device))
     unpacked = sum(m.weight.numel() for m in executed.modules() if isinstance(m, nn.Linear))
     return {
         "model": manifest["model"],
