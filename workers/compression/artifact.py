@@ -199,29 +199,17 @@ def to_kernels(model: nn.Module, packs: dict[str, tuple[str, dict[str, torch.Ten
     """The model in bf16 on `device`, its int4 and fp8 Linear layers replaced by the kernels' modules
     built from the stored packed tensors (not from the unpacked weights: nothing is re-rounded).
     Returns it and how many layers each kind of module runs."""
-    from . import fp8_linear, int4_linear
-    from .quantize import parse_format
+    from .quantize import has_kernel, kernel_layer, set_module
 
     model = model.to(device=device, dtype=torch.bfloat16)
     modules = dict(model.named_modules())
     counts: dict[str, int] = {}
     for name, (fmt, packed) in packs.items():
         layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
+        if layer is None or not has_kernel(layer, fmt, device):
             continue
-        kind, group = parse_format(fmt)
-        packed = {k: v.to(device) for k, v in packed.items()}
-        new: nn.Module | None = None
-        if (kind == "int4" and int4_linear.kernel_available(device)
-                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group, device)):
-            new = int4_linear.Int4Linear(packed, layer.in_features, layer.out_features, group, layer.bias)
-        elif (kind == "fp8_e4m3" and fp8_linear.kernel_available(device)
-              and layer.in_features % 16 == 0 and layer.out_features % 16 == 0):
-            new = fp8_linear.Fp8Linear.from_packed(packed, layer.bias)
-        if new is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, new)
+        new = kernel_layer(layer, fmt, {k: v.to(device) for k, v in packed.items()}, torch.bfloat16)
+        set_module(model, name, new)
         counts[type(new).__name__] = counts.get(type(new).__name__, 0) + 1
     return model, counts
 

@@ -235,9 +235,11 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
     if executed is not None:
         # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute
-        # (and whose latency is reported) is measured too: on a GPU the two can differ (FP8 Linear layers
-        # also round their inputs to e4m3; see fp8_linear.py).
+        # (and whose latency is reported) is measured too: the two can differ (the kernels compute in bf16,
+        # FP8 Linear layers also round their inputs to e4m3; see fp8_linear.py).
         compressed["executed_quality"] = task.quality(executed)
+    elif assignment:
+        compressed["executed_quality"] = compressed["quality"]  # every layer simulated: that model is what runs
     say("latency", 0.0)
     baseline["latency_ms"], compressed["latency_ms"] = report.paired_latency_ms(
         [model, executed or simulated_model], task.example_inputs, repeats=opts.latency_repeats

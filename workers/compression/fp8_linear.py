@@ -20,9 +20,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quantize import set_module
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 EPS = 1e-12
+
+
+def kernel_shape(out_features: int, in_features: int) -> bool:
+    """What `torch._scaled_mm` takes: inner and outer sizes in multiples of 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -56,8 +63,7 @@ class Fp8Linear(nn.Module):
         # As _scaled_mm takes them: the weight's scales as a (1, out) fp32 row.
         self.register_buffer("scale", scale.detach().float().reshape(1, out_features).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype).contiguous())
-        # The kernel wants both inner and outer sizes in multiples of 16.
-        self.kernel_shape = in_features % 16 == 0 and out_features % 16 == 0
+        self.kernel_shape = kernel_shape(out_features, in_features)
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], bias: torch.Tensor | None,
@@ -97,8 +103,7 @@ def swap_fp8_linears(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{name} is not a Linear layer")
         device = layer.weight.device
-        new = Fp8Linear.from_packed({k: v.to(device) for k, v in tensors.items()}, layer.bias, out_dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, new)
+        set_module(model, name, Fp8Linear.from_packed({k: v.to(device) for k, v in tensors.items()}, layer.bias,
+                                                      out_dtype))
         done.append(name)
     return done

@@ -208,6 +208,39 @@ def torchao_config(fmt: str, device: str):
     return None
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def has_kernel(layer: nn.Module, fmt: str, device: torch.device | str) -> bool:
+    """Whether a Linear layer in this format runs on a real kernel on `device` straight from its packed
+    tensors: fp8_e4m3 on FP8 tensor cores (fp8_linear.py), int4 on PyTorch's int4 kernels
+    (int4_linear.py), each only in the shapes the kernel takes."""
+    from . import fp8_linear, int4_linear
+
+    if not isinstance(layer, nn.Linear):
+        return False
+    kind, group = parse_format(fmt)
+    if kind == "fp8_e4m3":
+        return fp8_linear.kernel_available(device) and fp8_linear.kernel_shape(layer.out_features, layer.in_features)
+    if kind == "int4":
+        return int4_linear.kernel_available(device) and int4_linear.kernel_shape(
+            layer.out_features, layer.in_features, group, device)
+    return False
+
+
+def kernel_layer(layer: nn.Linear, fmt: str, packed: dict[str, torch.Tensor], out_dtype: torch.dtype) -> nn.Module:
+    """The module that computes `layer` from its packed tensors (on their device) where has_kernel says so."""
+    from . import fp8_linear, int4_linear
+
+    kind, group = parse_format(fmt)
+    if kind == "fp8_e4m3":
+        return fp8_linear.Fp8Linear.from_packed(packed, layer.bias, out_dtype)
+    return int4_linear.Int4Linear(packed, layer.in_features, layer.out_features, group, layer.bias, out_dtype)
+
+
 def apply_torchao(
     model: nn.Module, assignment: dict[str, str], device: str, rounding: Rounding = RTN, use_torchao: bool = True
 ) -> tuple[nn.Module, list[str]]:
@@ -234,31 +267,17 @@ def apply_torchao(
     """
     from torchao.quantization import quantize_
 
-    from . import int4_linear
-    from .fp8_linear import kernel_available, swap_fp8_linears
-
     layers = dict(model.named_modules())
     simulated = []
-    fp8_kernels, int4_kernels = kernel_available(device), int4_linear.kernel_available(device)
     for name, fmt in assignment.items():
         if fmt in (FULL, "bf16"):
             continue
         layer = layers[name]
-        if (fmt == "fp8_e4m3" and fp8_kernels and isinstance(layer, nn.Linear)
-                and layer.in_features % 16 == 0 and layer.out_features % 16 == 0):  # what _scaled_mm takes
-            # The packed e4m3 weight and its row scales as they are, on FP8 tensor cores (W8A8).
+        if has_kernel(layer, fmt, device):
+            # The packed tensors as they are (GPTQ's codes where it rounded them), on the kernel.
             with torch.no_grad():
-                swap_fp8_linears(model, {name: rounding.pack(name, layer.weight, fmt)}, layer.weight.dtype)
-            continue
-        kind, group = parse_format(fmt)
-        if (kind == "int4" and int4_kernels and isinstance(layer, nn.Linear)
-                and int4_linear.kernel_shape(layer.out_features, layer.in_features, group, device)):
-            # The packed codes (GPTQ's where it rounded them) at their own grid, on tinygemm.
-            with torch.no_grad():
-                new = int4_linear.Int4Linear(rounding.pack(name, layer.weight, fmt), layer.in_features,
-                                             layer.out_features, group, layer.bias, layer.weight.dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(layers[parent] if parent else model, child, new)
+                set_module(model, name, kernel_layer(layer, fmt, rounding.pack(name, layer.weight, fmt),
+                                                     layer.weight.dtype))
             continue
         cfg = torchao_config(fmt, device) if use_torchao and isinstance(layer, nn.Linear) else None
         if cfg is not None and parse_format(fmt)[0] == "int4" and layer.weight.dtype != torch.bfloat16:
