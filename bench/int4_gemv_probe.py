@@ -6,12 +6,22 @@ minimums that `quantize.pack` produces, as they are) on:
 - bf16 cuBLAS (`F.linear`) — the bar;
 - tinygemm (`aten._weight_int4pack_mm`, PyTorch's int4 kernel; scale and z' rounded to bf16);
 - gemlite's Triton GEMV (`GemLiteLinearTriton`, RevSplit-K at batch 1), with bf16 input (meta data
-  rounded to bf16) and with fp16 input (our fp16 scales exact; x cast to fp16);
+  rounded to bf16) and with fp16 input (our fp16 scales exact; x cast to fp16), with --gemlite;
+- triton_decode's own int4 GEMV (bytes, the decoder's);
 and checks each product against the fp32 product with the dequantized weight (max error relative
 to the output's largest magnitude). Timing is decode_gemv's: one CUDA graph over >= 8 copies
 (>= 256 MB, nothing read from L2), median of 20 replays / copies.
 
-    python bench/int4_gemv_probe.py --out bench/results/int4-gemv-probe-DATE-h200.json
+    python bench/int4_gemv_probe.py [--gemlite] --out bench/results/int4-gemv-probe-DATE-h200.json
+
+Measured on the H200 (2026-11-29): gemlite 0.6.0.post2 reaches 0.5-1.5 TB/s, no faster than tinygemm
+(`int4-gemv-probe-2026-11-29-h200-gemlite.json`). A W4_WORDS layout for triton_decode's GEMV, which
+turns two nibbles into an f16x2 pair with one lop3 and multiplies on the f16x2 units in inline PTX
+(Marlin's trick; about 2.3 instructions a weight instead of 6), computed correctly but was no faster
+than the byte kernel either (0.2-1.3 TB/s over nine tiles, `int4-gemv-probe-2026-11-29-h200-f16x2.json`):
+the int4 products are not bound by their dequantizing instructions. That kernel was left out of
+triton_decode; it is in commit 9dbea82 (`git show 9dbea82:workers/compression/triton_decode.py`),
+and this script times it when triton_decode has W4_WORDS.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from workers.compression.int4_linear import tinygemm_pack  # noqa: E402
 from workers.compression.quantize import pack, unpack  # noqa: E402
 
 GROUP = 128
-GEMLITE = False  # measured 2026-11-29: no faster than tinygemm (int4-gemv-probe-2026-11-29-h200.json)
 # (rows per program, inputs per step, warps, stages) tried for W4_WORDS
 CONFIGS = [
     (8, 1024, 4, 3),
@@ -77,6 +86,7 @@ def gemlite_layer(packed: dict, rows: int, cols: int, dtype: torch.dtype):
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path)
+    p.add_argument("--gemlite", action="store_true", help="also gemlite (pip install gemlite==0.6.0.post2)")
     p.add_argument("--h100-config", action="store_true", help="load gemlite's H100 tile table instead of autotuning")
     args = p.parse_args()
     doc = {
@@ -91,11 +101,14 @@ def main() -> int:
         "errors": [],
     }
     try:
-        import gemlite
         import triton
 
-        doc["gemlite"] = gemlite.__version__
         doc["triton"] = triton.__version__
+        if not args.gemlite:
+            raise ImportError("not asked for (--gemlite)")
+        import gemlite
+
+        doc["gemlite"] = gemlite.__version__
         if args.h100_config:
             import os
 
@@ -149,11 +162,14 @@ def main() -> int:
             q = packed["q"].reshape(rows, cols // GROUP, GROUP // 2).contiguous()
             sc = packed["scale"].reshape(rows, -1).contiguous()
             mn = packed["zero"].reshape(rows, -1).contiguous()
-            words = td.int4_words(packed["q"].reshape(rows, cols // 2))
             qs = [q.clone() for _ in range(copies)]
-            ws = [words.clone() for _ in range(copies)]
             fns = [lambda t=t: td.gemv(x, t, rows, td.W4_GROUP, torch.bfloat16, sc, mn, GROUP) for t in qs]
             record("int4 triton bytes (tuned)", fns, fns[0](), int4_bytes)
+            del qs, fns
+            if not hasattr(td, "W4_WORDS"):
+                continue  # the f16x2 kernel: see the module's docstring
+            words = td.int4_words(packed["q"].reshape(rows, cols // 2))
+            ws = [words.clone() for _ in range(copies)]
             plain = td.gemv(x, words, rows, td.W4_WORDS, torch.float32, sc, mn, GROUP, asm=False)
             record_err = ((plain - ref).abs().max() / ref.abs().max()).item()
             doc.setdefault("words_plain_err", {})[name] = round(record_err, 6)
@@ -168,11 +184,11 @@ def main() -> int:
                 d = ((y.float() - plain).abs().max() / plain.abs().max()).item()
                 record(f"int4 triton words asm {list(cfg)}", fns, y, int4_bytes)
                 doc["rows"][-1]["vs_plain"] = round(d, 6)
-            del qs, ws, fns
+            del ws, fns
         except Exception as exc:  # noqa: BLE001
             doc["errors"].append(f"{name} triton words: {type(exc).__name__}: {exc}"[:1500])
             traceback.print_exc()
-        for dtype in (torch.bfloat16, torch.float16) if GEMLITE else ():
+        for dtype in (torch.bfloat16, torch.float16) if args.gemlite else ():
             try:
                 layers = [gemlite_layer(packed, rows, cols, dtype) for _ in range(copies)]
                 xin = x.to(dtype)[None]

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-# gemv weight layouts (W4_WORDS: int4 as 32-bit words in f16x2 order, see int4_words)
-W16, W8_ROW, W4_GROUP, W4_WORDS = 0, 1, 2, 3
+# gemv weight layouts
+W16, W8_ROW, W4_GROUP = 0, 1, 2
 # gemv prologues
 NONE, RMSNORM, SILU_MUL = 0, 1, 2
 # gemv epilogue: out[i] = silu(W[i] x) * (W[i + n] x) for the stacked gate/up weight (2n rows)
@@ -69,74 +69,6 @@ def _nibble_float(q):
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
-# One 32-bit word of W4_WORDS (8 nibbles) times its 8 inputs, on the f16x2 units: pair j is
-# (w >> 4j) & 0x000F000F, OR-ed with 0x6400 per half (the fp16 1024 + q: lop3), minus 1024 (exact);
-# the products and their sum in f16x2 (x scaled to |x| <= 1 so that nothing overflows), then the two
-# halves added in fp32. Some 2.3 instructions a weight where plain code takes about 6.
-_W4_ASM = tl.constexpr("""
-{
-.reg .b32 m, t, h, a;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 m, 0x64006400;
-lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, m;
-mul.rn.f16x2 a, t, $2;
-shr.b32 h, $1, 4;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, m;
-fma.rn.f16x2 a, t, $3, a;
-shr.b32 h, $1, 8;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, m;
-fma.rn.f16x2 a, t, $4, a;
-shr.b32 h, $1, 12;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, m;
-fma.rn.f16x2 a, t, $5, a;
-mov.b32 {lo, hi}, a;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
-
-
-@triton.jit
-def _f16_pair(a, b):
-    """Two fp32 tensors -> int32 holding (fp16(a) | fp16(b) << 16), an f16x2 operand."""
-    lo = a.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = b.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo | (hi << 16)
-
-
-@triton.jit
-def _word_dot(q, p0, p1, p2, p3, ASM: tl.constexpr):
-    """sum over one word's 8 nibbles of q * x (x given as f16x2 pairs p0..p3), fp32."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            _W4_ASM, "=r,r,r,r,r,r", [q, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        # The same arithmetic in fp32 (Triton's interpreter has no inline assembly): the unit tests
-        # check the layout through this path; tests/gpu compares the two.
-        acc = tl.zeros(q.shape, dtype=tl.float32)
-        for j in tl.static_range(4):
-            lo = _nibble_float((q >> (4 * j)) & 15)
-            hi = _nibble_float((q >> (16 + 4 * j)) & 15)
-            pj = p0
-            if j == 1:
-                pj = p1
-            if j == 2:
-                pj = p2
-            if j == 3:
-                pj = p3
-            xl = (pj & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xh = ((pj >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            acc += lo * xl + hi * xh
-        return acc
-
-
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -158,7 +90,6 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ASM: tl.constexpr = True,
 ):
     """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows)."""
     if EPI == 1:
@@ -205,61 +136,6 @@ def _gemv_kernel(
             sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
             zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
             acc += sc * dot + zr * tl.sum(xe + xo, axis=1)[None, :]
-        y = tl.sum(acc, axis=1)
-    elif FMT == 3:
-        # int4 as words (int4_words): a [rows, groups, G/8 words] tile per step. The step's inputs are
-        # scaled by 1/max|x| into fp16 pairs, each word's 8 products summed on the f16x2 units
-        # (_word_dot), then per group: scale * sum + minimum * sum(x), in fp32.
-        WPG: tl.constexpr = G // 8
-        NGB: tl.constexpr = BLOCK_K // G
-        NG = K // G
-        gl = tl.arange(0, NGB)
-        wi = tl.arange(0, WPG)
-        acc = tl.zeros([R, NGB], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            gi = k0 // G + gl
-            word = gi[:, None] * WPG + wi[None, :]
-            if EVEN_K:
-                km = gi < NG + 1
-                q = tl.load(
-                    w_ptr + rows64[:, None, None] * stride_w + word[None, :, :], mask=rmask[:, None, None], other=0
-                )
-            else:
-                km = gi < NG
-                wm = rmask[:, None, None] & km[None, :, None]
-                q = tl.load(w_ptr + rows64[:, None, None] * stride_w + word[None, :, :], mask=wm, other=0)
-            kmask = km[:, None]
-            first = word * 8
-            x0, q0 = _input(x_ptr, nw_ptr, first, kmask, K, PRO)
-            x1, q1 = _input(x_ptr, nw_ptr, first + 1, kmask, K, PRO)
-            x2, q2 = _input(x_ptr, nw_ptr, first + 2, kmask, K, PRO)
-            x3, q3 = _input(x_ptr, nw_ptr, first + 3, kmask, K, PRO)
-            x4, q4 = _input(x_ptr, nw_ptr, first + 4, kmask, K, PRO)
-            x5, q5 = _input(x_ptr, nw_ptr, first + 5, kmask, K, PRO)
-            x6, q6 = _input(x_ptr, nw_ptr, first + 6, kmask, K, PRO)
-            x7, q7 = _input(x_ptr, nw_ptr, first + 7, kmask, K, PRO)
-            if PRO == 1:
-                ss += tl.sum(tl.sum(q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7, axis=1), axis=0)
-            big = tl.maximum(
-                tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))),
-            )
-            amax = tl.maximum(tl.max(tl.max(big, axis=1), axis=0), 1e-30)
-            inv = 1.0 / amax
-            dot = _word_dot(
-                q,
-                _f16_pair(x0 * inv, x1 * inv)[None, :, :],
-                _f16_pair(x2 * inv, x3 * inv)[None, :, :],
-                _f16_pair(x4 * inv, x5 * inv)[None, :, :],
-                _f16_pair(x6 * inv, x7 * inv)[None, :, :],
-                ASM,
-            )
-            gdot = tl.sum(dot, axis=2) * amax
-            xsum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
-            gm = rmask[:, None] & km[None, :]
-            sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            acc += sc * gdot + zr * xsum[None, :]
         y = tl.sum(acc, axis=1)
     else:
         acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
@@ -317,19 +193,7 @@ if os.environ.get("DECODE_GEMV_TUNED"):  # a sweep's "best" list (bench/decode_g
 
 
 def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, int, int, int]:
-    return (8, 1024, 4, 3) if fmt in (W4_GROUP, W4_WORDS) else (4, 1024, 4, 3)
-
-
-def int4_words(q: torch.Tensor) -> torch.Tensor:
-    """quantize.pack's int4 bytes (rows, k/2; byte j: input 2j low nibble, 2j + 1 high) -> W4_WORDS'
-    int32 words (rows, k/8): word w holds inputs 8w + 2j at bits 4j and 8w + 2j + 1 at bits 16 + 4j
-    (j = 0..3), so that (w >> 4j) & 0x000F000F is the f16x2 pair (8w + 2j, 8w + 2j + 1). The codes
-    are the same; only their order changes."""
-    rows = q.shape[0]
-    b = q.reshape(rows, -1, 4).to(torch.int64)  # (rows, words, j): byte j = inputs 8w + 2j, 8w + 2j + 1
-    shift = 4 * torch.arange(4, device=q.device, dtype=torch.int64)
-    word = (((b & 15) << shift) | ((b >> 4) << (shift + 16))).sum(-1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+    return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
 
 
 def gemv_config(fmt: int, n: int, k: int, epi: int = 0) -> tuple[int, int, int, int]:
@@ -352,21 +216,15 @@ def gemv(
     residual: torch.Tensor | None = None,
     epilogue: int = 0,
     config: tuple[int, int, int, int] | None = None,
-    asm: bool | None = None,
 ) -> torch.Tensor:
     """out[n] = sum_k W[n, k] * f(x)[k] (+ residual[n]); K is x's length (half of it for SILU_MUL).
-
-    W4_WORDS runs its f16x2 inline assembly on CUDA (`asm` None) and the same arithmetic in plain
-    Triton under the interpreter.
 
     With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
     bn, bk, warps, stages = config or gemv_config(fmt, n, k, epilogue)
-    bk = max(min(bk, triton.next_power_of_2(k)), group if fmt in (W4_GROUP, W4_WORDS) else 1)
+    bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
     out = torch.empty(n, dtype=out_dtype, device=x.device)
-    stride = {W4_GROUP: k // 2, W4_WORDS: k // 8}.get(fmt, k)
-    if asm is None:
-        asm = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    stride = k // 2 if fmt == W4_GROUP else k
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x,
         w,
@@ -387,7 +245,6 @@ def gemv(
         EVEN_K=k % bk == 0,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        ASM=asm,
         num_warps=warps,
         num_stages=stages,
     )
@@ -495,19 +352,8 @@ def attention(
     part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty(heads * d, dtype=qkv.dtype, device=qkv.device)
     _attention_partial[(heads, blocks)](
-        qkv,
-        k_cache,
-        v_cache,
-        cos,
-        sin,
-        pos,
-        part,
-        t,
-        SCALE=d**-0.5,
-        HEADS=heads,
-        GROUP=heads // kv_heads,
-        D=d,
-        BLOCK_T=block,
+        qkv, k_cache, v_cache, cos, sin, pos, part, t,
+        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block,
     )
     _attention_combine[(heads,)](part, out, NB=blocks, D=d)
     return out
