@@ -206,7 +206,9 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         spent = qtask.calib_score(model) - qtask.calib_score(pruned)
         budget = max(max_drop - max(spent, 0.0), 0.0)
         say("assign", 0.0)
-        assignment, quant_info = sensitivity.auto_assign(qtask, pruned, sens, budget, rounding=rounding)
+        assignment, quant_info = sensitivity.auto_assign(
+            qtask, pruned, sens, budget, margin=task.calib_margin, rounding=rounding
+        )
         quant_info["calib_drop_from_pruning"] = spent
         quant_info["formats"] = formats
         if linear_formats:

@@ -69,6 +69,9 @@ class Task:
     reference_eval: list[torch.Tensor] | None = None
     reference_calib: list[torch.Tensor] | None = None
     train_is_calib: bool = False  # the training batches are drawn from the calibration set
+    # Share of the quality budget the assignment may spend on calibration data (sensitivity.auto_assign):
+    # the held-out set loses a little more than the calibration set the layers were chosen on.
+    calib_margin: float = 0.9
 
     def gptq_split(self, batches: int = 8) -> tuple[list[tuple], Task]:
         """Inputs to fit GPTQ's Hessians on, and the task whose calibration set then measures sensitivity.
@@ -375,6 +378,10 @@ def _minilm_task(model: nn.Module) -> Task:
         calib_batches=length_batches(calib),
         train_batches=train_batches,
         train_is_calib=True,
+        # On MiniLM's 27 calibration sentences (43, less the 16 that fit GPTQ) the held-out drop of an
+        # assignment measured 1.02-1.15x its calibration drop at every size (docs/compression.md), and
+        # the default budget of 0.01 was overspent by 1-6 % with a margin of 0.9.
+        calib_margin=0.8,
         real_weights=True,
         data_source=(
             f"{len(sentences)} sentences from scikit-learn's dataset descriptions (sklearn/datasets/descr/*.rst);"
