@@ -81,6 +81,10 @@ def test_a_digits_run_prunes_and_quantizes_within_its_budget(digits_run):
     # What ran (kernels where they took a layer, the rest simulated) is scored too, and keeps the budget.
     assert base["quality"] - comp["executed_quality"] <= 1.1
     assert report["quantization"]["rounding"].startswith("gptq")  # the default
+    # the assignment spends the task's share of what pruning left of the budget on calibration data
+    q = report["quantization"]
+    assert q["calibration_target"] == pytest.approx(0.9 * q["budget"])
+    assert q["measured_calib_drop"] <= q["calibration_target"]
     assert {layer["kept"] for layer in report["layers"] if layer["name"] != "classifier.3"} == {0.7}
 
 

@@ -139,6 +139,11 @@ def test_auto_assignment_is_verified_by_measurement():
         info["measured_calib_drop"]
     )
     assert any(f != "fp32" for f in assignment.values())
+    # a smaller margin spends less of the budget on calibration data (MiniLM's task uses 0.8)
+    tight, info = sensitivity.auto_assign(task, model, sens, budget, margin=0.5)
+    assert info["calibration_target"] == pytest.approx(0.5 * budget)
+    assert info["measured_calib_drop"] <= 0.5 * budget
+    assert info["measured_calib_drop"] <= sensitivity.auto_assign(task, model, sens, budget)[1]["measured_calib_drop"]
 
 
 def test_preset_puts_qkv_in_fp8_other_linears_in_int4_and_embeddings_in_full_precision():
