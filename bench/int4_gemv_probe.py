@@ -14,7 +14,7 @@ to the output's largest magnitude). Timing is decode_gemv's: one CUDA graph over
 
     python bench/int4_gemv_probe.py [--gemlite] --out bench/results/int4-gemv-probe-DATE-h200.json
 
-Measured on the H200 (2026-11-29): gemlite 0.6.0.post2 reaches 0.5-1.5 TB/s, no faster than tinygemm
+Measured on the H200 (2026-11-29): gemlite 0.6.0.post2 reaches 0.5-1.6 TB/s, no faster than tinygemm
 (`int4-gemv-probe-2026-11-29-h200-gemlite.json`). A W4_WORDS layout for triton_decode's GEMV, which
 turns two nibbles into an f16x2 pair with one lop3 and multiplies on the f16x2 units in inline PTX
 (Marlin's trick; about 2.3 instructions a weight instead of 6), computed correctly but was no faster
