@@ -40,6 +40,11 @@ def cache_dir() -> Path:
 GPTQ_SEED = 7  # the training batches GPTQ's Hessians are fitted on
 
 
+# Share of the quality budget an assignment may spend on calibration data (sensitivity.auto_assign), by
+# default: the held-out set loses a little more than the calibration set the layers were chosen on.
+CALIBRATION_MARGIN = 0.9
+
+
 @dataclass
 class Task:
     """A model plus everything needed to measure it.
@@ -69,9 +74,7 @@ class Task:
     reference_eval: list[torch.Tensor] | None = None
     reference_calib: list[torch.Tensor] | None = None
     train_is_calib: bool = False  # the training batches are drawn from the calibration set
-    # Share of the quality budget the assignment may spend on calibration data (sensitivity.auto_assign):
-    # the held-out set loses a little more than the calibration set the layers were chosen on.
-    calib_margin: float = 0.9
+    calib_margin: float = CALIBRATION_MARGIN
 
     def gptq_split(self, batches: int = 8) -> tuple[list[tuple], Task]:
         """Inputs to fit GPTQ's Hessians on, and the task whose calibration set then measures sensitivity.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .models import Task
+from .models import CALIBRATION_MARGIN, Task
 from .quantize import FULL, RTN, Rounding, apply_simulated, candidate_formats, estimate_bytes, quantizable_layers
 
 EPS = 1e-6
@@ -162,11 +162,6 @@ def measured_drop(
     import copy
 
     return base - task.calib_score(apply_simulated(copy.deepcopy(model), assignment, rounding))
-
-
-# Share of the budget the assignment may spend on calibration data: the held-out evaluation set
-# typically loses a little more than the calibration set it was chosen on.
-CALIBRATION_MARGIN = 0.9
 
 
 def auto_assign(
