@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from decode_gemv import SHAPES, copies_for, graph_ms  # noqa: E402
 
-from workers.compression.int4_linear import tinygemm_pack  # noqa: E402
+from workers.compression.int4_linear import int4_codes, tinygemm_pack  # noqa: E402
 from workers.compression.quantize import pack, unpack  # noqa: E402
 
 GROUP = 128
@@ -58,15 +58,6 @@ CONFIGS = [
 ]
 
 
-def codes_of(packed: dict, rows: int, cols: int) -> torch.Tensor:
-    """uint8 codes (rows, cols), 0..15, from quantize.pack's nibbles (low nibble = even input)."""
-    q = packed["q"].reshape(rows, cols // 2)
-    out = torch.empty(rows, cols, dtype=torch.uint8, device=q.device)
-    out[:, 0::2] = q & 0x0F
-    out[:, 1::2] = q >> 4
-    return out
-
-
 def gemlite_layer(packed: dict, rows: int, cols: int, dtype: torch.dtype):
     import gemlite
     from gemlite import DType
@@ -79,7 +70,7 @@ def gemlite_layer(packed: dict, rows: int, cols: int, dtype: torch.dtype):
     minimum = packed["zero"].float().reshape(rows, cols // GROUP)
     # ours: w = q * s + m; gemlite's fma mode: w = q * s + (-z * s), so z = -m / s.
     zeros = (-minimum / scale).to(dtype)
-    layer.pack(codes_of(packed, rows, cols), scale.to(dtype), zeros, bias=None)
+    layer.pack(int4_codes(packed["q"], rows), scale.to(dtype), zeros, bias=None)
     return layer
 
 

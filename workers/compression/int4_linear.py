@@ -15,6 +15,19 @@ import torch
 from torch import nn
 
 
+def int4_codes(q: torch.Tensor, out_features: int) -> torch.Tensor:
+    """quantize's int4 bytes (two codes a byte, low nibble first) -> one code 0..15 per input,
+    (out_features, in_features), uint8."""
+    return torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(out_features, -1)
+
+
+def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The int4 kernels' (groups, N, 2) bf16 table. They compute (code - 8) * s + z', and quantize's
+    grid is code * s + zero, so z' = zero + 8 s; only s and z' are rounded to bf16."""
+    sz = torch.stack([scale.float(), zero.float() + 8 * scale.float()], dim=-1)  # (N, groups, 2)
+    return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def tinygemm_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_features: int,
                   group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, scales_and_zeros) for `_weight_int4pack_mm` from quantize's packed int4 tensors of an
@@ -25,8 +38,7 @@ def tinygemm_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_
     # tinygemm wants the even element in the high nibble.
     swapped = ((q & 0x0F) << 4) | (q >> 4)
     packed = torch.ops.aten._convert_weight_to_int4pack(swapped.reshape(out_features, -1).contiguous(), 8)
-    sz = torch.stack([scale.float(), zero.float() + 8 * scale.float()], dim=-1)  # (N, groups, 2)
-    return packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, _scales_and_zeros(scale, zero)
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -41,10 +53,9 @@ def cpu_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_featu
              group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same for `_weight_int4pack_mm_for_cpu`: it takes the codes one per int32 (low nibble first),
     the scales and zeros as tinygemm does."""
-    codes = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(out_features, -1).to(torch.int32).contiguous()
+    codes = int4_codes(q, out_features).to(torch.int32).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    sz = torch.stack([scale.float(), zero.float() + 8 * scale.float()], dim=-1)
-    return packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, _scales_and_zeros(scale, zero)
 
 
 def kernel_shape(out_features: int, in_features: int, group: int, device: torch.device | str = "cuda") -> bool:
