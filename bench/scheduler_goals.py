@@ -8,8 +8,17 @@ trace's weights, and checks the goals against that case's own baselines:
 - p99 wait <= first-fit's;
 - tenant_slowdown_jain >= 0.90.
 
-    python bench/scheduler_goals.py [--nodes 64,72,80,90,100] [--halves] [--procs 2] \
+    python bench/scheduler_goals.py [--nodes 64,72,80,90,100] [--halves] [--variants] [--procs 2] \
         [--out bench/results/scheduler-goals-DATE-cpu2.json]
+
+`--variants` adds stand-ins for "other clusters", made from the same jobs (none of them has the
+weights file; each at two sizes, where FIFO waits about half a day to a few days):
+
+- `users`: every tenant split at random (seed 1) into 6 users, 66 tenants of equal weight (clusters
+  where each user is a tenant);
+- `gpus_x2`: every job asks twice the GPUs (1 -> 2, 8 -> 16, 32 -> 64), on twice the nodes (clusters
+  of bigger jobs: 78 % of the GPU-seconds in jobs of whole nodes or more, against 61 %);
+- `arrivals_x1.25`: every submit time x 0.8 (the same jobs arriving 25 % faster, on a bigger cluster).
 
 Needs ../shared/data/traces/philly-2017-sep-oct (exits 2 saying so when it is missing).
 """
@@ -55,7 +64,33 @@ def halves(trace: Path, into: Path) -> dict[str, Path]:
     return out
 
 
-def one(args: tuple[str, str, Path, int, Path]) -> tuple[str, str, dict]:
+VARIANTS = {  # name: (cluster sizes, transform of one row)
+    "users": ((80, 72), lambda row, rnd: {**row, "tenant": f"{row['tenant']}-{rnd.randrange(6)}"}),
+    "gpus_x2": ((160, 150), lambda row, rnd: {**row, "num_gpus": str(2 * int(row["num_gpus"]))}),
+    "arrivals_x1.25": ((104, 96), lambda row, rnd: {**row, "submit_s": str(float(row["submit_s"]) * 0.8)}),
+}
+
+
+def variants(trace: Path, into: Path) -> list[tuple[str, Path, int]]:
+    """(case, CSV path, nodes) for each VARIANTS entry and size, written under `into`."""
+    import random
+
+    with trace.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows, fields = list(reader), reader.fieldnames
+    cases = []
+    for name, (sizes, transform) in VARIANTS.items():
+        rnd = random.Random(1)
+        path = into / f"{name}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(transform(row, rnd) for row in rows)
+        cases += [(f"{name}_{n}_nodes", path, n) for n in sizes]
+    return cases
+
+
+def one(args: tuple[str, str, Path, int, Path | None]) -> tuple[str, str, dict]:
     case, policy, trace, nodes, weights = args
     result = replay(trace, policy, nodes=nodes, gpus_per_node=8, weights=weights)
     return case, policy, {k: result[k] for k in KEEP}
@@ -77,6 +112,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="64,72,80,90,100", help="cluster sizes for the whole trace")
     parser.add_argument("--halves", action="store_true", help="also each half of the trace at 80 nodes")
+    parser.add_argument("--variants", action="store_true", help="also the transformed traces (see above), no weights")
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -89,7 +125,11 @@ def main() -> int:
         cases = [(f"whole_{n}_nodes", trace, n) for n in (int(x) for x in args.nodes.split(","))]
         if args.halves:
             cases += [(f"{name}_80_nodes", path, 80) for name, path in halves(trace, Path(tmp)).items()]
-        work = [(case, policy, path, n, weights) for case, path, n in cases for policy in POLICIES]
+        weighted = {case for case, _, _ in cases}
+        if args.variants:
+            cases += variants(trace, Path(tmp))
+        work = [(case, policy, path, n, weights if case in weighted else None)
+                for case, path, n in cases for policy in POLICIES]
         results: dict[str, dict] = {case: {} for case, _, _ in cases}
         with ProcessPoolExecutor(max_workers=max(1, args.procs)) as pool:
             for case, policy, result in pool.map(one, work):
