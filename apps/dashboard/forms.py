@@ -69,7 +69,7 @@ INITIAL = {
     "nodes": "1",
     "compression_model": COMPRESSION_MODELS[0],
     "quantization_mode": "auto",
-    "max_quality_drop": "0.01",
+    "max_quality_drop": "",  # the model's own default (the API's)
     "rounding": "gptq",
     "training_model": TRAINING_MODELS[0],
     "steps": "100",

@@ -9,6 +9,8 @@ from apps.accounts.api.base import StrictSerializer
 
 # The model catalogs the runners know (workers/compression/models.py, workers/training/).
 COMPRESSION_MODELS = ("minilm-l6", "digits-cnn", "resnet50", "bert-base", "llama-1b")
+# Models whose quality metric is a percentage (top-1 accuracy); the others' is a mean cosine (<= 1).
+PERCENT_QUALITY_MODELS = ("digits-cnn",)
 TRAINING_MODELS = ("digits-mlp", "resnet50", "bert-base", "gpt2-small")
 
 # Weight formats a compression job may restrict its assignment to (workers/compression/quantize.py).
@@ -33,8 +35,11 @@ def validate_codec(value: str) -> str:
 class QuantizationSpec(StrictSerializer):
     mode = serializers.ChoiceField(choices=["auto", "preset", "off"], default="auto")
     max_quality_drop = serializers.FloatField(
-        min_value=0.0, max_value=1.0, default=0.01,
-        help_text="Largest allowed drop in the model's quality metric (e.g. 0.01 = one point of accuracy).",
+        min_value=0.0, max_value=100.0, required=False,
+        help_text="Largest allowed drop in the model's quality metric, in that metric's own units (what the result "
+                  "reports): top-1 accuracy points for digits-cnn (0.3 = 0.3 points, its default), mean cosine to "
+                  "the original model for the other models (0.01, their default; at most 1). Omitted: the model's "
+                  "default.",
     )
     rounding = serializers.ChoiceField(
         choices=["gptq", "rtn"], required=False,
@@ -79,8 +84,13 @@ class CompressionSpec(StrictSerializer):
     pruning = PruningSpec(required=False)
 
     def validate(self, attrs: dict) -> dict:
-        attrs.setdefault("quantization", {"mode": "auto", "max_quality_drop": 0.01})
+        attrs.setdefault("quantization", {"mode": "auto"})
         attrs.setdefault("pruning", {"keep_ratio": 1.0})
+        drop = attrs["quantization"].get("max_quality_drop")
+        if drop is not None and attrs["model"] not in PERCENT_QUALITY_MODELS and drop > 1:
+            raise serializers.ValidationError({"quantization": {"max_quality_drop": [
+                f"{attrs['model']}'s quality is a mean cosine (at most 1), so a drop is at most 1; "
+                f"{drop:g} is more than its whole scale (0.01 is the default)."]}})
         if attrs["pruning"].get("drop_blocks") and attrs["model"] != "resnet50":
             raise serializers.ValidationError(
                 {"pruning": {"drop_blocks": ["Only resnet50 has residual blocks that may be removed."]}})

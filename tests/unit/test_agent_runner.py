@@ -45,6 +45,9 @@ def test_a_compression_job_becomes_the_compression_runners_command(tmp_path):
         assert part in text
     assert "--drop-blocks" not in text
     assert "--rounding" not in text  # the runner's default (gptq) applies
+    no_budget = {**spec, "quantization": {"mode": "auto"}}
+    text = " ".join(build_command(payload(kind="compression", spec=no_budget), tmp_path / "out", tmp_path))
+    assert "--max-quality-drop" not in text  # the model's own default applies (digits-cnn: 0.3 points)
     rtn = {**spec, "quantization": {"mode": "auto", "rounding": "rtn"}}
     text = " ".join(build_command(payload(kind="compression", spec=rtn), tmp_path / "out", tmp_path))
     assert "--rounding rtn" in text

@@ -153,6 +153,10 @@ def test_alice_submits_a_job_sees_it_queued_and_charlie_cannot_find_it(cluster):
         pytest.param({**COMPRESSION, "spec": {"model": "minilm-l6",
                                               "quantization": {"mode": "preset", "formats": ["int8"]}}},
                      "spec", "chosen by the auto mode only", id="formats-without-auto"),
+        pytest.param({**COMPRESSION, "spec": {"model": "minilm-l6", "quantization": {"max_quality_drop": 1.5}}},
+                     "spec", "mean cosine (at most 1)", id="cosine-drop-over-its-scale"),
+        pytest.param({**COMPRESSION, "spec": {"model": "digits-cnn", "quantization": {"max_quality_drop": 101}}},
+                     "spec", "less than or equal to 100", id="accuracy-drop-over-100-points"),
         pytest.param({**COMPRESSION, "colour": "blue"}, "colour", "Unknown field", id="unknown-top-level-key"),
         pytest.param({**COMPRESSION, "name": ""}, "name", "blank", id="blank-name"),
     ],
@@ -165,6 +169,19 @@ def test_bad_input_is_a_400_naming_the_field_and_creates_nothing(cluster, body, 
     assert field in errors, errors
     assert words in json.dumps(errors[field])
     assert counts() == before
+
+
+def test_the_quality_budget_is_in_the_models_own_units_and_defaults_to_the_models(cluster):
+    """digits-cnn's quality is top-1 in points, so 2 (points) is a valid budget there; a job that gives
+    none stores none, and the runner then leaves the model's own default to the engine."""
+    alice, team = cluster["alice"], cluster["team_a"]["id"]
+    points = alice.post("/api/v1/jobs/", {**COMPRESSION, "team": team, "spec": {
+        "model": "digits-cnn", "quantization": {"mode": "auto", "max_quality_drop": 2}}})
+    assert points.status_code == 201, points.content
+    assert points.json()["spec"]["quantization"]["max_quality_drop"] == 2
+    default = alice.post("/api/v1/jobs/", {**COMPRESSION, "team": team, "spec": {"model": "digits-cnn"}})
+    assert default.status_code == 201, default.content
+    assert default.json()["spec"]["quantization"] == {"mode": "auto"}
 
 
 def test_malformed_json_is_a_400_and_creates_nothing(cluster):

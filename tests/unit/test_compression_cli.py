@@ -66,6 +66,9 @@ def test_a_digits_run_prints_progress_lines_then_the_report_last(digits_run):
         assert key in report
     for side in ("baseline", "compressed"):
         assert set(report[side]) >= {"quality", "weight_bytes", "params", "macs", "latency_ms"}
+    # The sensitivities are not in the quality metric's units for a classifier: the report says what they are.
+    assert report["quality_metric"].startswith("top-1 accuracy (%)")
+    assert "probability of the true class" in report["sensitivity_metric"]
     for layer in report["layers"]:
         assert set(layer) >= {"name", "format", "sensitivity", "bytes", "kept"}
 

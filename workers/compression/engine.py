@@ -252,6 +252,7 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         "arch": task.arch,
         "device": str(device),
         "quality_metric": task.quality_metric,
+        "sensitivity_metric": task.sensitivity_metric,
         "data_source": task.data_source,
         "real_weights": task.real_weights,
         "max_quality_drop": max_drop,

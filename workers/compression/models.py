@@ -101,6 +101,13 @@ class Task:
             self.reference_eval = run_batches(model, self.eval_batches)
             self.reference_calib = run_batches(model, self.calib_batches)
 
+    @property
+    def sensitivity_metric(self) -> str:
+        """What the per-layer sensitivities and the quantization budget are measured in (calib_score)."""
+        if self.kind == "classifier":
+            return "mean probability of the true class (%) on the calibration split; a drop of 1 is about one point"
+        return "mean cosine to the original model's outputs on the calibration inputs"
+
     def quality(self, model: nn.Module) -> float:
         outputs = run_batches(model, self.eval_batches)
         if self.kind == "classifier":
