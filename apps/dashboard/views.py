@@ -187,7 +187,11 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
                    .select_related("gpu", "node").order_by("node__name", "gpu__index"))
     return render(request, "dashboard/job_detail.html", {
         "job": job,
-        "events": JobEvent.objects.filter(job=job).select_related("actor").order_by("-ts", "-id"),
+        # Progress lines are the Progress card's log (its last LOG_LINES_SHOWN); a training job writes
+        # thousands, so the timeline keeps to state changes and notes and only counts them.
+        "events": (JobEvent.objects.filter(job=job).exclude(kind=JobEvent.Kind.PROGRESS)
+                   .select_related("actor").order_by("-ts", "-id")),
+        "progress_count": JobEvent.objects.filter(job=job, kind=JobEvent.Kind.PROGRESS).count(),
         "allocations": allocations,
         "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
                        and can_cancel_job(request.user, job)),

@@ -39,3 +39,22 @@ def test_the_job_page_shows_progress_and_log_so_far(alice, team_a, node_a, clien
     assert "prune · step 5 of 20 · 25 %" in page
     assert 'style="width: 25%"' in page
     assert "log, pruned block 5 &lt;of&gt; 20\n" in page
+
+
+def test_the_job_pages_timeline_keeps_to_state_changes_and_counts_the_progress_lines(
+        alice, team_a, node_a, client, client_for):
+    """Progress lines live in the Progress card's log; a long job writes thousands of them, which the
+    Events timeline only counts."""
+    job_id = client_for(alice).post("/api/v1/jobs/", {**COMPRESSION_JOB, "team": team_a.pk}, format="json").json()["id"]
+    run_pass()
+    reports.progress(node_a, job_id, 1, rank=0, run_id="r", seq=1, lines=[
+        {"type": "progress", "stage": "sensitivity", "pct": pct} for pct in range(0, 100, 4)])
+    client.force_login(alice)
+    page = client.get(f"/jobs/{job_id}/").content.decode()
+    events = page[page.index('data-live-region="job-events"'):]
+    assert "25 progress lines in the log above" in events
+    assert "progress, sensitivity" not in events  # not in the timeline...
+    assert "progress, sensitivity, 96%" in page  # ...but in the log
+    # The state changes stay: queued, allocated, and running (the first progress report starts the job).
+    assert events.count("timeline-item") == 3
+    assert "running" in events
