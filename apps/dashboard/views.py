@@ -20,7 +20,7 @@ from apps.cluster.models import Gpu, GpuNode
 from apps.scheduling import services as scheduling_services
 from apps.scheduling.api.serializers import JobCreateSerializer
 from apps.scheduling.api.views import JobFilter
-from apps.scheduling.models import Allocation, Job, JobEvent
+from apps.scheduling.models import Allocation, Job, JobArtifact, JobEvent
 from apps.scheduling.specs import COMPRESSION_MODELS, TRAINING_MODELS
 from apps.scheduling.states import LIVE, TERMINAL, IllegalTransition
 from apps.scheduling.usage import team_usage
@@ -193,6 +193,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
                    .select_related("actor").order_by("-ts", "-id")),
         "progress_count": JobEvent.objects.filter(job=job, kind=JobEvent.Kind.PROGRESS).count(),
         "allocations": allocations,
+        "artifacts": JobArtifact.objects.filter(job=job).select_related("node").order_by("-attempt", "name"),
         "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
                        and can_cancel_job(request.user, job)),
         "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,

@@ -426,6 +426,22 @@ def test_an_artifact_is_stored_under_media_and_downloadable_by_the_jobs_team_onl
     assert client_for(charlie).get(f"/api/v1/jobs/{job.pk}/artifacts/").status_code == 404
 
 
+def test_the_job_page_links_its_artifacts_and_the_link_downloads_with_the_browser_session(
+        running, media, bob, client):
+    job, _, token = running
+    content = b"\x00" * 2048
+    assert upload(token, job, "model.safetensors", content).status_code == 200
+    artifact = JobArtifact.objects.get(job=job)
+    client.force_login(bob)
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    link = f'href="/api/v1/jobs/{job.pk}/artifacts/{artifact.pk}/" download>model.safetensors</a>'
+    assert link in page
+    assert "2.0\xa0KB" in page  # the size, as filesizeformat writes it
+    download = client.get(f"/api/v1/jobs/{job.pk}/artifacts/{artifact.pk}/")  # the session, no token
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content) == content
+
+
 def test_an_artifact_over_the_limit_is_a_413_and_nothing_is_kept(running, media, settings):
     job, _, token = running
     settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "artifact_max_bytes": 10}
