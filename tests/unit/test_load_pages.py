@@ -82,3 +82,12 @@ def test_a_compression_result_leads_with_before_and_after(alice, job_of_alice, c
     assert "<dt>wall_s</dt>" in flat
     assert "<dt>baseline.quality</dt>" not in flat
     assert "<dt>layers</dt>" not in flat
+
+
+def test_small_weights_read_in_kilobytes_not_as_zero_megabytes():
+    from apps.dashboard.templatetags.deepopt import compression_summary
+
+    rows = compression_summary({"baseline": {"weight_bytes": 559_720}, "compressed": {"weight_bytes": 42_326}})
+    assert rows == [("Weights", "559.7 kB", "42.3 kB", "13.22x smaller")]
+    big_and_tiny = {"baseline": {"weight_bytes": 2_210_000_000}, "compressed": {"weight_bytes": 512}}
+    assert compression_summary(big_and_tiny)[0][1:3] == ("2.2 GB", "512 B")

@@ -55,7 +55,11 @@ def _show(value: object, how: str) -> str:
     if value is None:
         return "—"
     if how == "bytes":
-        return f"{float(value) / 1e6:.1f} MB"
+        size = float(value)  # decimal units, one decimal: a 42 kB digits CNN must not read "0.0 MB"
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if size >= scale:
+                return f"{size / scale:.1f} {unit}"
+        return f"{size:.0f} B"
     try:
         return how.format(value)
     except (TypeError, ValueError):
