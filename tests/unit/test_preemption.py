@@ -162,9 +162,9 @@ def trace_job(row: int, submit: float, duration: float, gpus: int, tenant: str) 
 def test_the_replay_preempts_requeues_and_charges_the_restart():
     # A 10,000 s whole-node job; an hour later a 600 s whole-node job of another team. From 30 min on the
     # first has run 4 GPU-hours, so the second preempts it at once, and it resumes when that one ends,
-    # 300 s of restart on top of the 6,400 s it still had to run.
+    # 300 s of restart (as asked here; the replay's default is RESTART_S) on top of the 6,400 s it still had to run.
     jobs = [trace_job(1, 0.0, 10_000.0, 8, "a"), trace_job(2, 3600.0, 600.0, 8, "b")]
-    outcome = run_trace(jobs, PolicyConfig(), nodes=1, gpus_per_node=8)
+    outcome = run_trace(jobs, PolicyConfig(), nodes=1, gpus_per_node=8, restart_s=300.0)
     assert outcome.starts == [0.0, 3600.0]
     assert outcome.ends == [4200.0 + 6400.0 + 300.0, 4200.0]
     assert (outcome.preemptions, outcome.preempted_jobs) == (1, 1)
