@@ -10,11 +10,13 @@ from apps.scheduling.api.agent import (
     AgentArtifactView,
     AgentAttemptsStatusView,
     AgentAttemptStatusView,
+    AgentModelWeightsView,
     AgentProgressView,
     AgentResultView,
 )
 from apps.scheduling.api.artifacts import JobArtifactDownloadView, JobArtifactListView
 from apps.scheduling.api.queue import QueueViewSet
+from apps.scheduling.api.uploads import ModelUploadViewSet
 from apps.scheduling.api.views import JobViewSet
 
 router = DefaultRouter()
@@ -22,6 +24,7 @@ router.register("teams", TeamViewSet, basename="team")
 router.register("users", UserViewSet, basename="user")
 router.register("nodes", NodeViewSet, basename="node")
 router.register("jobs", JobViewSet, basename="job")
+router.register("models", ModelUploadViewSet, basename="model-upload")
 router.register("queue", QueueViewSet, basename="queue")
 router.register("forecasts", ForecastViewSet, basename="forecast")
 router.register("scaling-decisions", ScalingDecisionViewSet, basename="scaling-decision")
@@ -38,6 +41,7 @@ agent_urls = [
     re_path(ATTEMPT + r"/progress/?$", AgentProgressView.as_view(), name="agent-progress"),
     re_path(ATTEMPT + r"/result/?$", AgentResultView.as_view(), name="agent-result"),
     re_path(ATTEMPT + r"/artifacts/?$", AgentArtifactView.as_view(), name="agent-artifacts"),
+    re_path(ATTEMPT + r"/weights/?$", AgentModelWeightsView.as_view(), name="agent-weights"),
 ]
 
 urlpatterns = [

@@ -71,6 +71,30 @@ class AgentClient:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def download(self, path: str, dest: Path, *, retry_for: float = 60.0) -> int:
+        """GET a file into `dest` (written to a temporary name, then renamed); its size. Retries as
+        `request` does; another 4xx raises AgentError."""
+        deadline = time.monotonic() + retry_for
+        delay = 0.2
+        partial = dest.with_name(dest.name + ".part")
+        while True:
+            try:
+                with self.session.get(self.base + path, timeout=self.timeout, stream=True) as response:
+                    if response.ok:
+                        with partial.open("wb") as handle:
+                            for chunk in response.iter_content(1 << 20):
+                                handle.write(chunk)
+                        partial.replace(dest)
+                        return dest.stat().st_size
+                    if response.status_code < 500 or time.monotonic() + delay > deadline:
+                        raise AgentError(response.status_code, _json(response))
+            except requests.RequestException as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("GET %s failed (%s); retrying in %.1f s", path, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
     def post(self, path: str, body: dict | None = None, **kwargs) -> tuple[int, dict]:
         return self.request("POST", path, json=body, **kwargs)
 

@@ -41,7 +41,10 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
     slots = max(1, len(payload.get("gpu_indexes") or ()))
     if kind == "compression":
         quantization, pruning = spec.get("quantization") or {}, spec.get("pruning") or {}
-        command = [*python, "workers.compression", "--model", str(spec["model"]),
+        # A team's own weights (spec.weights): the worker has fetched them to weights_path() before this.
+        source = (["--upload", str(weights_path(out_dir)), "--arch", str(spec["model"])] if spec.get("weights")
+                  else ["--model", str(spec["model"])])
+        command = [*python, "workers.compression", *source,
                    "--quantize", str(quantization.get("mode", "auto")),
                    "--keep-ratio", str(pruning.get("keep_ratio", 1.0)),
                    "--out", str(out_dir / "model"), "--device", "cuda" if on_gpu else "cpu",
@@ -76,6 +79,11 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
             command.append("--resume")  # an earlier attempt of this job ran here: continue where it stopped
         return command
     raise BadJob(f"this worker does not know how to run a {kind!r} job")
+
+
+def weights_path(out_dir: Path) -> Path:
+    """Where a compression attempt's uploaded weights are fetched to: beside its output folder."""
+    return out_dir.parent / "weights.safetensors"
 
 
 def checkpoint_dir(payload: dict, work_dir: Path) -> Path:

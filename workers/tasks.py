@@ -23,7 +23,7 @@ from pathlib import Path
 from celery.signals import worker_shutting_down
 
 from .celery_app import app
-from .client import AgentClient, read_token
+from .client import AgentClient, AgentError, read_token
 from .runner import (
     KILL_GRACE_S,
     BadJob,
@@ -32,6 +32,7 @@ from .runner import (
     checkpoint_dir,
     final_checkpoint,
     runner_env,
+    weights_path,
 )
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,15 @@ def execute(payload: dict, config: NodeConfig) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if payload["kind"] == "compression" and (payload.get("spec") or {}).get("weights"):
+            # The team's uploaded weights, from the web app (only to the node the attempt is allocated to).
+            size = reporter.client.download(reporter.prefix + "weights/", weights_path(out_dir))
+            log.info("Fetched %s bytes of uploaded weights for %s", size, where)
         command = build_command(payload, out_dir, config.work_dir)
         runner = RunnerProcess(command, runner_env(payload), cwd=ROOT, log_path=attempt_dir / "runner.log")
+    except AgentError as exc:
+        reporter.result(status="failed", error=f"Could not fetch the uploaded weights: {exc}")
+        return {"status": "failed"}
     except (BadJob, OSError, KeyError) as exc:
         reporter.result(status="failed", error=f"Could not start the runner: {exc}")
         return {"status": "failed"}
@@ -232,6 +240,7 @@ def execute(payload: dict, config: NodeConfig) -> dict:
         _upload(reporter, artifact_files(payload, config, out_dir, attempt_dir / "runner.log", status), rank)
     answer = _report_result(reporter, status, error, exit_code, runner, where)
     shutil.rmtree(out_dir, ignore_errors=True)
+    weights_path(out_dir).unlink(missing_ok=True)  # uploaded weights: fetched again by another attempt
     if status == "succeeded":
         # Checkpoints only serve a retry; the final one is an artifact now.
         shutil.rmtree(checkpoint_dir(payload, config.work_dir), ignore_errors=True)

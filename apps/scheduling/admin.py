@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent
+from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent, ModelUpload
 
 
 class JobEventInline(admin.TabularInline):
@@ -81,4 +81,17 @@ class JobEventAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None) -> bool:  # noqa: ANN001
+        return False
+
+
+@admin.register(ModelUpload)
+class ModelUploadAdmin(admin.ModelAdmin):
+    """Teams' uploaded weights; they are added through the API (which checks the file), not here."""
+
+    list_display = ("name", "arch", "team", "size", "tensors", "uploaded_by", "created_at")
+    list_filter = ("arch", "team")
+    search_fields = ("name", "sha256")
+    readonly_fields = ("team", "uploaded_by", "name", "arch", "file", "size", "sha256", "tensors", "created_at")
+
+    def has_add_permission(self, request) -> bool:  # noqa: ANN001
         return False

@@ -283,3 +283,42 @@ class JobArtifact(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.job_id} attempt {self.attempt}: {self.name}"
+
+
+def model_upload_to(upload: ModelUpload, filename: str) -> str:
+    # A random directory, as for artifacts: MEDIA_URL under DEBUG serves files without authentication.
+    return f"models/team-{upload.team_id}/{upload.key}/{filename}"
+
+
+class ModelUploadQuerySet(models.QuerySet):
+    def visible_to(self, user) -> ModelUploadQuerySet:  # noqa: ANN001
+        if user.is_staff:
+            return self
+        from apps.accounts.permissions import team_ids_of
+
+        return self.filter(team_id__in=team_ids_of(user))
+
+
+class ModelUpload(models.Model):
+    """A team's own weights for a catalog architecture (a safetensors file, never a pickle), which its
+    compression jobs name as `spec.weights` to compress instead of the catalog's weights."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="model_uploads")
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    name = models.CharField(max_length=200)
+    arch = models.CharField(max_length=32, help_text="The catalog architecture the weights are for.")
+    key = models.CharField(max_length=32, default=new_artifact_key, editable=False)
+    file = models.FileField(upload_to=model_upload_to, max_length=500)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    tensors = models.PositiveIntegerField(help_text="Tensors in the file's header.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ModelUploadQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.arch}, team {self.team_id})"

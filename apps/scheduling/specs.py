@@ -80,6 +80,11 @@ class PruningSpec(StrictSerializer):
 
 class CompressionSpec(StrictSerializer):
     model = serializers.ChoiceField(choices=COMPRESSION_MODELS)
+    weights = serializers.IntegerField(
+        min_value=1, max_value=2**63 - 1, required=False,
+        help_text="The id of one of the team's uploaded models (POST /api/v1/models/) to compress instead of the "
+                  "catalog's weights; it must hold weights of `model`'s architecture.",
+    )
     quantization = QuantizationSpec(required=False)
     pruning = PruningSpec(required=False)
 

@@ -83,7 +83,7 @@ class NodeProcess:
     """`python -m workers.agent` (which starts the node's Celery worker) in a session of its own."""
 
     def __init__(self, name: str, token: str, server: str, redis_url: str, work_dir: Path, slots: int) -> None:
-        self.name, self.token, self.log_path = name, token, work_dir / "agent.log"
+        self.name, self.token, self.log_path, self.work_dir = name, token, work_dir / "agent.log", work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "DEEPOPT_NODE_TOKEN": token, "DEEPOPT_BROKER_URL": redis_url,
                "DEEPOPT_WORK_DIR": str(work_dir), "DEEPOPT_POLL_S": "0.5", "DEEPOPT_PROGRESS_S": "0.5",
@@ -515,3 +515,49 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_compression_job_compresses_the_teams_uploaded_weights_and_refuses_weights_of_another_shape(
+        cluster, alice, team_a):
+    """The whole path of a team's own model: uploaded through the API (safetensors, checked), named by a job's
+    spec.weights, fetched by the worker from the web app, compressed by the runner; weights that do not fit
+    the architecture fail the job at once, saying so."""
+    import torch
+    from safetensors.torch import save
+
+    from workers.compression.models import make_task
+
+    node = cluster.start_node(alice, team_a)
+    api = cluster.api(alice)
+    trained = make_task("digits-cnn").model  # the catalog's trained CNN, cached after its first training
+    state = {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
+
+    def upload(tensors: dict, name: str) -> int:
+        response = api.post(f"{cluster.server}/api/v1/models/", data={"arch": "digits-cnn", "team": team_a.pk},
+                            files={"file": (name, save(tensors))})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def compress(weights: int) -> int:
+        body = {"name": "mine", "team": team_a.pk, "kind": "compression", "resources": {"gpus": 1},
+                "spec": {"model": "digits-cnn", "weights": weights, "quantization": {"mode": "preset"}}}
+        response = api.post(f"{cluster.server}/api/v1/jobs/", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    good = compress(upload(state, "digits-mine.safetensors"))
+    wrong = {**state, "features.0.weight": torch.zeros(3, 1, 3, 3)}  # one tensor of another shape
+    bad = compress(upload(wrong, "digits-wrong.safetensors"))
+    wait_for(lambda: all(job_state(j) in ("succeeded", "failed", "cancelled") for j in (good, bad)), 120,
+             "both jobs to end", node)
+
+    done = api.get(f"{cluster.server}/api/v1/jobs/{good}/").json()
+    assert done["state"] == "succeeded", done
+    result = done["result"]
+    assert result["model"].startswith("upload:")
+    assert result["arch"] == "digits-cnn"
+    assert result["baseline"]["quality"] > 90  # the uploaded weights are the trained ones: top-1 in percent
+    failed = api.get(f"{cluster.server}/api/v1/jobs/{bad}/").json()
+    assert failed["state"] == "failed", failed
+    assert "do not match architecture 'digits-cnn'" in json.dumps(failed)
+    assert not list(Path(node.work_dir).rglob("weights.safetensors"))  # fetched weights are not left behind

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from django.conf import settings
+from django.http import FileResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
@@ -20,6 +21,7 @@ from rest_framework.response import Response
 
 from apps.cluster.api.agent import AgentView
 from apps.scheduling import reports
+from apps.scheduling.models import Allocation, Job, ModelUpload
 
 NOT_YOURS = "No job attempt of that number is allocated to this node."
 
@@ -161,3 +163,20 @@ class AgentArtifactView(AttemptView):
             body["artifact"] = {"id": artifact.pk, "name": artifact.name, "size": artifact.size,
                                 "sha256": artifact.sha256}
         return Response(body)
+
+
+class AgentModelWeightsView(AttemptView):
+    """The uploaded weights a compression attempt compresses (`spec.weights`), for the node it is allocated
+    to: the file's bytes. 404 for a node that holds no allocation of that attempt, or a job without
+    uploaded weights."""
+
+    @extend_schema(responses={(200, "application/octet-stream"): dict})
+    def get(self, request, job_id: int, attempt: int):  # noqa: ANN001, ANN201
+        job = Job.objects.filter(pk=job_id).only("spec", "team_id").first()
+        if job is None or not Allocation.objects.filter(job_id=job_id, attempt=attempt, node=self.node).exists():
+            raise NotFound(NOT_YOURS)
+        weights = (job.spec or {}).get("weights")
+        upload = ModelUpload.objects.filter(pk=weights, team_id=job.team_id).first() if weights else None
+        if upload is None:
+            raise NotFound("This job compresses no uploaded weights.")
+        return FileResponse(upload.file.open("rb"), as_attachment=True, filename="model.safetensors")

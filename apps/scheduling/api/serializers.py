@@ -6,7 +6,7 @@ from rest_framework import serializers
 from apps.accounts.api.base import StrictSerializer, TeamField
 from apps.accounts.models import Team
 from apps.cluster.services import cluster_capacity
-from apps.scheduling.models import Job, JobEvent
+from apps.scheduling.models import Job, JobEvent, ModelUpload
 from apps.scheduling.specs import SPEC_SERIALIZERS, CompressionSpec, TrainingSpec
 
 
@@ -46,6 +46,15 @@ class JobCreateSerializer(StrictSerializer):
         if not spec_serializer.is_valid():
             raise serializers.ValidationError({"spec": spec_serializer.errors})
         attrs["spec"] = spec_serializer.validated_data
+        weights = attrs["spec"].get("weights") if attrs["kind"] == Job.Kind.COMPRESSION else None
+        if weights is not None:
+            upload = ModelUpload.objects.filter(pk=weights, team=team).only("arch").first()
+            if upload is None:
+                raise serializers.ValidationError({"spec": {"weights": [
+                    f"No uploaded model {weights} in team {team.name} (GET /api/v1/models/ lists them)."]}})
+            if upload.arch != attrs["spec"]["model"]:
+                raise serializers.ValidationError({"spec": {"weights": [
+                    f"Uploaded model {weights} holds {upload.arch} weights, not {attrs['spec']['model']}."]}})
 
         errors: dict[str, list[str]] = {}
         if nodes > gpus:

@@ -1,0 +1,92 @@
+"""A team's own model weights: `POST /api/v1/models/` (multipart: `file`, `arch`, `team`, optional `name`),
+`GET /api/v1/models/` and `/models/{id}/`. A compression job then names one as `spec.weights`.
+
+Only safetensors is accepted (apps/scheduling/safetensors_check.py reads the header; a pickle is refused
+by name). Whether the tensors fit the architecture is checked where torch is, by the compression runner
+before it does anything (a mismatch fails the job at once, saying which tensor). Scoped like every
+team object: another team's upload is a 404.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from django.conf import settings
+from django.db import transaction
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.response import Response
+
+from apps.accounts.api.base import TeamField, TeamScopedViewSet
+from apps.scheduling import safetensors_check
+from apps.scheduling.models import ModelUpload
+from apps.scheduling.specs import COMPRESSION_MODELS
+
+
+class ModelUploadSerializer(serializers.ModelSerializer):
+    team_name = serializers.CharField(source="team.name", read_only=True)
+    uploaded_by = serializers.CharField(source="uploaded_by.username", read_only=True, default=None)
+
+    class Meta:
+        model = ModelUpload
+        fields = ["id", "name", "arch", "team", "team_name", "uploaded_by", "size", "sha256", "tensors", "created_at"]
+        read_only_fields = fields
+
+
+class ModelUploadCreateSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="A safetensors file (safetensors.torch.save_file); nothing else.")
+    arch = serializers.ChoiceField(choices=COMPRESSION_MODELS, help_text="The catalog architecture of the weights.")
+    team = TeamField(required=False, help_text="Team id or slug; optional when you belong to one team.")
+    name = serializers.CharField(max_length=200, required=False, help_text="Default: the file's name.")
+
+    def validate(self, attrs: dict) -> dict:
+        limit = settings.DEEPOPT_WORKERS["artifact_max_bytes"]
+        upload = attrs["file"]
+        if upload.size > limit:
+            raise serializers.ValidationError({"file": [f"The file is {upload.size} bytes; the limit is {limit}."]})
+        upload.seek(0)
+        try:
+            attrs["tensors"] = safetensors_check.check(upload, upload.size)
+        except safetensors_check.NotSafetensors as exc:
+            raise serializers.ValidationError({"file": [str(exc)[:1].upper() + str(exc)[1:] + "."]}) from None
+        if "team" not in attrs:
+            teams = list(self.context["request"].user.memberships.values_list("team", flat=True)[:2])
+            if len(teams) != 1:
+                raise serializers.ValidationError({"team": ["Say which team the model is for."]})
+            attrs["team"] = teams[0]
+        return attrs
+
+
+class ModelUploadViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """Your teams' uploaded model weights (safetensors), for compression jobs' `spec.weights`."""
+
+    model = ModelUpload
+    serializer_class = ModelUploadSerializer
+    select_related = ("team", "uploaded_by")
+    parser_classes = [MultiPartParser, FormParser]
+    filter_backends: list = []
+
+    @extend_schema(request={"multipart/form-data": ModelUploadCreateSerializer}, responses={201: ModelUploadSerializer})
+    def create(self, request):  # noqa: ANN001, ANN201
+        """Upload weights for a catalog architecture. 400 with the reason for anything not safetensors."""
+        data = ModelUploadCreateSerializer(data=request.data, context=self.get_serializer_context())
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        team = v["team"]
+        upload = v["file"]
+        digest = hashlib.sha256()
+        upload.seek(0)
+        for chunk in upload.chunks():
+            digest.update(chunk)
+        upload.seek(0)
+        name = (v.get("name") or upload.name or "model.safetensors")[:200]
+        row = ModelUpload(team_id=getattr(team, "pk", team), uploaded_by=request.user, name=name, arch=v["arch"],
+                          size=upload.size, sha256=digest.hexdigest(), tensors=v["tensors"])
+        row.file.save("model.safetensors", upload, save=False)
+        try:
+            with transaction.atomic():
+                row.save()
+        except Exception:
+            row.file.delete(save=False)
+            raise
+        return Response(ModelUploadSerializer(row).data, status=status.HTTP_201_CREATED)
