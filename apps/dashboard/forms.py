@@ -34,6 +34,7 @@ COMMON_FIELDS = (
 KIND_FIELDS = {
     "compression": (
         FormField("compression_model", ("spec", "model")),
+        FormField("weights", ("spec", "weights")),
         FormField("quantization_mode", ("spec", "quantization", "mode")),
         FormField("max_quality_drop", ("spec", "quantization", "max_quality_drop")),
         FormField("rounding", ("spec", "quantization", "rounding")),

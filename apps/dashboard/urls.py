@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/<int:pk>/", views.job_detail, name="job"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("queue/", views.queue, name="queue"),
+    path("models/", views.model_list, name="models"),
     path("nodes/", views.node_list, name="nodes"),
     path("nodes/<int:pk>/", views.node_detail, name="node"),
     path("nodes/<int:pk>/state/", views.node_set_state, name="node-state"),

@@ -19,8 +19,9 @@ from apps.cluster import services as cluster_services
 from apps.cluster.models import Gpu, GpuNode
 from apps.scheduling import services as scheduling_services
 from apps.scheduling.api.serializers import JobCreateSerializer
+from apps.scheduling.api.uploads import ModelUploadCreateSerializer, store_upload
 from apps.scheduling.api.views import JobFilter
-from apps.scheduling.models import Allocation, Job, JobArtifact, JobEvent
+from apps.scheduling.models import Allocation, Job, JobArtifact, JobEvent, ModelUpload
 from apps.scheduling.specs import COMPRESSION_MODELS, TRAINING_MODELS
 from apps.scheduling.states import LIVE, TERMINAL, IllegalTransition
 from apps.scheduling.usage import team_usage
@@ -168,6 +169,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         "kinds": Job.Kind.choices,
         "priorities": Job.Priority.choices,
         "compression_models": COMPRESSION_MODELS,
+        "model_uploads": ModelUpload.objects.visible_to(request.user).select_related("team")[:200],
         "training_models": TRAINING_MODELS,
         "quantization_modes": [("auto", "Auto — search per layer"), ("preset", "Preset"), ("off", "Off")],
         "roundings": [("gptq", "GPTQ — from calibration data"), ("rtn", "To nearest")],
@@ -317,3 +319,29 @@ def team_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "recent_jobs": Job.objects.filter(team=team).select_related("team", "submitter")[:RECENT_JOBS],
         "can_manage": can_manage_team(request.user, team),
     })
+
+
+@login_required
+def model_list(request: HttpRequest) -> HttpResponse:
+    """The caller's teams' uploaded weights, and a form to upload more: the API's own checks
+    (ModelUploadCreateSerializer), so a browser user meets the same rules and messages."""
+    teams = list(Team.objects.visible_to(request.user))
+    values, errors, status = {"team": str(teams[0].pk) if len(teams) == 1 else ""}, {}, 200
+    if request.method == "POST":
+        values = {key: request.POST.get(key, "") for key in ("arch", "team", "name")}
+        data = {k: v for k, v in values.items() if v != ""}
+        if "file" in request.FILES:
+            data["file"] = request.FILES["file"]
+        serializer = ModelUploadCreateSerializer(data=data, context={"request": request})
+        if serializer.is_valid():
+            row = store_upload(request.user, serializer.validated_data)
+            messages.success(request, f"Uploaded model #{row.pk} “{row.name}” ({row.arch}, {row.tensors} tensors).")
+            return redirect("models")
+        errors, status = {k: [str(m) for m in v] for k, v in serializer.errors.items()}, 400
+    return render(request, "dashboard/model_list.html", {
+        "uploads": ModelUpload.objects.visible_to(request.user).select_related("team", "uploaded_by")[:500],
+        "teams": teams,
+        "archs": COMPRESSION_MODELS,
+        "values": values,
+        "errors": errors,
+    }, status=status)

@@ -167,3 +167,35 @@ def test_the_runner_compresses_the_fetched_file_for_the_arch(tmp_path):
     assert f"--upload {weights_path(out)} --arch digits-cnn" in text
     assert "--model" not in text
     assert weights_path(out) == tmp_path / "attempt" / "weights.safetensors"
+
+
+# --- the pages ------------------------------------------------------------------------------------
+
+def test_the_models_page_uploads_with_the_apis_checks_and_the_form_offers_the_upload(media, alice, charlie, team_a,
+                                                                                     node_a, client):
+    client.force_login(alice)
+    refused = client.post("/models/", {"arch": "digits-cnn", "team": team_a.pk,
+                                       "file": SimpleUploadedFile("model.pt", pickle_bytes())})
+    assert refused.status_code == 400
+    assert "only safetensors is accepted" in refused.content.decode()
+    assert not ModelUpload.objects.exists()
+    done = client.post("/models/", {"arch": "digits-cnn", "team": team_a.pk, "name": "my digits",
+                                    "file": SimpleUploadedFile("mine.safetensors", safetensors_bytes())})
+    assert done.status_code == 302
+    mine = ModelUpload.objects.get()
+    assert (mine.name, mine.arch, mine.team, mine.uploaded_by) == ("my digits", "digits-cnn", team_a, alice)
+    listing = client.get("/models/").content.decode()
+    assert "my digits" in listing
+    form = client.get("/jobs/new/").content.decode()
+    assert f'<option value="{mine.pk}">#{mine.pk} my digits (digits-cnn, {team_a.name})</option>' in form
+    # The form's Weights reaches the job's spec.
+    posted = client.post("/jobs/new/", {"name": "mine", "team": team_a.pk, "kind": "compression", "gpus": "1",
+                                        "nodes": "1", "priority": "normal", "compression_model": "digits-cnn",
+                                        "weights": str(mine.pk), "quantization_mode": "preset"})
+    assert posted.status_code == 302, posted.content.decode()[:2000]
+    from apps.scheduling.models import Job
+
+    assert Job.objects.get().spec["weights"] == mine.pk
+    client.force_login(charlie)
+    assert "my digits" not in client.get("/models/").content.decode()
+    assert "my digits" not in client.get("/jobs/new/").content.decode()

@@ -57,6 +57,28 @@ class ModelUploadCreateSerializer(serializers.Serializer):
         return attrs
 
 
+def store_upload(user, validated: dict) -> ModelUpload:  # noqa: ANN001
+    """Keep a file ModelUploadCreateSerializer has checked: the row and the file, or neither."""
+    upload = validated["file"]
+    digest = hashlib.sha256()
+    upload.seek(0)
+    for chunk in upload.chunks():
+        digest.update(chunk)
+    upload.seek(0)
+    team = validated["team"]
+    row = ModelUpload(team_id=getattr(team, "pk", team), uploaded_by=user, arch=validated["arch"],
+                      name=(validated.get("name") or upload.name or "model.safetensors")[:200],
+                      size=upload.size, sha256=digest.hexdigest(), tensors=validated["tensors"])
+    row.file.save("model.safetensors", upload, save=False)
+    try:
+        with transaction.atomic():
+            row.save()
+    except Exception:
+        row.file.delete(save=False)
+        raise
+    return row
+
+
 class ModelUploadViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
     """Your teams' uploaded model weights (safetensors), for compression jobs' `spec.weights`."""
 
@@ -71,22 +93,5 @@ class ModelUploadViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.Retrie
         """Upload weights for a catalog architecture. 400 with the reason for anything not safetensors."""
         data = ModelUploadCreateSerializer(data=request.data, context=self.get_serializer_context())
         data.is_valid(raise_exception=True)
-        v = data.validated_data
-        team = v["team"]
-        upload = v["file"]
-        digest = hashlib.sha256()
-        upload.seek(0)
-        for chunk in upload.chunks():
-            digest.update(chunk)
-        upload.seek(0)
-        name = (v.get("name") or upload.name or "model.safetensors")[:200]
-        row = ModelUpload(team_id=getattr(team, "pk", team), uploaded_by=request.user, name=name, arch=v["arch"],
-                          size=upload.size, sha256=digest.hexdigest(), tensors=v["tensors"])
-        row.file.save("model.safetensors", upload, save=False)
-        try:
-            with transaction.atomic():
-                row.save()
-        except Exception:
-            row.file.delete(save=False)
-            raise
+        row = store_upload(request.user, data.validated_data)
         return Response(ModelUploadSerializer(row).data, status=status.HTTP_201_CREATED)
