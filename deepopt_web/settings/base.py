@@ -178,6 +178,7 @@ SPECTACULAR_SETTINGS = {
         "NodeStateEnum": "apps.cluster.models.GpuNode.State",
         "DeviceTypeEnum": "apps.cluster.models.GpuNode.DeviceType",
         "WeightFormatEnum": "apps.scheduling.specs.WEIGHT_FORMATS",
+        "CompressionModelEnum": "apps.scheduling.specs.COMPRESSION_MODELS",
     },
 }
 
