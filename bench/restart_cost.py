@@ -5,8 +5,9 @@ from its checkpoint; prints one JSON object.
         [--steps-before 20] [--steps-after 10] [--out F.json]
 
 The scheduler's replay charges every preemption a restart cost (`replay_trace --restart-s`: an assumed
-300 s until this bench; now 30 s, twice the largest cost it measured). For each model this runs `python -m workers.training` the way
-the worker does for a preemptible job (`--checkpoint-dir`, one node of `--procs` processes) three times:
+300 s until this bench; now 30 s, twice the largest cost it measured). For each model this runs
+`python -m workers.training` the way the worker does for a preemptible job (`--checkpoint-dir`, one node
+of `--procs` processes) three times:
 
 1. a fresh start: the time from launch to the end of its first step (`fresh_first_step_s`) and the
    steady step time (`step_s`, median of the steps after the first five);

@@ -31,7 +31,7 @@ from apps.accounts.models import Membership, Team
 from apps.accounts.services import create_user
 from apps.cluster.models import Gpu, GpuNode
 from apps.forecasting.models import ScalingDecision, Series
-from apps.scheduling.models import Allocation, Job, JobEvent, QueueEntry
+from apps.scheduling.models import Allocation, Job, JobEvent, ModelUpload, QueueEntry
 
 PERSONAS = ("anonymous", "alice", "bob", "charlie", "dana")
 
@@ -54,13 +54,16 @@ class World:
     series_b: Any = None
     decision_a: Any = None
     decision_b: Any = None
+    # Each team's uploaded model weights.
+    upload_a: Any = None
+    upload_b: Any = None
 
     def user(self, persona: str):  # noqa: ANN201
         return None if persona == "anonymous" else self.users[persona]
 
     def ids(self) -> dict[str, int]:
         return {"team_a": self.team_a.pk, "node_a": self.node_a.pk, "job_a": self.job_a.pk,
-                "bob": self.users["bob"].pk, "series_a": self.series_a.pk}
+                "bob": self.users["bob"].pk, "series_a": self.series_a.pk, "upload_a": self.upload_a.pk}
 
 
 def build_world(*, team_a, team_b, alice, bob, charlie, dana, node_a, node_b) -> World:  # noqa: ANN001
@@ -81,11 +84,24 @@ def build_world(*, team_a, team_b, alice, bob, charlie, dana, node_a, node_b) ->
     decisions = {node: ScalingDecision.objects.create(action="standby", node=node, node_name=node.name,
                                                       reason="idle", forecast_peak=0.0, active_capacity=12)
                  for node in (node_a, node_b)}
+    from django.core.files.base import ContentFile
+
+    uploads = {team: ModelUpload.objects.create(team=team, name=f"{team.slug} weights", arch="digits-cnn",
+                                                file=ContentFile(_safetensors(), name="model.safetensors"),
+                                                size=len(_safetensors()), sha256="0" * 64, tensors=1)
+               for team in (team_a, team_b)}
     return World(team_a=team_a, team_b=team_b,
                  users={"alice": alice, "bob": bob, "charlie": charlie, "dana": dana},
                  node_a=node_a, node_b=node_b, job_a=job_a, job_b=job_b, newcomer=newcomer,
                  series_a=series[team_a], series_b=series[team_b],
-                 decision_a=decisions[node_a], decision_b=decisions[node_b])
+                 decision_a=decisions[node_a], decision_b=decisions[node_b],
+                 upload_a=uploads[team_a], upload_b=uploads[team_b])
+
+
+def _safetensors() -> bytes:
+    """A real safetensors file of one float32 scalar (what the upload check reads), without torch."""
+    header = b'{"w":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}'
+    return len(header).to_bytes(8, "little") + header + b"\x00\x00\x80\x3f"
 
 
 Body = dict | Callable[[World], dict] | None
@@ -106,6 +122,7 @@ class Endpoint:
     expect: dict[str, int]
     body: Body = None
     marks: tuple = field(default_factory=tuple)
+    format: str = "json"  # or "multipart" (file uploads)
 
     def url(self, world: World) -> str:
         return self.path.format(**world.ids())
@@ -126,6 +143,13 @@ def _job_body(world: World) -> dict:
 def _node_body(world: World) -> dict:
     return {"name": "a-node-new", "hostname": "a-new.example", "team": world.team_a.pk, "rack": "r1",
             "gpus": [{"index": 0, "model": "NVIDIA H200", "memory_mb": 143_771}]}
+
+
+def _upload_body(world: World) -> dict:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return {"file": SimpleUploadedFile("perm.safetensors", _safetensors()), "arch": "digits-cnn",
+            "team": world.team_a.pk}
 
 
 def _member_body(world: World) -> dict:
@@ -166,6 +190,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("jobs-cancel", "post", "/api/v1/jobs/{job_a}/cancel/", _expect(401, 200, 403, 404, 200)),
     Endpoint("jobs-events", "get", "/api/v1/jobs/{job_a}/events/", _expect(401, 200, 200, 404, 200)),
     Endpoint("queue-list", "get", "/api/v1/queue/", _expect(401, 200, 200, 200, 200)),
+    Endpoint("models-list", "get", "/api/v1/models/", _expect(401, 200, 200, 200, 200)),
+    Endpoint("models-detail", "get", "/api/v1/models/{upload_a}/", _expect(401, 200, 200, 404, 200)),
+    Endpoint("models-create", "post", "/api/v1/models/", _expect(401, 201, 201, 400, 201), body=_upload_body,
+             format="multipart"),
     Endpoint("forecasts-list", "get", "/api/v1/forecasts/", _expect(401, 200, 200, 200, 200)),
     Endpoint("forecasts-detail", "get", "/api/v1/forecasts/{series_a}/", _expect(401, 200, 200, 404, 200)),
     Endpoint("scaling-decisions-list", "get", "/api/v1/scaling-decisions/", _expect(401, 200, 200, 200, 200)),
@@ -197,6 +225,7 @@ def fingerprint() -> dict:
         "jobs": list(Job.objects.order_by("pk").values_list("pk", "state", "attempt")),
         "events": JobEvent.objects.count(),
         "allocations": Allocation.objects.count(),
+        "model_uploads": ModelUpload.objects.count(),
     }
 
 
@@ -215,7 +244,7 @@ def check_permission_case(world: World, endpoint: Endpoint, persona: str, expect
     # Tokens are made before the snapshot: the anonymous case must not count them as writes.
     client = client_as(world, persona)
     before = fingerprint()
-    response = getattr(client, endpoint.method)(endpoint.url(world), endpoint.payload(world), format="json")
+    response = getattr(client, endpoint.method)(endpoint.url(world), endpoint.payload(world), format=endpoint.format)
     assert response.status_code == expected, (
         f"{persona} {endpoint.method.upper()} {endpoint.url(world)}: expected {expected}, "
         f"got {response.status_code}: {response.content[:300]!r}"
@@ -237,6 +266,7 @@ LIST_ENDPOINTS: dict[str, tuple[str, Callable[[World], tuple[int, int]], Callabl
     "jobs": ("/api/v1/jobs/", lambda w: (w.job_a.pk, w.job_b.pk), lambda row: row["id"]),
     "queue": ("/api/v1/queue/", lambda w: (w.job_a.pk, w.job_b.pk), lambda row: row["job"]["id"]),
     "forecasts": ("/api/v1/forecasts/", lambda w: (w.series_a.pk, w.series_b.pk), lambda row: row["id"]),
+    "models": ("/api/v1/models/", lambda w: (w.upload_a.pk, w.upload_b.pk), lambda row: row["id"]),
     "scaling-decisions": ("/api/v1/scaling-decisions/", lambda w: (w.decision_a.pk, w.decision_b.pk),
                           lambda row: row["id"]),
 }

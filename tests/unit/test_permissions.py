@@ -25,7 +25,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def world(team_a, team_b, alice, bob, charlie, dana, node_a, node_b) -> World:  # noqa: ANN001
+def world(team_a, team_b, alice, bob, charlie, dana, node_a, node_b, settings, tmp_path) -> World:  # noqa: ANN001
+    settings.MEDIA_ROOT = tmp_path / "media"  # the uploaded weights the world holds, and any the cases add
     return build_world(team_a=team_a, team_b=team_b, alice=alice, bob=bob, charlie=charlie, dana=dana,
                        node_a=node_a, node_b=node_b)
 
