@@ -81,10 +81,13 @@ class AgentClient:
             try:
                 with self.session.get(self.base + path, timeout=self.timeout, stream=True) as response:
                     if response.ok:
-                        with partial.open("wb") as handle:
-                            for chunk in response.iter_content(1 << 20):
-                                handle.write(chunk)
-                        partial.replace(dest)
+                        try:
+                            with partial.open("wb") as handle:
+                                for chunk in response.iter_content(1 << 20):
+                                    handle.write(chunk)
+                            partial.replace(dest)
+                        finally:
+                            partial.unlink(missing_ok=True)  # a cut-off transfer leaves nothing behind
                         return dest.stat().st_size
                     if response.status_code < 500 or time.monotonic() + delay > deadline:
                         raise AgentError(response.status_code, _json(response))

@@ -217,11 +217,10 @@ def execute(payload: dict, config: NodeConfig) -> dict:
             log.info("Fetched %s bytes of uploaded weights for %s", size, where)
         command = build_command(payload, out_dir, config.work_dir)
         runner = RunnerProcess(command, runner_env(payload), cwd=ROOT, log_path=attempt_dir / "runner.log")
-    except AgentError as exc:
-        reporter.result(status="failed", error=f"Could not fetch the uploaded weights: {exc}")
-        return {"status": "failed"}
-    except (BadJob, OSError, KeyError) as exc:
-        reporter.result(status="failed", error=f"Could not start the runner: {exc}")
+    except (AgentError, BadJob, OSError, KeyError) as exc:
+        weights_path(out_dir).unlink(missing_ok=True)
+        what = "fetch the uploaded weights" if isinstance(exc, AgentError) else "start the runner"
+        reporter.result(status="failed", error=f"Could not {what}: {exc}")
         return {"status": "failed"}
     log.info("Running %s as pid %s: %s", where, runner.pid, " ".join(command[:5]))
     handle = Handle(job, attempt, rank, run_id)

@@ -267,6 +267,25 @@ class TooLarge(Exception):
     """An artifact over DEEPOPT_WORKERS['artifact_max_bytes']: answered 413."""
 
 
+def sha256_of(upload: UploadedFile) -> str:
+    """The hex SHA-256 of an uploaded file, read in chunks; the file is left at its start."""
+    digest = hashlib.sha256()
+    upload.seek(0)
+    for chunk in upload.chunks():
+        digest.update(chunk)
+    upload.seek(0)
+    return digest.hexdigest()
+
+
+def refuse_before_reading(request, limit: int, what: str) -> str | None:  # noqa: ANN001
+    """Why an upload is refused from its declared length alone, before its body is read (the multipart
+    envelope adds a few hundred bytes to the file), or None."""
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    if declared.isdigit() and int(declared) > limit + 64 * 1024:
+        return f"The upload is {declared} bytes; the {what} limit is {limit}."
+    return None
+
+
 def store_artifact(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str, name: str,
                    upload: UploadedFile, max_bytes: int) -> tuple[Answer, JobArtifact | None]:
     """Keep a file the attempt produced. The file is written before the job row is locked, so a large
@@ -279,10 +298,7 @@ def store_artifact(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_i
         if stale:
             return Answer("ignored", job.state, stop=True, reason=stale), None
         _run_for(job, node, attempt, rank, run_id)
-    digest = hashlib.sha256()
-    for chunk in upload.chunks():
-        digest.update(chunk)
-    sha256 = digest.hexdigest()
+    sha256 = sha256_of(upload)
     existing = JobArtifact.objects.filter(job_id=job_id, attempt=attempt, name=name).first()
     if existing is not None:
         return _repeated(existing, sha256, job_id)

@@ -199,3 +199,16 @@ def test_the_models_page_uploads_with_the_apis_checks_and_the_form_offers_the_up
     client.force_login(charlie)
     assert "my digits" not in client.get("/models/").content.decode()
     assert "my digits" not in client.get("/jobs/new/").content.decode()
+
+
+def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(media, alice, team_a, client_for, settings):
+    settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "artifact_max_bytes": 1000}
+    big = safetensors_bytes({"w": torch.zeros(40_000)})  # 160 kB: refused from its declared length alone
+    response = upload(client_for(alice), team_a, big)
+    assert response.status_code == 413
+    assert "the model limit is 1000" in response.json()["detail"]
+    over = safetensors_bytes({"w": torch.zeros(400)})  # 1.7 kB: past the limit, within the envelope's slack
+    response = upload(client_for(alice), team_a, over)
+    assert response.status_code == 400
+    assert "the limit is 1000" in json.dumps(response.json()["file"])
+    assert not ModelUpload.objects.exists()

@@ -74,6 +74,15 @@ class TeamScopedViewSet(viewsets.GenericViewSet):
             serializer.save()
 
 
+def only_team(user, what: str) -> Team:  # noqa: ANN001
+    """The caller's one team, for a request that names none; a 400 on `team` otherwise."""
+    teams = list(Team.objects.filter(memberships__user=user)[:2])
+    if len(teams) != 1:
+        raise serializers.ValidationError(
+            {"team": [f"Say which team the {what} is for." if teams else "You are not on any team."]})
+    return teams[0]
+
+
 class TeamField(serializers.Field):
     """A team by id or slug, among the teams the caller can see; others read as 'not found'."""
 

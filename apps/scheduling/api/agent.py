@@ -138,11 +138,9 @@ class AgentArtifactView(AttemptView):
     @extend_schema(request={"multipart/form-data": ArtifactUploadSerializer}, responses={200: dict, 413: dict})
     def post(self, request, job_id: int, attempt: int):  # noqa: ANN001, ANN201
         limit = settings.DEEPOPT_WORKERS["artifact_max_bytes"]
-        declared = request.META.get("CONTENT_LENGTH") or "0"
-        # Refuse before reading the body: the multipart envelope adds a few hundred bytes to the file.
-        if declared.isdigit() and int(declared) > limit + 64 * 1024:
-            return Response({"detail": f"The upload is {declared} bytes; the artifact limit is {limit}."},
-                            status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        refused = reports.refuse_before_reading(request, limit, "artifact")
+        if refused is not None:
+            return Response({"detail": refused}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         data = ArtifactUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data

@@ -3,8 +3,7 @@ from __future__ import annotations
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
-from apps.accounts.api.base import StrictSerializer, TeamField
-from apps.accounts.models import Team
+from apps.accounts.api.base import StrictSerializer, TeamField, only_team
 from apps.cluster.services import cluster_capacity
 from apps.scheduling.models import Job, JobEvent, ModelUpload
 from apps.scheduling.specs import SPEC_SERIALIZERS, CompressionSpec, TrainingSpec
@@ -35,7 +34,7 @@ class JobCreateSerializer(StrictSerializer):
 
     def validate(self, attrs: dict) -> dict:
         user = self.context["request"].user
-        team = attrs.get("team") or self._only_team(user)
+        team = attrs.get("team") or only_team(user, "job")
         attrs["team"] = team
         resources = attrs.pop("resources", None) or ResourcesSerializer().to_internal_value({})
         gpus, nodes, memory = resources["gpus"], resources["nodes"], resources.get("gpu_memory_gb")
@@ -79,13 +78,6 @@ class JobCreateSerializer(StrictSerializer):
             raise serializers.ValidationError(errors)
         attrs.update(gpus=gpus, nodes=nodes, gpu_memory_gb=memory)
         return attrs
-
-    def _only_team(self, user) -> Team:  # noqa: ANN001
-        teams = list(Team.objects.filter(memberships__user=user)[:2])
-        if len(teams) != 1:
-            raise serializers.ValidationError(
-                {"team": ["Say which team the job is for." if teams else "You are not on any team."]})
-        return teams[0]
 
     def create(self, validated_data: dict) -> Job:
         from apps.scheduling.services import submit_job

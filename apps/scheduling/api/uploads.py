@@ -8,8 +8,6 @@ team object: another team's upload is a 404.
 """
 from __future__ import annotations
 
-import hashlib
-
 from django.conf import settings
 from django.db import transaction
 from drf_spectacular.utils import extend_schema
@@ -17,8 +15,8 @@ from rest_framework import mixins, serializers, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
-from apps.accounts.api.base import TeamField, TeamScopedViewSet
-from apps.scheduling import safetensors_check
+from apps.accounts.api.base import TeamField, TeamScopedViewSet, only_team
+from apps.scheduling import reports, safetensors_check
 from apps.scheduling.models import ModelUpload
 from apps.scheduling.specs import COMPRESSION_MODELS
 
@@ -50,25 +48,16 @@ class ModelUploadCreateSerializer(serializers.Serializer):
         except safetensors_check.NotSafetensors as exc:
             raise serializers.ValidationError({"file": [str(exc)[:1].upper() + str(exc)[1:] + "."]}) from None
         if "team" not in attrs:
-            teams = list(self.context["request"].user.memberships.values_list("team", flat=True)[:2])
-            if len(teams) != 1:
-                raise serializers.ValidationError({"team": ["Say which team the model is for."]})
-            attrs["team"] = teams[0]
+            attrs["team"] = only_team(self.context["request"].user, "model")
         return attrs
 
 
 def store_upload(user, validated: dict) -> ModelUpload:  # noqa: ANN001
     """Keep a file ModelUploadCreateSerializer has checked: the row and the file, or neither."""
     upload = validated["file"]
-    digest = hashlib.sha256()
-    upload.seek(0)
-    for chunk in upload.chunks():
-        digest.update(chunk)
-    upload.seek(0)
-    team = validated["team"]
-    row = ModelUpload(team_id=getattr(team, "pk", team), uploaded_by=user, arch=validated["arch"],
+    row = ModelUpload(team=validated["team"], uploaded_by=user, arch=validated["arch"],
                       name=(validated.get("name") or upload.name or "model.safetensors")[:200],
-                      size=upload.size, sha256=digest.hexdigest(), tensors=validated["tensors"])
+                      size=upload.size, sha256=reports.sha256_of(upload), tensors=validated["tensors"])
     row.file.save("model.safetensors", upload, save=False)
     try:
         with transaction.atomic():
@@ -88,9 +77,13 @@ class ModelUploadViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.Retrie
     parser_classes = [MultiPartParser, FormParser]
     filter_backends: list = []
 
-    @extend_schema(request={"multipart/form-data": ModelUploadCreateSerializer}, responses={201: ModelUploadSerializer})
+    @extend_schema(request={"multipart/form-data": ModelUploadCreateSerializer},
+                   responses={201: ModelUploadSerializer, 413: dict})
     def create(self, request):  # noqa: ANN001, ANN201
         """Upload weights for a catalog architecture. 400 with the reason for anything not safetensors."""
+        refused = reports.refuse_before_reading(request, settings.DEEPOPT_WORKERS["artifact_max_bytes"], "model")
+        if refused is not None:
+            return Response({"detail": refused}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         data = ModelUploadCreateSerializer(data=request.data, context=self.get_serializer_context())
         data.is_valid(raise_exception=True)
         row = store_upload(request.user, data.validated_data)
