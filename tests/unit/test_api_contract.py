@@ -314,3 +314,14 @@ def test_the_openapi_schema_generates_without_a_warning(tmp_path):
     text = (tmp_path / "schema.yaml").read_text()
     assert "/api/v1/models/:" in text
     assert "CompressionModelEnum" in text
+
+
+@pytest.mark.parametrize("team", ["team\x00a", "²", "١٢", "a b", "x" * 300])
+def test_a_team_that_cannot_be_a_slug_or_an_id_is_a_400_not_a_query(cluster, team):
+    """A NUL byte reached PostgreSQL (a 500 there: text cannot hold it) and "²" passed str.isdigit() but not
+    int(); neither can name a team, so they answer as any unknown team does, without a query."""
+    before = counts()
+    response = cluster["alice"].post("/api/v1/jobs/", {**COMPRESSION, "team": team})
+    assert response.status_code == 400, response.content
+    assert "that you belong to" in json.dumps(response.json()["team"])
+    assert counts() == before

@@ -212,3 +212,9 @@ def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(media, alice, t
     assert response.status_code == 400
     assert "the limit is 1000" in json.dumps(response.json()["file"])
     assert not ModelUpload.objects.exists()
+
+
+def test_a_files_own_name_with_control_characters_is_cleaned_before_it_is_stored(media, alice, team_a, client_for):
+    response = upload(client_for(alice), team_a, safetensors_bytes(), name="we\x00ights\x07.safetensors")
+    assert response.status_code == 201, response.content
+    assert response.json()["name"] == "weights.safetensors"

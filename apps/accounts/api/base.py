@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 
 from django.db import transaction
@@ -83,6 +84,9 @@ def only_team(user, what: str) -> Team:  # noqa: ANN001
     return teams[0]
 
 
+SLUG = re.compile(r"[-a-zA-Z0-9_]{1,100}")  # Django's SlugField, ASCII
+
+
 class TeamField(serializers.Field):
     """A team by id or slug, among the teams the caller can see; others read as 'not found'."""
 
@@ -96,12 +100,14 @@ class TeamField(serializers.Field):
             self.fail("invalid")
         user = self.context["request"].user
         # Team.objects.visible_to(user) by id or slug, as compiled queries: every submission asks.
-        if isinstance(data, int) or (isinstance(data, str) and data.isdigit()):
+        if isinstance(data, int) or (data.isascii() and data.isdigit()):
             pk = int(data)
             if not 0 < pk < 2**63:
                 found = []
             else:
                 found = _TEAM_BY_ID.objects(pk) if user.is_staff else _MEMBERS_TEAM_BY_ID.objects(pk, user.pk)
+        elif not SLUG.fullmatch(data):
+            found = []  # no slug looks like this (a NUL byte would not even reach PostgreSQL's text type)
         else:
             found = _TEAM_BY_SLUG.objects(data) if user.is_staff else _MEMBERS_TEAM_BY_SLUG.objects(data, user.pk)
         found = found[0] if found else None

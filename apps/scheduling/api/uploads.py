@@ -55,8 +55,11 @@ class ModelUploadCreateSerializer(serializers.Serializer):
 def store_upload(user, validated: dict) -> ModelUpload:  # noqa: ANN001
     """Keep a file ModelUploadCreateSerializer has checked: the row and the file, or neither."""
     upload = validated["file"]
+    # The `name` field is checked by its serializer; a file's own name is whatever the client sent
+    # (PostgreSQL refuses a NUL byte in text, and a control character has no place in a name).
+    file_name = "".join(c for c in (upload.name or "") if c.isprintable()).strip()
     row = ModelUpload(team=validated["team"], uploaded_by=user, arch=validated["arch"],
-                      name=(validated.get("name") or upload.name or "model.safetensors")[:200],
+                      name=(validated.get("name") or file_name or "model.safetensors")[:200],
                       size=upload.size, sha256=reports.sha256_of(upload), tensors=validated["tensors"])
     row.file.save("model.safetensors", upload, save=False)
     try:
