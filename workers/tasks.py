@@ -31,6 +31,7 @@ from .runner import (
     build_command,
     checkpoint_dir,
     final_checkpoint,
+    json_safe,
     runner_env,
     weights_path,
 )
@@ -344,7 +345,7 @@ def _report_result(reporter: Reporter, status: str, error: str, exit_code: int, 
                    where: str) -> dict:
     result = runner.final_result() if status == "succeeded" else None
     try:
-        return reporter.result(status=status, result=result, error=error, exit_code=exit_code,
+        return reporter.result(status=status, result=result, error=json_safe(error), exit_code=exit_code,
                                stderr_tail=list(runner.stderr_tail))
     except Exception as exc:  # noqa: BLE001 - the reconciler notices the silent attempt and retries it
         log.error("Could not report the result of %s (%s); the reconciler will retry the attempt.", where, exc)

@@ -390,6 +390,25 @@ def test_the_status_poll_tells_nothing_about_another_nodes_jobs(running, node_tw
     assert answer["state"] is None
 
 
+def test_a_nul_byte_in_a_runners_output_is_stored_replaced_not_refused(running):
+    """PostgreSQL's text and jsonb hold no NUL (a 500 there); refusing it instead would lose the report, and
+    a refused result is never reported at all."""
+    job, _, token = running
+    progress = node_client(token).post(url(job, 1, "progress"), {
+        "run": "run-aaaaaaaa", "seq": 2, "lines": [{"type": "log", "message": "a\x00b", "k\x00": ["c\x00"]}]},
+        format="json")
+    assert progress.status_code == 200, progress.content
+    event = JobEvent.objects.filter(job=job, kind="progress").latest("id")
+    assert event.data == {"type": "log", "message": "a\ufffdb", "k\ufffd": ["c\ufffd"]}
+    result = node_client(token).post(url(job, 1, "result"), {
+        "run": "run-aaaaaaaa", "status": "failed", "error": "boom\x00", "stderr_tail": ["x\x00y"],
+        "result": {"note": "z\x00"}}, format="json")
+    assert result.status_code == 200, result.content
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED
+    assert "boom\ufffd" in job.error
+
+
 # --- artifacts ------------------------------------------------------------------------------------
 
 def upload(token: str, job: Job, name: str, content: bytes, attempt: int = 1):  # noqa: ANN201

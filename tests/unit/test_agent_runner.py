@@ -135,6 +135,21 @@ def test_a_crashing_runner_leaves_its_last_lines_of_stderr(tmp_path):
     assert runner.final_result()["step"] == 1  # its last JSON line was progress, not a result
 
 
+def test_a_diverged_loss_and_a_nul_byte_reach_the_report_as_strict_json(tmp_path):
+    """Python prints a NaN loss as `NaN`, which strict JSON (the agent API's) refuses, and PostgreSQL holds no
+    NUL; a report holding either was refused, so a diverged run's result never arrived."""
+    script = ("import json, sys; print(json.dumps({'type': 'step', 'loss': float('nan'), 'note': 'a\\x00b'}));"
+              "print(json.dumps({'type': 'final', 'final_loss': float('inf'), 'curve': [1.0, float('-inf')]}));"
+              "print('bad\\x00byte', file=sys.stderr)")
+    runner = RunnerProcess([sys.executable, "-c", script], dict(os.environ), cwd=tmp_path,
+                           log_path=tmp_path / "runner.log")
+    assert runner.finish() == 0
+    assert runner.drain()[0] == {"type": "step", "loss": None, "note": "a\ufffdb"}
+    assert runner.final_result() == {"type": "final", "final_loss": None, "curve": [1.0, None]}
+    assert list(runner.stderr_tail) == ["bad\ufffdbyte"]
+    json.dumps(runner.final_result(), allow_nan=False)  # what requests sends: it raised before
+
+
 def test_stopping_a_runner_kills_its_whole_process_group_within_the_grace_period(tmp_path):
     # A runner that ignores SIGTERM and has a child of its own, as the training launcher has.
     script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

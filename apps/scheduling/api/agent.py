@@ -26,6 +26,25 @@ from apps.scheduling.models import Allocation, Job, ModelUpload
 NOT_YOURS = "No job attempt of that number is allocated to this node."
 
 
+def without_nul(value):  # noqa: ANN001, ANN201
+    """A runner's text as PostgreSQL can store it: text and jsonb hold no NUL character (U+FFFD instead).
+    The node's worker does this too (workers/runner.py, json_safe); this is the server's own guard."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+class RunnerText(serializers.CharField):
+    """Text a runner printed: a NUL byte is replaced, not refused (a refused result would never arrive)."""
+
+    def to_internal_value(self, data):  # noqa: ANN001, ANN201
+        return without_nul(super().to_internal_value(data))
+
+
 class RunSerializer(serializers.Serializer):
     rank = serializers.IntegerField(min_value=0, max_value=100_000, default=0)
     run = serializers.CharField(min_length=8, max_length=64, help_text="The worker's id for this run of the attempt.")
@@ -37,14 +56,20 @@ class ProgressSerializer(RunSerializer):
     lines = serializers.ListField(child=serializers.DictField(), max_length=reports.MAX_LINES_PER_REPORT,
                                   required=False, default=list)
 
+    def validate_lines(self, value: list) -> list:
+        return without_nul(value)
+
 
 class ResultSerializer(RunSerializer):
     status = serializers.ChoiceField(choices=["succeeded", "failed", "cancelled", "interrupted"])
     result = serializers.DictField(required=False, allow_null=True, default=None)
-    error = serializers.CharField(max_length=10_000, required=False, allow_blank=True, default="")
+    error = RunnerText(max_length=10_000, required=False, allow_blank=True, default="")
     exit_code = serializers.IntegerField(required=False, allow_null=True, default=None)
-    stderr_tail = serializers.ListField(child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+    stderr_tail = serializers.ListField(child=RunnerText(allow_blank=True, trim_whitespace=False),
                                         max_length=200, required=False, default=list)
+
+    def validate_result(self, value: dict | None) -> dict | None:
+        return without_nul(value)
 
 
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
