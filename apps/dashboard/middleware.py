@@ -32,6 +32,8 @@ class TokenAuthMiddleware:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if "token" in query:
             key = query["token"][-1].strip()
-            # DRF keys are 40 hex characters; anything else cannot match, so skip the query.
-            scope = {**scope, "user": await user_for_token(key) if 0 < len(key) <= 64 else AnonymousUser()}
+            # DRF keys are 40 hex characters; anything else cannot match, so skip the query (a NUL byte
+            # would not even reach PostgreSQL's text type).
+            plausible = 0 < len(key) <= 64 and key.isascii() and key.isalnum()
+            scope = {**scope, "user": await user_for_token(key) if plausible else AnonymousUser()}
         return await self.app(scope, receive, send)

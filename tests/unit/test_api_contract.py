@@ -325,3 +325,12 @@ def test_a_team_that_cannot_be_a_slug_or_an_id_is_a_400_not_a_query(cluster, tea
     assert response.status_code == 400, response.content
     assert "that you belong to" in json.dumps(response.json()["team"])
     assert counts() == before
+
+
+@pytest.mark.parametrize("key", ["ab\x00cd", "\u00b2" * 40])
+def test_a_token_header_that_cannot_be_a_key_is_a_401(cluster, key):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    assert client.get("/api/v1/jobs/").status_code == 401

@@ -111,6 +111,17 @@ def test_an_unknown_token_is_refused_even_with_a_valid_session(bob):
     run(scenario)
 
 
+@pytest.mark.parametrize("token", ["%00", "ab%00cd", "%C2%B2", "a b"])
+def test_a_token_that_cannot_be_a_key_is_refused_without_a_query(bob, token):
+    cookie = session_cookie_of(bob)
+
+    async def scenario():
+        socket = await open_socket(token=token, cookie=cookie)
+        assert await socket.receive_output() == {"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED}
+
+    run(scenario)
+
+
 def test_an_inactive_users_token_is_refused(bob):
     key = token_of(bob)
     bob.is_active = False
