@@ -196,6 +196,9 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "progress_count": JobEvent.objects.filter(job=job, kind=JobEvent.Kind.PROGRESS).count(),
         "allocations": allocations,
         "artifacts": JobArtifact.objects.filter(job=job).select_related("node").order_by("-attempt", "name"),
+        "weights_upload": (ModelUpload.objects.filter(pk=job.spec.get("weights"), team_id=job.team_id).first()
+                           if job.kind == Job.Kind.COMPRESSION and isinstance(job.spec, dict)
+                           and isinstance(job.spec.get("weights"), int) else None),
         "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
                        and can_cancel_job(request.user, job)),
         "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,

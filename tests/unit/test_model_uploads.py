@@ -195,7 +195,10 @@ def test_the_models_page_uploads_with_the_apis_checks_and_the_form_offers_the_up
     assert posted.status_code == 302, posted.content.decode()[:2000]
     from apps.scheduling.models import Job
 
-    assert Job.objects.get().spec["weights"] == mine.pk
+    job = Job.objects.get()
+    assert job.spec["weights"] == mine.pk
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert f'data-testid="job-weights">#{mine.pk} my digits</a>' in page  # the Spec card names the upload
     client.force_login(charlie)
     assert "my digits" not in client.get("/models/").content.decode()
     assert "my digits" not in client.get("/jobs/new/").content.decode()
