@@ -11,7 +11,7 @@ of the looked-up tokens and dequantizes only those. The arithmetic is quantize.u
 the H200 (2026-11-29), it did not pay: see docs/compression.md, "Weight-only Linears fused by the
 compiler", and `bench/results/fused-encoder-2026-11-29-h200-minilm-partial.json`.
 
-    python bench/fused_encoder.py [--models minilm-l6,bert-base] [--variants A,B] [--out F.json]
+    python bench/fused_encoder.py [--models minilm-l6,bert-base] [--variants A,B] [--kernel-probe] [--out F.json]
 
 For each encoder, batch 1, 8 and 64 x 128 tokens, median of 30 CUDA-event timings after warm-up
 (compilation, autotuning and CUDA-graph capture happen in the warm-up):
@@ -97,11 +97,6 @@ class _Packed(nn.Module):
         w = w.reshape(n, self.padded).to(self.dtype)
         return w if self.padded == self.cols else w[:, : self.cols]
 
-    def dequantized(self) -> torch.Tensor:
-        """The whole (rows, cols) weight in `dtype` (what the fused kernel computes with, tile by tile)."""
-        w = self.values()
-        return w if self.kind == "int4" else (w.float() * self.scale[:, None]).to(self.dtype)
-
 
 class FusedDequantLinear(nn.Module):
     """A Linear computing from its packed low-bit weight; see the module doc."""
@@ -147,11 +142,6 @@ class FusedDequantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.fmt} (rows dequantized at lookup)"
-
-
-def fused_available(fmt: str) -> bool:
-    kind, _ = parse_format(fmt)
-    return kind in FORMATS
 
 
 def swap_fused(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], formats: dict[str, str],
@@ -268,11 +258,34 @@ def encoder(name: str, device: str, timer, only: set[str] | None, save=lambda pa
     return out
 
 
+def kernel_probe() -> dict:
+    """The CUDA kernels of one call of a fused 384 -> 1536 Linear on 1,024 tokens, compiled without CUDA
+    graphs so that the profiler sees them: is the dequantization really inside the GEMM template?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for fmt in ("int8", "int4_g64"):
+        layer = nn.Linear(384, 1536).cuda()
+        fused = FusedDequantLinear(pack(layer.weight, fmt), fmt, 384, 1536, layer.bias).cuda()
+        compiled = compile_fused(fused, cuda_graphs=False)
+        x = torch.randn(1024, 384, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            compiled(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            compiled(x)
+            torch.cuda.synchronize()
+        out[fmt] = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        print(fmt, "kernels per call:", out[fmt], file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm-l6,bert-base")
     parser.add_argument("--variants", help="comma list of quantized variant labels (the bf16 bars always run)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--kernel-probe", action="store_true", help="first list one fused Linear's kernels per call")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("fused_encoder: needs a CUDA GPU (inductor's Triton GEMM templates)", file=sys.stderr)
@@ -283,6 +296,8 @@ def main() -> int:
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "timing": "median of 30 CUDA-event timings after 5 warm-ups", "results": {}}
     only = set(args.variants.split(",")) if args.variants else None
+    if args.kernel_probe:
+        doc["kernel_probe"] = kernel_probe()
 
     def save(partial=None, name=None):
         if partial is not None:

@@ -10,7 +10,6 @@ import collections
 import contextlib
 import ctypes
 import json
-import math
 import os
 import queue
 import signal
@@ -19,6 +18,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from .jsonsafe import json_safe
 
 STDERR_TAIL_LINES = 30
 KILL_GRACE_S = 2.0
@@ -80,21 +81,6 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
             command.append("--resume")  # an earlier attempt of this job ran here: continue where it stopped
         return command
     raise BadJob(f"this worker does not know how to run a {kind!r} job")
-
-
-def json_safe(value):  # noqa: ANN001, ANN201
-    """A runner's output as the agent API can take it: strict JSON has no NaN or infinity (a diverged
-    loss prints `NaN`), which become null, and PostgreSQL's text and jsonb hold no NUL character, which
-    becomes U+FFFD. Without this a report holding one is refused, and a final result never arrives."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {json_safe(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def weights_path(out_dir: Path) -> Path:

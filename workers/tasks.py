@@ -24,6 +24,7 @@ from celery.signals import worker_shutting_down
 
 from .celery_app import app
 from .client import AgentClient, AgentError, read_token
+from .jsonsafe import json_safe
 from .runner import (
     KILL_GRACE_S,
     BadJob,
@@ -31,7 +32,6 @@ from .runner import (
     build_command,
     checkpoint_dir,
     final_checkpoint,
-    json_safe,
     runner_env,
     weights_path,
 )

@@ -7,6 +7,18 @@ from django.db import models
 from django.utils.text import slugify
 
 
+class TeamOwnedQuerySet(models.QuerySet):
+    """Objects with a `team`: a user sees their teams' (staff see all). Another team's object is then
+    simply not found, which is what makes it a 404."""
+
+    def visible_to(self, user):  # noqa: ANN001, ANN201
+        if user.is_staff:
+            return self
+        from .permissions import team_ids_of
+
+        return self.filter(team_id__in=team_ids_of(user))
+
+
 class TeamQuerySet(models.QuerySet):
     def visible_to(self, user) -> TeamQuerySet:
         if user.is_staff:

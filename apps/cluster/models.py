@@ -7,7 +7,7 @@ import secrets
 from django.core.validators import RegexValidator
 from django.db import models
 
-from apps.accounts.models import Team
+from apps.accounts.models import Team, TeamOwnedQuerySet
 
 node_name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9-]{0,62}$",
@@ -22,15 +22,6 @@ def hash_node_token(token: str) -> str:
 
 def new_node_token() -> str:
     return "dn_" + secrets.token_urlsafe(32)
-
-
-class GpuNodeQuerySet(models.QuerySet):
-    def visible_to(self, user) -> GpuNodeQuerySet:
-        if user.is_staff:
-            return self
-        from apps.accounts.permissions import team_ids_of
-
-        return self.filter(team_id__in=team_ids_of(user))
 
 
 class GpuNode(models.Model):
@@ -55,7 +46,7 @@ class GpuNode(models.Model):
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
-    objects = GpuNodeQuerySet.as_manager()
+    objects = TeamOwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -8,19 +8,10 @@ from django.core.exceptions import ObjectDoesNotExist
 from django.db import models
 from django.db.models import Q
 
-from apps.accounts.models import Team
+from apps.accounts.models import Team, TeamOwnedQuerySet
 from apps.cluster.models import Gpu, GpuNode
 
 from .states import JobState
-
-
-class JobQuerySet(models.QuerySet):
-    def visible_to(self, user) -> JobQuerySet:
-        if user.is_staff:
-            return self
-        from apps.accounts.permissions import team_ids_of
-
-        return self.filter(team_id__in=team_ids_of(user))
 
 
 class Job(models.Model):
@@ -68,7 +59,7 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects = JobQuerySet.as_manager()
+    objects = TeamOwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["-submitted_at", "-id"]
@@ -290,15 +281,6 @@ def model_upload_to(upload: ModelUpload, filename: str) -> str:
     return f"models/team-{upload.team_id}/{upload.key}/{filename}"
 
 
-class ModelUploadQuerySet(models.QuerySet):
-    def visible_to(self, user) -> ModelUploadQuerySet:  # noqa: ANN001
-        if user.is_staff:
-            return self
-        from apps.accounts.permissions import team_ids_of
-
-        return self.filter(team_id__in=team_ids_of(user))
-
-
 class ModelUpload(models.Model):
     """A team's own weights for a catalog architecture (a safetensors file, never a pickle), which its
     compression jobs name as `spec.weights` to compress instead of the catalog's weights."""
@@ -315,7 +297,7 @@ class ModelUpload(models.Model):
     tensors = models.PositiveIntegerField(help_text="Tensors in the file's header.")
     created_at = models.DateTimeField(auto_now_add=True)
 
-    objects = ModelUploadQuerySet.as_manager()
+    objects = TeamOwnedQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

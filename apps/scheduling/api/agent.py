@@ -22,27 +22,17 @@ from rest_framework.response import Response
 from apps.cluster.api.agent import AgentView
 from apps.scheduling import reports
 from apps.scheduling.models import Allocation, Job, ModelUpload
+from workers.jsonsafe import json_safe
 
 NOT_YOURS = "No job attempt of that number is allocated to this node."
 
 
-def without_nul(value):  # noqa: ANN001, ANN201
-    """A runner's text as PostgreSQL can store it: text and jsonb hold no NUL character (U+FFFD instead).
-    The node's worker does this too (workers/runner.py, json_safe); this is the server's own guard."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {without_nul(k): without_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_nul(v) for v in value]
-    return value
-
-
 class RunnerText(serializers.CharField):
-    """Text a runner printed: a NUL byte is replaced, not refused (a refused result would never arrive)."""
+    """Text a runner printed: a NUL byte is replaced, not refused (a refused result would never arrive).
+    The node's worker cleans it already (workers/jsonsafe.py); this is the server's own guard."""
 
     def to_internal_value(self, data):  # noqa: ANN001, ANN201
-        return without_nul(super().to_internal_value(data))
+        return json_safe(super().to_internal_value(data))
 
 
 class RunSerializer(serializers.Serializer):
@@ -57,7 +47,7 @@ class ProgressSerializer(RunSerializer):
                                   required=False, default=list)
 
     def validate_lines(self, value: list) -> list:
-        return without_nul(value)
+        return json_safe(value)
 
 
 class ResultSerializer(RunSerializer):
@@ -69,7 +59,7 @@ class ResultSerializer(RunSerializer):
                                         max_length=200, required=False, default=list)
 
     def validate_result(self, value: dict | None) -> dict | None:
-        return without_nul(value)
+        return json_safe(value)
 
 
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
