@@ -1,0 +1,145 @@
+"""The fused-QKV BERT encoder and its FP8 form with static input scales (fast_encoder.py), on this
+CPU: the same outputs as HF's BertModel, and the arithmetic a GPU's tensor-wise FP8 GEMM computes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from workers.compression.fast_encoder import (
+    Encoder,
+    PackedEmbedding,
+    StaticFp8Linear,
+    fp8_static_encoder,
+    input_amax,
+    linear_names,
+)
+from workers.compression.fp8_linear import FP8, FP8_MAX
+from workers.compression.models import HiddenStates, SentenceEmbedder
+from workers.compression.quantize import pack, unpack
+
+torch.manual_seed(0)
+CONFIG = dict(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              max_position_embeddings=64)
+
+
+def small_bert() -> BertModel:
+    return BertModel(BertConfig(**CONFIG), add_pooling_layer=False).eval()
+
+
+def inputs(batch=3, length=16, pad_last=5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, CONFIG["vocab_size"], (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - pad_last:] = 0  # one padded sentence: the mask must matter
+    return ids, mask
+
+
+@pytest.mark.parametrize("wrapper", [HiddenStates, SentenceEmbedder])
+@torch.inference_mode()
+def test_the_encoder_computes_what_hf_bert_computes(wrapper):
+    model = wrapper(small_bert())
+    ids, mask = inputs()
+    want = model(ids, mask)
+    got = Encoder(model).eval()(ids, mask)
+    assert got.shape == want.shape
+    if wrapper is HiddenStates:  # padded positions are not compared (neither attends to them)
+        keep = mask.bool()
+        got, want = got[keep], want[keep]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert len(Encoder(model).layers[0].qkv.weight) == 3 * CONFIG["hidden_size"]  # Q, K and V in one GEMM
+
+
+def test_a_model_that_is_not_a_bert_encoder_is_refused():
+    with pytest.raises(ValueError, match="BERT task model"):
+        Encoder(nn.Sequential(nn.Linear(4, 4)))
+
+
+@torch.inference_mode()
+def test_a_static_fp8_linear_is_the_rounded_input_times_the_one_scale_weight():
+    layer = nn.Linear(96, 48)
+    x = torch.randn(2, 5, 96)
+    scale = x.abs().amax().item() / FP8_MAX
+    fp8 = StaticFp8Linear(layer.weight, layer.bias, scale)
+    assert fp8.qweight.dtype == FP8
+    assert fp8.weight_scale.shape == ()
+    got = fp8(x)
+    assert got.shape == (2, 5, 48)
+    assert got.dtype == torch.bfloat16
+    xq = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+    w = fp8.qweight.float() * fp8.weight_scale
+    want = xq.reshape(-1, 96) @ w.t() + layer.bias.to(torch.bfloat16).float()
+    assert torch.allclose(got.float().reshape(-1, 48), want, atol=3e-2, rtol=1e-2)  # bf16 output
+    ref = layer(x).reshape(-1, 48)
+    cos = F.cosine_similarity(got.float().reshape(-1, 48), ref, dim=1)
+    assert cos.min() > 0.99
+    assert not torch.allclose(got.float().reshape(-1, 48), ref, atol=1e-3)  # quantized, not the fp32 layer
+
+
+@torch.inference_mode()
+def test_an_input_beyond_the_calibrated_range_is_clipped_not_overflowed():
+    layer = nn.Linear(16, 8, bias=False)
+    fp8 = StaticFp8Linear(layer.weight, None, input_scale=1.0 / FP8_MAX)  # calibrated for |x| <= 1
+    x = torch.zeros(1, 16)
+    x[0, 0] = 1000.0  # far outside: it must become +1 (448 x scale), not inf or NaN
+    got = fp8(x).float()
+    assert torch.isfinite(got).all()
+    want = fp8.qweight.float()[:, 0] * fp8.weight_scale * 1.0
+    assert torch.allclose(got[0], want, atol=2e-2)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_input_scale_is_refused(bad):
+    with pytest.raises(ValueError, match="input scale"):
+        StaticFp8Linear(torch.randn(8, 16), None, bad)
+
+
+@torch.inference_mode()
+def test_a_packed_embedding_looks_up_the_packed_rows_exactly():
+    table = nn.Embedding(50, 40)  # 40 columns, group 64 -> one group per row, clipped to the row
+    emb = PackedEmbedding(table, "int4_g64")
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    got = emb(ids)
+    assert got.shape == (2, 3, 40)
+    assert got.dtype == torch.bfloat16
+    full = unpack(pack(table.weight, "int4_g64"), "int4_g64", (50, 40))
+    assert torch.equal(got, full[ids].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="int4"):
+        PackedEmbedding(table, "int8")
+
+
+@torch.inference_mode()
+def test_static_scales_come_from_the_calibration_inputs_and_keep_fidelity():
+    model = SentenceEmbedder(small_bert())
+    calib = [inputs(seed=s) for s in (2, 3)]
+    held_out = inputs(seed=9)
+    fast = fp8_static_encoder(model, calib, margin=1.0)
+    names = linear_names(Encoder(model))
+    assert set(names) == {n for n, m in fast.named_modules() if isinstance(m, StaticFp8Linear)}
+    amax = input_amax(Encoder(model).eval(), calib)
+    for name in names:
+        layer = dict(fast.named_modules())[name]
+        assert layer.input_scale.item() == pytest.approx(amax[name] / FP8_MAX, rel=1e-6)
+    assert isinstance(fast.embeddings.word_embeddings, PackedEmbedding)
+    cos = F.cosine_similarity(fast(*held_out).float(), model(*held_out), dim=-1)
+    assert cos.min() > 0.98, cos
+
+    only_mlp = [n for n in names if n.endswith((".fc1", ".fc2"))]
+    partial = fp8_static_encoder(model, calib, fp8_layers=only_mlp, word_format=None)
+    fp8_layers = {n for n, m in partial.named_modules() if isinstance(m, StaticFp8Linear)}
+    assert fp8_layers == set(only_mlp)
+    assert isinstance(partial.layers[0].qkv, nn.Linear)
+    assert partial.layers[0].qkv.weight.dtype == torch.bfloat16
+    assert isinstance(partial.embeddings.word_embeddings, nn.Embedding)
+
+
+def test_bad_arguments_are_refused():
+    model = HiddenStates(small_bert())
+    calib = [inputs()]
+    with pytest.raises(ValueError, match="not Linear layers of the encoder: layers.9.fc1"):
+        fp8_static_encoder(model, calib, fp8_layers=["layers.9.fc1"])
+    with pytest.raises(ValueError, match="margin"):
+        fp8_static_encoder(model, calib, margin=0)
+    with pytest.raises(ValueError, match="calibration batch"):
+        fp8_static_encoder(model, [])

@@ -1,0 +1,206 @@
+"""A BERT-family encoder executed with FP8 Linear layers whose input scales are calibrated once.
+
+`Encoder` runs a catalog BERT (`minilm-l6`, `bert-base`: a BertModel inside `HiddenStates` or
+`SentenceEmbedder`) as HF's BertModel does, with the same weights and outputs, but each layer's
+query, key and value projections are one GEMM (three separate ones cost a BERT-base forward 0.1 ms
+at batch 1 on an H200; `bench/static_fp8_encoder.py`).
+
+`fp8_static_encoder` turns it into the fast FP8 form:
+
+- every Linear becomes `StaticFp8Linear`: the weight in e4m3 with **one scale per tensor**, the input
+  quantized to e4m3 with a scale fixed on calibration inputs (the largest absolute input seen there,
+  over 448). Quantizing an input is then a multiply, a clamp and a cast, which the compiler fuses
+  into the kernel that produces it (LayerNorm, GELU), and the GEMM is cuBLASLt's native tensor-wise
+  FP8 GEMM with the bias in its epilogue. The dynamic per-token scales of `fp8_linear.Fp8Linear`
+  cost a reduction and a second pass over every input, which made FP8 encoders 1.2-1.5x slower than
+  bf16 (session 6); these do not.
+- the word-embedding table is packed to int4 (`int4_g64` by default) and a lookup dequantizes only
+  the rows it gathers, so the whole model is >= 4x smaller than fp32.
+
+Inputs larger than the calibration maximum are clipped to +-448 x scale (`margin` > 1 leaves room).
+On CPU, `torch._scaled_mm` computes the same tensor-wise FP8 product (slowly), so tests here check
+the numbers a GPU computes, up to accumulation order.
+
+This is a way to execute and time an encoder; the engine's packed artifact keeps one scale per output
+row for its `fp8_e4m3` format, and does not store these per-tensor weights or input scales.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fp8_linear import FP8, FP8_MAX
+from .quantize import pack, parse_format
+
+EPS = 1e-12
+WORD_EMBEDDINGS = "embeddings.word_embeddings"
+
+
+class StaticFp8Linear(nn.Module):
+    """y = x W^T + b: W in e4m3 with one scale, x cast to e4m3 with a fixed scale, bf16 out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float):
+        super().__init__()
+        if not input_scale > 0 or not math.isfinite(input_scale):
+            raise ValueError(f"input scale must be a positive number, got {input_scale!r}")
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        scale = w.abs().amax().clamp(min=EPS) / FP8_MAX
+        self.register_buffer("qweight", (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous())
+        self.register_buffer("weight_scale", scale.reshape(()).float())
+        self.register_buffer("input_scale", torch.tensor(float(input_scale), dtype=torch.float32, device=w.device))
+        self.inv_input_scale = 1.0 / float(input_scale)  # a Python float: a constant in the compiled kernel
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.inv_input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq = self.quantize_input(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(xq, self.qweight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"e4m3 weight (one scale), e4m3 input (static scale {float(self.input_scale):.4g})")
+
+
+class PackedEmbedding(nn.Module):
+    """An Embedding whose table is packed to int4 (quantize.pack's layout); a lookup dequantizes only
+    the rows it gathers, in fp32, then casts to `dtype`."""
+
+    def __init__(self, layer: nn.Embedding, fmt: str = "int4_g64", dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        kind, group = parse_format(fmt)
+        if kind != "int4":
+            raise ValueError(f"PackedEmbedding packs int4 tables only, not {fmt!r}")
+        rows, cols = layer.weight.shape
+        self.fmt, self.dtype, self.cols = fmt, dtype, cols
+        self.group = min(group, cols)
+        self.padded = math.ceil(cols / self.group) * self.group
+        if self.padded % 2:
+            raise ValueError("an int4 row must hold an even number of codes")
+        packed = pack(layer.weight, fmt)
+        self.register_buffer("q", packed["q"].reshape(rows, self.padded // 2).contiguous())
+        self.register_buffer("scale", packed["scale"].reshape(rows, -1).contiguous())
+        self.register_buffer("zero", packed["zero"].reshape(rows, -1).contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q, scale, zero = self.q[flat], self.scale[flat].float(), self.zero[flat].float()
+        codes = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(flat.numel(), self.padded // self.group, self.group)
+        rows = (codes.float() * scale[:, :, None] + zero[:, :, None]).reshape(flat.numel(), self.padded)
+        return rows[:, : self.cols].to(self.dtype).reshape(*ids.shape, self.cols)
+
+    def extra_repr(self) -> str:
+        return f"{self.q.shape[0]}, {self.cols}, {self.fmt} (rows dequantized at lookup)"
+
+
+class Layer(nn.Module):
+    """One BERT layer (post-LayerNorm, GELU) with Q, K and V in one projection."""
+
+    def __init__(self, hf_layer: nn.Module, heads: int):
+        super().__init__()
+        att = hf_layer.attention.self
+        q, k, v = att.query, att.key, att.value
+        qkv = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.heads = heads
+        self.qkv, self.o = qkv, copy.deepcopy(hf_layer.attention.output.dense)
+        self.ln1 = copy.deepcopy(hf_layer.attention.output.LayerNorm)
+        self.fc1, self.fc2 = copy.deepcopy(hf_layer.intermediate.dense), copy.deepcopy(hf_layer.output.dense)
+        self.ln2 = copy.deepcopy(hf_layer.output.LayerNorm)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, d)
+        h = self.ln1(self.o(a).to(h.dtype) + h)
+        return self.ln2(self.fc2(F.gelu(self.fc1(h))).to(h.dtype) + h)
+
+
+class Encoder(nn.Module):
+    """A catalog BERT task model (HiddenStates: last hidden states; SentenceEmbedder: mean-pooled,
+    normalised) with `Layer`s; same inputs (input_ids, attention_mask) and outputs."""
+
+    def __init__(self, task_model: nn.Module):
+        super().__init__()
+        bert = getattr(task_model, "bert", None)
+        if bert is None or not hasattr(bert, "encoder"):
+            raise ValueError("Encoder takes a BERT task model (minilm-l6, bert-base)")
+        config = bert.config
+        if getattr(config, "hidden_act", "gelu") != "gelu" or getattr(config, "is_decoder", False):
+            raise ValueError("Encoder runs post-LayerNorm BERT encoders with exact GELU only")
+        self.pool = type(task_model).__name__ == "SentenceEmbedder"
+        self.embeddings = copy.deepcopy(bert.embeddings)
+        self.layers = nn.ModuleList(Layer(layer, config.num_attention_heads) for layer in bert.encoder.layer)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embeddings(input_ids=input_ids)
+        keep = attention_mask[:, None, None, :].bool()
+        mask = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill(~keep, torch.finfo(h.dtype).min)
+        for layer in self.layers:
+            h = layer(h, mask)
+        if not self.pool:
+            return h
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@torch.inference_mode()
+def input_amax(model: nn.Module, batches: list[tuple], names: list[str] | None = None) -> dict[str, float]:
+    """The largest absolute input of each named Linear (default: all) over `batches`."""
+    modules = dict(model.named_modules())
+    amax: dict[str, float] = {}
+    hooks = []
+    for name in names if names is not None else linear_names(model):
+        def hook(_mod, args, name=name):
+            amax[name] = max(amax.get(name, 0.0), args[0].detach().abs().amax().item())
+        hooks.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        for b in batches:
+            model(*b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def fp8_static_encoder(task_model: nn.Module, calib_batches: list[tuple], margin: float = 1.0,
+                       fp8_layers: list[str] | None = None, word_format: str | None = "int4_g64") -> Encoder:
+    """The task model as an `Encoder` in bf16 with the named Linears (default: all) as StaticFp8Linear
+    (input scales from `calib_batches`, on the model's device, times `margin`) and the word embeddings
+    packed to `word_format` (None: bf16)."""
+    if not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    if not calib_batches:
+        raise ValueError("static input scales need at least one calibration batch")
+    reference = Encoder(task_model).float().eval()
+    names = linear_names(reference) if fp8_layers is None else list(fp8_layers)
+    unknown = sorted(set(names) - set(linear_names(reference)))
+    if unknown:
+        raise ValueError(f"not Linear layers of the encoder: {', '.join(unknown)}")
+    amax = input_amax(reference, calib_batches, names)
+    model = copy.deepcopy(reference).to(torch.bfloat16)
+    modules, fp32 = dict(model.named_modules()), dict(reference.named_modules())
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        src = fp32[name]
+        scale = max(amax[name] * margin, EPS) / FP8_MAX
+        setattr(modules[parent], child, StaticFp8Linear(src.weight, src.bias, scale))
+    if word_format is not None:
+        parent, _, child = WORD_EMBEDDINGS.rpartition(".")
+        setattr(modules[parent], child, PackedEmbedding(fp32[WORD_EMBEDDINGS], word_format))
+    return model.eval()
