@@ -60,6 +60,8 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
         for key, flag in (("formats", "--formats"), ("linear_formats", "--linear-formats")):
             if quantization.get(key):
                 command += [flag, ",".join(str(f) for f in quantization[key])]
+        if quantization.get("fp8_inputs") in ("dynamic", "static"):
+            command += ["--fp8-inputs", quantization["fp8_inputs"]]
         return command
     if kind == "training":
         hcof = spec.get("hcof") or {}

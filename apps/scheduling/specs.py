@@ -32,6 +32,9 @@ def validate_codec(value: str) -> str:
     return value
 
 
+STATIC_FP8_MODELS = ("minilm-l6", "bert-base")  # workers/compression/engine.py's STATIC_FP8_ARCHES
+
+
 class QuantizationSpec(StrictSerializer):
     mode = serializers.ChoiceField(choices=["auto", "preset", "off"], default="auto")
     max_quality_drop = serializers.FloatField(
@@ -55,6 +58,12 @@ class QuantizationSpec(StrictSerializer):
         child=serializers.ChoiceField(choices=WEIGHT_FORMATS), min_length=1, required=False,
         help_text="Formats for Linear layers only (default: formats). ['fp8_e4m3'] keeps every Linear on the FP8 "
                   "tensor-core path of GPUs that have one, while embeddings may still go to int4.",
+    )
+    fp8_inputs = serializers.ChoiceField(
+        choices=["dynamic", "static"], required=False,
+        help_text="How fp8_e4m3 Linear layers quantize their inputs: dynamic (a scale per token, measured on every "
+                  "call; the default) or static (one scale per layer, calibrated once and stored with the model; "
+                  "Q/K/V in one GEMM; the fastest on FP8 tensor cores). static: minilm-l6 and bert-base only.",
     )
 
 
@@ -96,6 +105,14 @@ class CompressionSpec(StrictSerializer):
             raise serializers.ValidationError({"quantization": {"max_quality_drop": [
                 f"{attrs['model']}'s quality is a mean cosine (at most 1), so a drop is at most 1; "
                 f"{drop:g} is more than its whole scale (0.01 is the default)."]}})
+        if attrs["quantization"].get("fp8_inputs") == "static":
+            if attrs["model"] not in STATIC_FP8_MODELS:
+                raise serializers.ValidationError({"quantization": {"fp8_inputs": [
+                    f"Static FP8 inputs run BERT encoders only ({', '.join(STATIC_FP8_MODELS)}), not "
+                    f"{attrs['model']}."]}})
+            if attrs["quantization"].get("mode", "auto") == "off":
+                raise serializers.ValidationError({"quantization": {"fp8_inputs": [
+                    "Static FP8 inputs need quantization: mode auto or preset, not off."]}})
         if attrs["pruning"].get("drop_blocks") and attrs["model"] != "resnet50":
             raise serializers.ValidationError(
                 {"pruning": {"drop_blocks": ["Only resnet50 has residual blocks that may be removed."]}})

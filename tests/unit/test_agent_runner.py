@@ -57,6 +57,11 @@ def test_a_compression_job_becomes_the_compression_runners_command(tmp_path):
     text = " ".join(build_command(payload(kind="compression", spec=fp8), tmp_path / "out", tmp_path))
     assert "--formats int8,int4_g64" in text
     assert "--linear-formats fp8_e4m3" in text
+    assert "--fp8-inputs" not in text  # the runner's default (dynamic) applies
+    static = {"model": "bert-base", "quantization": {"mode": "auto", "linear_formats": ["fp8_e4m3"],
+                                                     "fp8_inputs": "static"}}
+    text = " ".join(build_command(payload(kind="compression", spec=static), tmp_path / "out", tmp_path))
+    assert "--fp8-inputs static" in text
     deeper = {"model": "resnet50", "pruning": {"keep_ratio": 0.6, "drop_blocks": 10}}
     text = " ".join(build_command(payload(kind="compression", spec=deeper), tmp_path / "out", tmp_path))
     assert "--keep-ratio 0.6" in text

@@ -252,3 +252,45 @@ def test_linear_layers_take_only_the_formats_they_are_given(tmp_path):
     assert {kinds[n]["format"] for n in linear} <= {"fp8_e4m3", "fp32"}
     assert {kinds[n]["format"] for n in conv} <= {"int8", "int4_g16", "fp32"}
     assert {kinds[n]["format"] for n in linear | conv} != {"fp32"}  # something was quantized
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--model", "digits-cnn", "--fp8-inputs", "static"), "BERT encoders only"),
+    (("--model", "minilm-l6", "--fp8-inputs", "static", "--quantize", "off"), "needs quantization"),
+])
+def test_it_refuses_static_fp8_inputs_where_they_cannot_run(args, words, tmp_path):
+    err = refused(compression(*args, "--json", "--out", str(tmp_path / "o")), tmp_path / "o")
+    assert words in err
+
+
+def test_static_fp8_inputs_run_the_fast_encoder_and_its_artifact_serves_the_same(tmp_path):
+    """The preset puts Q/K/V in fp8_e4m3 (and the rest in int4): with static inputs Q/K/V run as one
+    StaticFp8Linear per layer, the rest simulated; the artifact stores the input scales and, served
+    in a fresh process, gives the executed quality the run reported."""
+    out = tmp_path / "minilm"
+    proc = compression("--model", "minilm-l6", "--quantize", "preset", "--keep-ratio", "1", "--rounding", "rtn",
+                       "--fp8-inputs", "static", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["execution"].startswith("fast encoder")
+    fp8 = report["quantization"]["fp8_inputs"]
+    assert fp8["mode"] == "static"
+    assert sorted(fp8["input_scales"]) == [f"layers.{i}.qkv" for i in range(6)]  # Q, K, V fused: one scale each
+    assert all(0 < s < 1 for s in fp8["input_scales"].values())
+    executed = report["compressed"]["executed_quality"]
+    assert 0.9 < executed < 1.0  # quantized inputs and int4 elsewhere: close to, not equal to, the original
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fp8_inputs"]["input_scales"] == fp8["input_scales"]
+    # One scale per tensor, stored per row: every row of a Q/K/V weight has the same scale.
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    scale = stored["bert.encoder.layer.0.attention.self.query.weight.scale"]
+    assert torch.equal(scale, scale[:1].expand_as(scale))
+    served = subprocess.run([sys.executable, "-m", "workers.compression.artifact", str(out)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=240, check=False)
+    assert served.returncode == 0, served.stderr[-2000:]
+    result = json.loads(served.stdout)
+    assert result["kernels"]["StaticFp8Linear"] == 6
+    assert result["executed_quality"] == pytest.approx(executed, abs=1e-6)
+    assert result["quality"] == pytest.approx(report["compressed"]["quality"], abs=1e-6)

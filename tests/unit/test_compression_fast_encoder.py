@@ -11,13 +11,14 @@ from workers.compression.fast_encoder import (
     Encoder,
     PackedEmbedding,
     StaticFp8Linear,
+    executed_encoder,
     fp8_static_encoder,
     input_amax,
     linear_names,
 )
 from workers.compression.fp8_linear import FP8, FP8_MAX
 from workers.compression.models import HiddenStates, SentenceEmbedder
-from workers.compression.quantize import pack, unpack
+from workers.compression.quantize import Rounding, pack, unpack
 
 torch.manual_seed(0)
 CONFIG = dict(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -143,3 +144,71 @@ def test_bad_arguments_are_refused():
         fp8_static_encoder(model, calib, margin=0)
     with pytest.raises(ValueError, match="calibration batch"):
         fp8_static_encoder(model, [])
+
+
+def test_one_scale_fp8_packs_are_what_the_static_linear_runs_without_rounding_twice():
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows of very different ranges
+    packed = Rounding(fp8_one_scale=True).pack("any", w, "fp8_e4m3")
+    assert torch.equal(packed["scale"], packed["scale"][:1].expand(48))  # one scale, stored per row
+    rowwise = Rounding().pack("any", w, "fp8_e4m3")
+    assert not torch.equal(rowwise["scale"], rowwise["scale"][:1].expand(48))  # the default: a scale per row
+    unpacked = unpack(packed, "fp8_e4m3", (48, 96))
+    static = StaticFp8Linear(unpacked, None, input_scale=0.01)
+    assert torch.equal(static.qweight.view(torch.uint8), packed["q"])  # the same codes, not re-rounded
+    assert static.weight_scale.item() == pytest.approx(packed["scale"][0].item(), rel=1e-6)
+
+
+@torch.inference_mode()
+def test_the_runner_executes_only_whole_fp8_qkv_groups_on_the_static_path():
+    model = SentenceEmbedder(small_bert())
+    calib = [inputs(seed=2)]
+    layer0 = "bert.encoder.layer.0."
+    assignment = {
+        f"{layer0}attention.self.query": "fp8_e4m3", f"{layer0}attention.self.key": "fp8_e4m3",
+        f"{layer0}attention.self.value": "int8",  # breaks layer 0's Q/K/V group
+        f"{layer0}intermediate.dense": "fp8_e4m3",
+        "bert.encoder.layer.1.attention.self.query": "fp8_e4m3", "bert.encoder.layer.1.attention.self.key": "fp8_e4m3",
+        "bert.encoder.layer.1.attention.self.value": "fp8_e4m3",
+        "bert.embeddings.word_embeddings": "int4_g64",
+    }
+    executed, info = executed_encoder(model, assignment, calib)
+    static = {n for n, m in executed.named_modules() if isinstance(m, StaticFp8Linear)}
+    assert static == {"layers.0.fc1", "layers.1.qkv"}
+    assert sorted(info["input_scales"]) == sorted(static)
+    assert isinstance(executed.embeddings.word_embeddings, PackedEmbedding)
+    assert info["simulated_layers"] == sorted([f"{layer0}attention.self.query", f"{layer0}attention.self.key",
+                                               f"{layer0}attention.self.value"])
+    # The stored scales rebuild the same model: what serving an artifact does.
+    again, _ = executed_encoder(model, assignment, None, input_scales=info["input_scales"])
+    ids, mask = inputs(seed=5)
+    assert torch.equal(again(ids, mask), executed(ids, mask))
+    with pytest.raises(ValueError, match="no Linear layer"):
+        executed_encoder(model, {f"{layer0}attention.self.query": "fp8_e4m3"}, calib)
+    with pytest.raises(ValueError, match="no input scale for layers.1.qkv"):
+        executed_encoder(model, assignment, None, input_scales={"layers.0.fc1": 0.1})
+
+
+@torch.inference_mode()
+def test_a_head_pruned_layer_runs_with_its_own_head_count():
+    model = HiddenStates(small_bert())
+    att = model.bert.encoder.layer[0].attention.self
+    keep = torch.arange(2 * att.attention_head_size)  # 2 of 4 heads left in layer 0
+    for lin in (att.query, att.key, att.value):
+        new = nn.Linear(lin.in_features, len(keep))
+        with torch.no_grad():
+            new.weight.copy_(lin.weight[keep])
+            new.bias.copy_(lin.bias[keep])
+        setattr(att, {id(att.query): "query", id(att.key): "key", id(att.value): "value"}[id(lin)], new)
+    dense = model.bert.encoder.layer[0].attention.output.dense
+    small = nn.Linear(len(keep), dense.out_features)
+    with torch.no_grad():
+        small.weight.copy_(dense.weight[:, keep])
+        small.bias.copy_(dense.bias)
+    model.bert.encoder.layer[0].attention.output.dense = small
+    att.num_attention_heads, att.all_head_size = 2, len(keep)
+    ids, mask = inputs(pad_last=0)
+    want = model(ids, mask)
+    enc = Encoder(model).eval()
+    assert enc.layers[0].heads == 2
+    assert enc.layers[1].heads == 4
+    assert torch.allclose(enc(ids, mask), want, atol=1e-5)

@@ -251,6 +251,18 @@ def test_the_form_chooses_the_weight_formats(alice, team_a, node_a):
     assert 'id="id_format_preset"' in page_for(alice).get("/jobs/new/").content.decode()
 
 
+def test_the_form_asks_for_static_fp8_inputs_where_the_model_has_them(alice, team_a, node_a):
+    submit(page_for(alice), team_a, compression_model="bert-base", format_preset="fp8-static")
+    quantization = Job.objects.get().spec["quantization"]
+    assert quantization["fp8_inputs"] == "static"
+    assert quantization["linear_formats"] == ["fp8_e4m3"]
+    Job.objects.all().delete()
+    response = submit(page_for(alice), team_a, compression_model="digits-cnn", format_preset="fp8-static")
+    assert response.status_code == 400
+    assert "BERT encoders only" in response.content.decode()
+    assert not Job.objects.exists()
+
+
 def test_the_form_asks_for_depth_pruning_of_a_resnet(alice, team_a, node_a):
     submit(page_for(alice), team_a, compression_model="resnet50", keep_ratio="0.5", drop_blocks="10")
     assert Job.objects.get().spec["pruning"] == {"keep_ratio": 0.5, "drop_blocks": 10}

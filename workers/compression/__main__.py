@@ -59,6 +59,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="comma list for Linear layers only (default: --formats); fp8_e4m3 alone keeps every Linear on the "
         "FP8 tensor-core path",
     )
+    p.add_argument(
+        "--fp8-inputs",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="how fp8_e4m3 Linear layers quantize their inputs: dynamic (a scale per token, every call) or static "
+        "(one calibrated scale per layer, stored in the artifact; Q/K/V fused; minilm-l6 and bert-base only)",
+    )
     p.add_argument("--prune-steps", type=int, default=3)
     p.add_argument("--recovery-steps", type=int, default=300)
     p.add_argument(
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke=args.smoke,
         formats=formats,
         linear_formats=linear_formats,
+        fp8_inputs=args.fp8_inputs,
     )
 
     def emit(stage: str, pct: float) -> None:

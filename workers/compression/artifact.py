@@ -226,10 +226,13 @@ def evaluate(art_dir: Path, device: str = "cpu") -> dict:
     if ref_path.exists():
         ref = load_file(str(ref_path))
         task.reference_eval = [ref[f"eval.{i}"] for i in range(len(task.eval_batches))]
-    if device == "cpu":
+    static = (manifest.get("fp8_inputs") or {}).get("mode") == "static"
+    if device == "cpu" and not static:
         return {"model": manifest["model"], "quality": task.quality(model), **task.extra_quality(model)}
-    if not torch.cuda.is_available():
+    if device != "cpu" and not torch.cuda.is_available():
         raise BadInput("--device cuda asked for, but no CUDA device is visible")
+    if static:
+        return serve_static(manifest, model, task, device)
     executed, counts = to_kernels(model, stored_packs(manifest, stored), torch.device(device))
     unpacked = sum(m.weight.numel() for m in executed.modules() if isinstance(m, nn.Linear))
     return {
@@ -241,6 +244,32 @@ def evaluate(art_dir: Path, device: str = "cpu") -> dict:
         "kernels": counts,
         "linear_params_left_bf16": unpacked,
         "gpu_bytes": sum(t.numel() * t.element_size() for t in (*executed.parameters(), *executed.buffers())),
+    }
+
+
+def serve_static(manifest: dict, model: nn.Module, task, device: str) -> dict:
+    """An artifact of a `--fp8-inputs static` run, executed as the run did (fast_encoder.executed_encoder
+    with the stored input scales): its FP8 Linears on tensor-wise FP8 GEMMs (the CPU's, on CPU)."""
+    from .fast_encoder import executed_encoder
+
+    fp8 = manifest["fp8_inputs"]
+    model = model.to(device)
+    executed, info = executed_encoder(model, manifest["assignment"], None, fp8.get("margin", 1.0),
+                                      input_scales=fp8["input_scales"])
+    return {
+        "model": manifest["model"],
+        "device": device,
+        "reported_quality": manifest.get("reported_quality"),
+        "quality": task.quality(model),
+        "executed_quality": task.quality(executed),
+        "reported_executed_quality": fp8.get("executed_quality"),
+        **task.extra_quality(executed),
+        "fp8_inputs": "static",
+        "kernels": {"StaticFp8Linear": len(info["input_scales"]),
+                    "PackedEmbedding": int(any(type(m).__name__ == "PackedEmbedding" for m in executed.modules()))},
+        "simulated_layers": info["simulated_layers"],
+        "gpu_bytes" if device != "cpu" else "bytes": sum(
+            t.numel() * t.element_size() for t in (*executed.parameters(), *executed.buffers())),
     }
 
 

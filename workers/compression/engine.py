@@ -58,6 +58,13 @@ class Options:
     # Linear on the FP8 tensor-core path (fp8_linear.py) while embeddings may still go to int4.
     formats: tuple[str, ...] | None = None
     linear_formats: tuple[str, ...] | None = None
+    # How fp8_e4m3 Linear layers quantize their inputs when executed: "dynamic" (fp8_linear.Fp8Linear: a
+    # scale per token, measured on every call) or "static" (fast_encoder: one scale per layer, calibrated
+    # once and stored in the artifact; Q/K/V fused; the fp8 weights get one scale per tensor). BERTs only.
+    fp8_inputs: str = "dynamic"
+
+
+STATIC_FP8_ARCHES = ("minilm-l6", "bert-base")
 
 
 def validate(opts: Options) -> None:
@@ -86,6 +93,15 @@ def validate(opts: Options) -> None:
             parse_formats(",".join(formats), what)
             if opts.quantize != "auto":
                 raise BadInput(f"{what} is for --quantize auto (the assignment); --quantize {opts.quantize} ignores it")
+    if opts.fp8_inputs not in ("dynamic", "static"):
+        raise BadInput(f"--fp8-inputs must be dynamic or static, got {opts.fp8_inputs!r}")
+    if opts.fp8_inputs == "static":
+        arch = opts.arch if opts.upload is not None else opts.model
+        if arch not in STATIC_FP8_ARCHES:
+            raise BadInput(f"--fp8-inputs static runs BERT encoders only ({', '.join(STATIC_FP8_ARCHES)}), "
+                           f"not {arch!r}")
+        if opts.quantize == "off":
+            raise BadInput("--fp8-inputs static needs quantization (--quantize auto or preset), not --quantize off")
     if opts.upload is not None:
         if opts.arch not in MODEL_NAMES:
             raise BadInput(f"--upload needs --arch, one of {', '.join(MODEL_NAMES)}; got {opts.arch!r}")
@@ -187,7 +203,8 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         kept = kept_fractions(model, pruned)
 
     sens, quant_info = None, None
-    rounding, qtask = RTN, task
+    static_fp8 = opts.fp8_inputs == "static"
+    rounding, qtask = (Rounding(fp8_one_scale=True) if static_fp8 else RTN), task
     if opts.quantize != "off" and opts.rounding == "gptq":
         # Each Linear's input Gram matrix, for GPTQ's int4 rounding, on inputs that the sensitivities
         # are then not measured on (qtask's calibration set).
@@ -197,7 +214,7 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             hessians = collect_hessians(
                 quantizable_layers(pruned), lambda: [pruned(*to_device(inputs, device)) for inputs in fit]
             )
-            rounding = Rounding(hessians)
+            rounding = Rounding(hessians, fp8_one_scale=static_fp8)
     if opts.quantize == "auto":
         formats = list(opts.formats) if opts.formats else candidate_formats(opts.group_size)
         linear_formats = list(opts.linear_formats) if opts.linear_formats else None
@@ -228,13 +245,30 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         )
 
     say("evaluate", 0.0)
-    executed, simulated_layers = None, list(assignment)
-    if assignment:
+    executed, simulated_layers, fp8_static = None, list(assignment), None
+    if assignment and not static_fp8:
         executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
                                                    use_torchao=device.type == "cuda")
         if len(simulated_layers) == len(assignment):
             executed = None  # no kernel took any layer: the executed model is the simulated one
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
+    if static_fp8 and assignment:
+        from .fast_encoder import executed_encoder
+
+        # From the packed weights (what the artifact stores), input scales calibrated on the same inputs
+        # the sensitivities were measured on.
+        try:
+            executed, fp8_static = executed_encoder(simulated_model, assignment,
+                                                    [to_device(b, device) for b in qtask.calib_batches])
+        except ValueError as exc:  # the assignment put no Linear group in fp8: run it the usual way
+            quant_info["fp8_inputs"] = {"mode": "dynamic", "why": str(exc)}
+            executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
+                                                       use_torchao=device.type == "cuda")
+            if len(simulated_layers) == len(assignment):
+                executed = None
+        else:
+            simulated_layers = fp8_static["simulated_layers"]
+            quant_info["fp8_inputs"] = {k: v for k, v in fp8_static.items() if k != "simulated_layers"}
     if executed is not None:
         # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute
         # (and whose latency is reported) is measured too: the two can differ (the kernels compute in bf16,
@@ -260,7 +294,10 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         "compressed": compressed,
         "layers": report.layer_rows(pruned, assignment, sens, kept),
         "simulated": bool(simulated_layers),
-        "execution": ("kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int4 Linear: tinygemm at "
+        "execution": ("fast encoder (fast_encoder.py): Q/K/V fused; fp8_e4m3 Linear layers on tensor-wise FP8 "
+                      "GEMMs with static input scales; an int4 word table dequantized at lookup; "
+                      if fp8_static is not None
+                      else "kernels where they exist (fp8_e4m3 Linear: FP8 W8A8 on sm89+; int4 Linear: tinygemm at "
                       "the packed grid; int8: torchao); " if device.type == "cuda"
                       else "int4 Linear layers on PyTorch's CPU int4 kernel where it takes the shape; ")
         + (
@@ -287,6 +324,10 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             "reported_quality": compressed["quality"],
             "quality_metric": task.quality_metric,
         }
+        if fp8_static is not None:
+            manifest["fp8_inputs"] = {"mode": "static", "margin": fp8_static["margin"],
+                                      "input_scales": fp8_static["input_scales"],
+                                      "executed_quality": compressed.get("executed_quality")}
         artifact.save(opts.out, copy.deepcopy(pruned).cpu(), assignment, manifest, reference, rounding)
         result["artifact"] = str(opts.out)
     result["wall_s"] = time.perf_counter() - start

@@ -21,8 +21,9 @@ Inputs larger than the calibration maximum are clipped to +-448 x scale (`margin
 On CPU, `torch._scaled_mm` computes the same tensor-wise FP8 product (slowly), so tests here check
 the numbers a GPU computes, up to accumulation order.
 
-This is a way to execute and time an encoder; the engine's packed artifact keeps one scale per output
-row for its `fp8_e4m3` format, and does not store these per-tensor weights or input scales.
+`executed_encoder` is how the compression runner executes a BERT with `--fp8-inputs static`: from
+the packed weights (unpacked), the Linears assigned `fp8_e4m3` re-quantized to one scale per tensor,
+with input scales that the artifact's manifest stores, so that serving it reproduces the run.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class PackedEmbedding(nn.Module):
 class Layer(nn.Module):
     """One BERT layer (post-LayerNorm, GELU) with Q, K and V in one projection."""
 
-    def __init__(self, hf_layer: nn.Module, heads: int):
+    def __init__(self, hf_layer: nn.Module):
         super().__init__()
         att = hf_layer.attention.self
         q, k, v = att.query, att.key, att.value
@@ -113,16 +114,19 @@ class Layer(nn.Module):
         with torch.no_grad():
             qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        self.heads = heads
+        # From the layer itself, not the config: head pruning leaves fewer heads of the same size.
+        self.head_size = att.attention_head_size
+        self.heads = q.out_features // self.head_size
         self.qkv, self.o = qkv, copy.deepcopy(hf_layer.attention.output.dense)
         self.ln1 = copy.deepcopy(hf_layer.attention.output.LayerNorm)
         self.fc1, self.fc2 = copy.deepcopy(hf_layer.intermediate.dense), copy.deepcopy(hf_layer.output.dense)
         self.ln2 = copy.deepcopy(hf_layer.output.LayerNorm)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, d)
+        b, t, _ = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        a = a.reshape(b, t, self.heads * self.head_size)
         h = self.ln1(self.o(a).to(h.dtype) + h)
         return self.ln2(self.fc2(F.gelu(self.fc1(h))).to(h.dtype) + h)
 
@@ -141,7 +145,7 @@ class Encoder(nn.Module):
             raise ValueError("Encoder runs post-LayerNorm BERT encoders with exact GELU only")
         self.pool = type(task_model).__name__ == "SentenceEmbedder"
         self.embeddings = copy.deepcopy(bert.embeddings)
-        self.layers = nn.ModuleList(Layer(layer, config.num_attention_heads) for layer in bert.encoder.layer)
+        self.layers = nn.ModuleList(Layer(layer) for layer in bert.encoder.layer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.embeddings(input_ids=input_ids)
@@ -178,29 +182,82 @@ def input_amax(model: nn.Module, batches: list[tuple], names: list[str] | None =
     return amax
 
 
-def fp8_static_encoder(task_model: nn.Module, calib_batches: list[tuple], margin: float = 1.0,
-                       fp8_layers: list[str] | None = None, word_format: str | None = "int4_g64") -> Encoder:
+def fp8_static_encoder(task_model: nn.Module, calib_batches: list[tuple] | None, margin: float = 1.0,
+                       fp8_layers: list[str] | None = None, word_format: str | None = "int4_g64",
+                       input_scales: dict[str, float] | None = None) -> Encoder:
     """The task model as an `Encoder` in bf16 with the named Linears (default: all) as StaticFp8Linear
-    (input scales from `calib_batches`, on the model's device, times `margin`) and the word embeddings
-    packed to `word_format` (None: bf16)."""
+    and the word embeddings packed to `word_format` (None: bf16). The input scales are `input_scales`
+    ({encoder Linear name: scale}, e.g. an artifact's) or else calibrated on `calib_batches` (on the
+    model's device): the largest absolute input times `margin`, over 448."""
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin!r}")
-    if not calib_batches:
+    if input_scales is None and not calib_batches:
         raise ValueError("static input scales need at least one calibration batch")
     reference = Encoder(task_model).float().eval()
     names = linear_names(reference) if fp8_layers is None else list(fp8_layers)
     unknown = sorted(set(names) - set(linear_names(reference)))
     if unknown:
         raise ValueError(f"not Linear layers of the encoder: {', '.join(unknown)}")
-    amax = input_amax(reference, calib_batches, names)
+    if input_scales is None:
+        amax = input_amax(reference, calib_batches, names)
+        input_scales = {n: max(amax[n] * margin, EPS) / FP8_MAX for n in names}
+    missing = sorted(set(names) - set(input_scales))
+    if missing:
+        raise ValueError(f"no input scale for {', '.join(missing)}")
     model = copy.deepcopy(reference).to(torch.bfloat16)
     modules, fp32 = dict(model.named_modules()), dict(reference.named_modules())
     for name in names:
         parent, _, child = name.rpartition(".")
         src = fp32[name]
-        scale = max(amax[name] * margin, EPS) / FP8_MAX
-        setattr(modules[parent], child, StaticFp8Linear(src.weight, src.bias, scale))
+        setattr(modules[parent], child, StaticFp8Linear(src.weight, src.bias, float(input_scales[name])))
     if word_format is not None:
         parent, _, child = WORD_EMBEDDINGS.rpartition(".")
         setattr(modules[parent], child, PackedEmbedding(fp32[WORD_EMBEDDINGS], word_format))
     return model.eval()
+
+
+# Where each HF BertLayer Linear goes in a `Layer` (Q, K and V share one).
+LAYER_LINEARS = {"attention.self.query": "qkv", "attention.self.key": "qkv", "attention.self.value": "qkv",
+                 "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"}
+
+
+def encoder_sources(task_model: nn.Module) -> dict[str, list[str]]:
+    """{Encoder Linear or word table name: the task model's layer names it is made of}."""
+    out: dict[str, list[str]] = {WORD_EMBEDDINGS: [f"bert.{WORD_EMBEDDINGS}"]}
+    for i, _ in enumerate(task_model.bert.encoder.layer):
+        for hf, ours in LAYER_LINEARS.items():
+            out.setdefault(f"layers.{i}.{ours}", []).append(f"bert.encoder.layer.{i}.{hf}")
+    return out
+
+
+def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches: list[tuple] | None,
+                     margin: float = 1.0, input_scales: dict[str, float] | None = None) -> tuple[Encoder, dict]:
+    """How a compression run executes a BERT whose weights are `model`'s (the packed weights, unpacked)
+    with `--fp8-inputs static`: every Encoder Linear whose source layers are all assigned `fp8_e4m3`
+    becomes a StaticFp8Linear (one weight scale, a static input scale), an int4 word table a
+    PackedEmbedding; every other assigned layer runs its unpacked weights in bf16 (simulated).
+
+    Returns the model and what to report and store: {"mode", "margin", "input_scales", "fp8_layers",
+    "simulated_layers"} (layer names are the task model's)."""
+    sources = encoder_sources(model)
+    fp8 = [ours for ours, hf in sources.items()
+           if ours != WORD_EMBEDDINGS and all(assignment.get(n) == "fp8_e4m3" for n in hf)]
+    word_fmt = assignment.get(sources[WORD_EMBEDDINGS][0])
+    word_format = word_fmt if word_fmt is not None and word_fmt.startswith("int4") else None
+    on_kernels = {n for ours in fp8 for n in sources[ours]}
+    if word_format is not None:
+        on_kernels.add(sources[WORD_EMBEDDINGS][0])
+    if not fp8:
+        raise ValueError("--fp8-inputs static: no Linear layer (with its Q/K/V siblings) is assigned fp8_e4m3")
+    executed = fp8_static_encoder(model, calib_batches, margin, fp8_layers=fp8, word_format=word_format,
+                                  input_scales=input_scales)
+    modules = dict(executed.named_modules())
+    scales = {n: float(modules[n].input_scale) for n in fp8}
+    info = {
+        "mode": "static",
+        "margin": margin,
+        "input_scales": scales,
+        "fp8_layers": sorted(on_kernels - {sources[WORD_EMBEDDINGS][0]}),
+        "simulated_layers": sorted(n for n in assignment if n not in on_kernels),
+    }
+    return executed, info

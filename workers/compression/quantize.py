@@ -90,6 +90,15 @@ def pack(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return {"q": nibbles, "scale": scale.contiguous(), "zero": zero.contiguous()}
 
 
+def pack_fp8_one_scale(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """pack(w, 'fp8_e4m3') with every row's scale set to the whole tensor's (amax / 448): the same
+    stored layout, so unpack and the row-wise kernels read it unchanged."""
+    rows = _rows(w)
+    scale = rows.abs().amax().clamp(min=1e-12) / FP8_MAX
+    q = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return {"q": q.view(torch.uint8).contiguous(), "scale": scale.expand(rows.shape[0]).contiguous()}
+
+
 def unpack(packed: dict[str, torch.Tensor], fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The fp32 weight that a packed tensor stands for (what simulated execution computes with)."""
     kind, group = parse_format(fmt)
@@ -121,8 +130,11 @@ class Rounding:
     whose layer has a Hessian, by GPTQ (gptq.py). GPTQ results are cached per (layer, format): one
     Rounding serves one model state (the pruned model a run quantizes)."""
 
-    def __init__(self, hessians: dict[str, torch.Tensor] | None = None):
+    def __init__(self, hessians: dict[str, torch.Tensor] | None = None, fp8_one_scale: bool = False):
         self.hessians = hessians or {}
+        # fp8_e4m3 weights with one scale shared by all rows (stored per row as usual): what a tensor-wise
+        # FP8 GEMM computes with, so that fast_encoder's StaticFp8Linear runs these codes unchanged.
+        self.fp8_one_scale = fp8_one_scale
         self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     @property
@@ -131,6 +143,8 @@ class Rounding:
 
     def pack(self, layer: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         kind, group = parse_format(fmt)
+        if kind == "fp8_e4m3" and self.fp8_one_scale:
+            return pack_fp8_one_scale(w)
         hessian = self.hessians.get(layer)
         if kind != "int4" or hessian is None or w.dim() != 2 or w.shape[1] % group:
             return pack(w, fmt)
