@@ -11,6 +11,8 @@ from workers.compression.fast_encoder import (
     Encoder,
     PackedEmbedding,
     StaticFp8Linear,
+    batches_of,
+    choose_fp8_groups,
     executed_encoder,
     fp8_static_encoder,
     input_amax,
@@ -212,3 +214,31 @@ def test_a_head_pruned_layer_runs_with_its_own_head_count():
     assert enc.layers[0].heads == 2
     assert enc.layers[1].heads == 4
     assert torch.allclose(enc(ids, mask), want, atol=1e-5)
+
+
+def test_example_inputs_are_stretched_or_cut_to_each_batch_size():
+    ids, mask = inputs(batch=3, length=16)
+    got = batches_of((ids, mask), (1, 8))
+    assert list(got) == ["b1x16", "b8x16"]
+    assert got["b1x16"][0].shape == (1, 16)
+    assert got["b8x16"][0].shape == (8, 16)
+    assert torch.equal(got["b8x16"][0][3:6], ids)  # repeated, in order
+
+
+def test_the_fp8_groups_kept_are_the_candidate_with_the_best_measured_times(monkeypatch):
+    """The choice logic alone (the timing itself needs CUDA: tests/gpu): a fake clock where each FP8
+    attention projection costs time and each FP8 MLP Linear saves some."""
+    from workers.compression import fast_encoder
+
+    def fake_ms(model, x):
+        fp8 = [n for n, m in model.named_modules() if isinstance(m, StaticFp8Linear)]
+        return 10.0 + sum(1.0 if n.endswith((".qkv", ".o")) else -0.5 for n in fp8) * x[0].shape[0] / 64
+
+    monkeypatch.setattr(fast_encoder, "graph_latency_ms", fake_ms)
+    model = SentenceEmbedder(small_bert())
+    lin = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assignment = dict.fromkeys(lin, "fp8_e4m3")
+    groups, info = choose_fp8_groups(model, assignment, [inputs()], inputs(batch=8, length=16))
+    assert info["chosen"] == "MLP Linears only"
+    assert groups == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2"]
+    assert info["ratio_to_bf16"]["MLP Linears only"]["b64x16"] < 1 < info["ratio_to_bf16"]["every fp8 Linear"]["b64x16"]

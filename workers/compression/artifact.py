@@ -255,7 +255,7 @@ def serve_static(manifest: dict, model: nn.Module, task, device: str) -> dict:
     fp8 = manifest["fp8_inputs"]
     model = model.to(device)
     executed, info = executed_encoder(model, manifest["assignment"], None, fp8.get("margin", 1.0),
-                                      input_scales=fp8["input_scales"])
+                                      input_scales=fp8["input_scales"], only=fp8.get("fp8_groups"))
     return {
         "model": manifest["model"],
         "device": device,

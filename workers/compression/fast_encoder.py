@@ -230,18 +230,27 @@ def encoder_sources(task_model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
+def fp8_groups(model: nn.Module, assignment: dict[str, str]) -> list[str]:
+    """The Encoder Linears whose source layers are all assigned `fp8_e4m3` (Q, K and V: all three)."""
+    return [ours for ours, hf in encoder_sources(model).items()
+            if ours != WORD_EMBEDDINGS and all(assignment.get(n) == "fp8_e4m3" for n in hf)]
+
+
 def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches: list[tuple] | None,
-                     margin: float = 1.0, input_scales: dict[str, float] | None = None) -> tuple[Encoder, dict]:
+                     margin: float = 1.0, input_scales: dict[str, float] | None = None,
+                     only: list[str] | None = None) -> tuple[Encoder, dict]:
     """How a compression run executes a BERT whose weights are `model`'s (the packed weights, unpacked)
     with `--fp8-inputs static`: every Encoder Linear whose source layers are all assigned `fp8_e4m3`
-    becomes a StaticFp8Linear (one weight scale, a static input scale), an int4 word table a
-    PackedEmbedding; every other assigned layer runs its unpacked weights in bf16 (simulated).
+    (of those, only the ones in `only`, if given) becomes a StaticFp8Linear (one weight scale, a static
+    input scale), an int4 word table a PackedEmbedding; every other assigned layer runs its unpacked
+    weights in bf16 (simulated).
 
     Returns the model and what to report and store: {"mode", "margin", "input_scales", "fp8_layers",
     "simulated_layers"} (layer names are the task model's)."""
     sources = encoder_sources(model)
-    fp8 = [ours for ours, hf in sources.items()
-           if ours != WORD_EMBEDDINGS and all(assignment.get(n) == "fp8_e4m3" for n in hf)]
+    fp8 = fp8_groups(model, assignment)
+    if only is not None:
+        fp8 = [n for n in fp8 if n in set(only)]
     word_fmt = assignment.get(sources[WORD_EMBEDDINGS][0])
     word_format = word_fmt if word_fmt is not None and word_fmt.startswith("int4") else None
     on_kernels = {n for ours in fp8 for n in sources[ours]}
@@ -261,3 +270,72 @@ def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches
         "simulated_layers": sorted(n for n in assignment if n not in on_kernels),
     }
     return executed, info
+
+
+@torch.inference_mode()
+def graph_latency_ms(model: nn.Module, inputs: tuple, repeats: int = 30) -> float:
+    """Median time of one forward on CUDA, compiled (inductor, default mode) and captured as one CUDA
+    graph, by CUDA events after warm-up: the encoder as it would be deployed."""
+    import statistics
+
+    compiled = torch.compile(model, dynamic=False)
+    for _ in range(3):
+        compiled(*inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        compiled(*inputs)
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def batches_of(example: tuple, sizes: tuple[int, ...] = (1, 8, 64)) -> dict[str, tuple]:
+    """The example (input_ids, attention_mask) repeated or cut to each batch size."""
+    ids, mask = example
+    out = {}
+    for b in sizes:
+        reps = -(-b // ids.shape[0])
+        out[f"b{b}x{ids.shape[1]}"] = (ids.repeat(reps, 1)[:b], mask.repeat(reps, 1)[:b])
+    return out
+
+
+def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], calib_batches: list[tuple],
+                      example: tuple, margin: float = 1.0) -> tuple[list[str], dict]:
+    """On a CUDA GPU: which of the fp8-assigned Linears to run in FP8, by measured latency. Times the
+    bf16 Encoder and two candidates (every fp8 group; only the MLP's) at batch 1, 8 and 64, each
+    compiled and captured as a CUDA graph, and keeps the candidate with the lowest geometric mean of
+    its times over bf16's. Returns the chosen groups and the timings."""
+    eligible = fp8_groups(model, assignment)
+    candidates = {"every fp8 Linear": eligible,
+                  "MLP Linears only": [n for n in eligible if n.endswith((".fc1", ".fc2"))]}
+    candidates = {k: v for k, v in candidates.items() if v}
+    if len(candidates) == 2 and candidates["MLP Linears only"] == eligible:
+        candidates.pop("MLP Linears only")
+    device = next(model.parameters()).device
+    inputs = {k: tuple(t.to(device) for t in v) for k, v in batches_of(example).items()}
+    timings: dict[str, dict[str, float]] = {}
+    bf16 = Encoder(model).to(torch.bfloat16).eval()
+    timings["bf16 (fused QKV)"] = {k: round(graph_latency_ms(bf16, x), 4) for k, x in inputs.items()}
+    del bf16
+    for label, groups in candidates.items():
+        executed, _ = executed_encoder(model, assignment, calib_batches, margin, only=groups)
+        timings[label] = {k: round(graph_latency_ms(executed, x), 4) for k, x in inputs.items()}
+        torch._dynamo.reset()
+    base = timings["bf16 (fused QKV)"]
+
+    def score(label: str) -> float:
+        return math.exp(sum(math.log(timings[label][k] / base[k]) for k in base) / len(base))
+
+    best = min(candidates, key=score)
+    return candidates[best], {"chosen": best, "latency_ms": timings,
+                              "ratio_to_bf16": {k: {b: round(v[b] / base[b], 3) for b in base}
+                                                for k, v in timings.items()}}
