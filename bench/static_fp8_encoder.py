@@ -27,10 +27,12 @@ over the calibration inputs (MiniLM: its calibration sentences; bert-base: rando
 seed), times `--scale-margin`. Fidelity: mean cosine to fp32 (TF32 off) on held-out inputs (MiniLM:
 its evaluation sentences; bert-base: 64 x 128 random ids).
 
-Latency at batch 1, 8 and 64 x 128 tokens, median of 30 CUDA-event timings after warm-up, two ways
-(`--modes`): `reduce-overhead` (inductor's CUDA graphs) and `graph` (compiled in the default mode,
-one forward captured as one torch.cuda.CUDAGraph and replayed). Each variant's best of the two is
-compared with the best bf16's. `--profile VARIANTS` prints each one's CUDA kernels instead.
+Latency at batch 1, 8 and 64 x 128 tokens, median of CUDA-event timings after warm-up (`--modes`):
+`reduce-overhead` (inductor's CUDA graphs), `graph` (compiled in the default mode, one forward
+captured as one torch.cuda.CUDAGraph and replayed; variant after variant), `interleaved` (the same
+graphs for every variant, replayed in turn, 50 rounds: fast_encoder.graph_latencies_ms, what the
+compression runner uses). Each variant's best over the modes run is compared with the best bf16's.
+`--profile VARIANTS` prints each one's CUDA kernels instead.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def run(name: str, device: str, timer, only: set[str] | None, margin: float, out
     fp32_bytes = report.weight_bytes(fp32)
     out.update({"fp32_weight_bytes": fp32_bytes, "real_weights": task.real_weights, "scale_margin": margin,
                 "encoder_matches_hf_fp32": check, "calibration": calib_source, "variants": {}})
+    built = {}
     for label, which in VARIANTS.items():
         if only and label not in only and not label.startswith("bf16"):
             continue  # the bf16 bars always run
@@ -153,13 +156,30 @@ def run(name: str, device: str, timer, only: set[str] | None, margin: float, out
             model = build(which, fp32, fp32_enc, calib, margin)
             row["fidelity"] = cosine(model, batches, reference)
             for how in modes:
-                row[how] = time_compiled(model, task, name, device, timer, how)
+                if how != "interleaved":
+                    row[how] = time_compiled(model, task, name, device, timer, how)
+            built[label] = model
         except Exception as exc:  # noqa: BLE001 - a variant that fails says why, the rest go on
             row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         print(f"{name} {label} {json.dumps(row)}", file=sys.stderr, flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         save()
+    if "interleaved" in modes and built:
+        from fp8_encoder import inputs_for
+
+        from workers.compression.fast_encoder import graph_latencies_ms
+
+        for batch in BATCHES:
+            x = inputs_for(task, name, batch, device)
+            for label, ms in graph_latencies_ms(built, x).items():
+                out["variants"][label].setdefault("interleaved", {"latency_ms": {}})["latency_ms"][
+                    f"b{batch}x128"] = round(ms, 4)
+            torch._dynamo.reset()
+        for label in built:
+            print(f"{name} {label} interleaved {out['variants'][label]['interleaved']}", file=sys.stderr, flush=True)
+        save()
+
     def best(v):
         runs = [v[h]["latency_ms"] for h in modes if h in v]
         return {f"b{b}x128": min(r[f"b{b}x128"] for r in runs) for b in BATCHES} if runs else None
@@ -222,7 +242,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--variants", help=f"comma list of {', '.join(SHORT)} (default: all)")
     parser.add_argument("--modes", default="reduce-overhead,graph",
-                        help="compiled timings: reduce-overhead and/or graph (one captured CUDA graph)")
+                        help="compiled timings: reduce-overhead, graph (one captured CUDA graph per variant, "
+                             "timed one variant after another) and/or interleaved (the same graphs, replayed "
+                             "in turn: fast_encoder.graph_latencies_ms)")
     parser.add_argument("--scale-margin", type=float, default=1.0,
                         help="input scale = calibration amax x this / 448 (default 1.0)")
     parser.add_argument("--profile", help="comma list of variants (as --variants): their kernels, not timings")

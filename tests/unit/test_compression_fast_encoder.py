@@ -234,7 +234,8 @@ def test_the_fp8_groups_kept_are_the_candidate_with_the_best_measured_times(monk
         fp8 = [n for n, m in model.named_modules() if isinstance(m, StaticFp8Linear)]
         return 10.0 + sum(1.0 if n.endswith((".qkv", ".o")) else -0.5 for n in fp8) * x[0].shape[0] / 64
 
-    monkeypatch.setattr(fast_encoder, "graph_latency_ms", fake_ms)
+    monkeypatch.setattr(fast_encoder, "graph_latencies_ms",
+                        lambda models, x: {label: fake_ms(m, x) for label, m in models.items()})
     model = SentenceEmbedder(small_bert())
     lin = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assignment = dict.fromkeys(lin, "fp8_e4m3")

@@ -273,29 +273,36 @@ def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches
 
 
 @torch.inference_mode()
-def graph_latency_ms(model: nn.Module, inputs: tuple, repeats: int = 30) -> float:
-    """Median time of one forward on CUDA, compiled (inductor, default mode) and captured as one CUDA
-    graph, by CUDA events after warm-up: the encoder as it would be deployed."""
+def graph_latencies_ms(models: dict[str, nn.Module], inputs: tuple, rounds: int = 50) -> dict[str, float]:
+    """Median time of one forward of each model on CUDA, each compiled (inductor, default mode) and
+    captured as one CUDA graph: the encoder as it would be deployed. The graphs are replayed in turn,
+    round after round, so that clock drift between measurements hits every model alike (measured one
+    after another, the same bf16 model's time moved by 5 % between processes)."""
     import statistics
 
-    compiled = torch.compile(model, dynamic=False)
-    for _ in range(3):
-        compiled(*inputs)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        compiled(*inputs)
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    graphs = {}
+    for label, model in models.items():
+        compiled = torch.compile(model, dynamic=False)
+        for _ in range(3):
+            compiled(*inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            compiled(*inputs)
+        graphs[label] = graph
+    for graph in graphs.values():
+        for _ in range(5):
+            graph.replay()
+    times: dict[str, list[float]] = {label: [] for label in graphs}
+    for _ in range(rounds):
+        for label, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[label].append(start.elapsed_time(end))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def batches_of(example: tuple, sizes: tuple[int, ...] = (1, 8, 64)) -> dict[str, tuple]:
@@ -312,8 +319,9 @@ def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], calib_batche
                       example: tuple, margin: float = 1.0) -> tuple[list[str], dict]:
     """On a CUDA GPU: which of the fp8-assigned Linears to run in FP8, by measured latency. Times the
     bf16 Encoder and two candidates (every fp8 group; only the MLP's) at batch 1, 8 and 64, each
-    compiled and captured as a CUDA graph, and keeps the candidate with the lowest geometric mean of
-    its times over bf16's. Returns the chosen groups and the timings."""
+    compiled and captured as a CUDA graph, replayed in turn (graph_latencies_ms), and keeps the
+    candidate with the lowest geometric mean of its times over bf16's. Returns the chosen groups and
+    the timings."""
     eligible = fp8_groups(model, assignment)
     candidates = {"every fp8 Linear": eligible,
                   "MLP Linears only": [n for n in eligible if n.endswith((".fc1", ".fc2"))]}
@@ -322,13 +330,13 @@ def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], calib_batche
         candidates.pop("MLP Linears only")
     device = next(model.parameters()).device
     inputs = {k: tuple(t.to(device) for t in v) for k, v in batches_of(example).items()}
-    timings: dict[str, dict[str, float]] = {}
-    bf16 = Encoder(model).to(torch.bfloat16).eval()
-    timings["bf16 (fused QKV)"] = {k: round(graph_latency_ms(bf16, x), 4) for k, x in inputs.items()}
-    del bf16
+    variants = {"bf16 (fused QKV)": Encoder(model).to(torch.bfloat16).eval()}
     for label, groups in candidates.items():
-        executed, _ = executed_encoder(model, assignment, calib_batches, margin, only=groups)
-        timings[label] = {k: round(graph_latency_ms(executed, x), 4) for k, x in inputs.items()}
+        variants[label], _ = executed_encoder(model, assignment, calib_batches, margin, only=groups)
+    timings: dict[str, dict[str, float]] = {label: {} for label in variants}
+    for key, x in inputs.items():
+        for label, ms in graph_latencies_ms(variants, x).items():
+            timings[label][key] = round(ms, 4)
         torch._dynamo.reset()
     base = timings["bf16 (fused QKV)"]
 
