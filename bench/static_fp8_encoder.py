@@ -52,7 +52,13 @@ sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/workers.py must not hi
 import torch  # noqa: E402
 
 from workers.compression import report  # noqa: E402
-from workers.compression.fast_encoder import WORD_EMBEDDINGS, Encoder, fp8_static_encoder, linear_names  # noqa: E402
+from workers.compression.fast_encoder import (  # noqa: E402
+    WORD_EMBEDDINGS,
+    Encoder,
+    captured,
+    fp8_static_encoder,
+    linear_names,
+)
 from workers.compression.fp8_linear import kernel_available  # noqa: E402
 from workers.compression.models import to_device  # noqa: E402
 
@@ -118,13 +124,7 @@ def time_compiled(model, task, name: str, device: str, timer, how: str) -> dict:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if how == "graph":
-                for _ in range(3):
-                    compiled(*x)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    compiled(*x)
-                ms = timer(graph.replay)
+                ms = timer(captured(compiled, x).replay)
             else:
                 ms = timer(lambda r=compiled, i=x: r(*i))
         out["latency_ms"][f"b{batch}x128"] = round(ms, 4)
@@ -258,7 +258,8 @@ def main() -> int:
 
     doc = {"bench": "static_fp8_encoder", "date": dt.datetime.now(dt.UTC).date().isoformat(),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "timing": "compiled reduce-overhead; median of 30 CUDA-event timings after 5 warm-ups", "results": {}}
+           "timing": f"modes {args.modes}: median of CUDA-event timings after warm-up (see the bench's doc)",
+           "results": {}}
 
     def save():
         if args.out:

@@ -273,6 +273,18 @@ def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches
 
 
 @torch.inference_mode()
+def captured(fn, inputs: tuple) -> torch.cuda.CUDAGraph:
+    """One call of `fn(*inputs)` captured as a CUDA graph, after three warm-up calls (compilation)."""
+    for _ in range(3):
+        fn(*inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*inputs)
+    return graph
+
+
+@torch.inference_mode()
 def graph_latencies_ms(models: dict[str, nn.Module], inputs: tuple, rounds: int = 50) -> dict[str, float]:
     """Median time of one forward of each model on CUDA, each compiled (inductor, default mode) and
     captured as one CUDA graph: the encoder as it would be deployed. The graphs are replayed in turn,
@@ -280,16 +292,7 @@ def graph_latencies_ms(models: dict[str, nn.Module], inputs: tuple, rounds: int 
     after another, the same bf16 model's time moved by 5 % between processes)."""
     import statistics
 
-    graphs = {}
-    for label, model in models.items():
-        compiled = torch.compile(model, dynamic=False)
-        for _ in range(3):
-            compiled(*inputs)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            compiled(*inputs)
-        graphs[label] = graph
+    graphs = {label: captured(torch.compile(model, dynamic=False), inputs) for label, model in models.items()}
     for graph in graphs.values():
         for _ in range(5):
             graph.replay()
