@@ -174,6 +174,12 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
     validate(opts)
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda asked for, but no CUDA device is visible")
+    if opts.fp8_inputs == "static" and opts.device == "cuda":
+        from .fp8_linear import kernel_available
+
+        if not kernel_available("cuda"):
+            raise BadInput("--fp8-inputs static needs a GPU with FP8 tensor cores (compute capability 8.9+, "
+                           "e.g. L40S, H100, H200) or --device cpu")
     say = emit or (lambda stage, pct: None)
     say("load", 0.0)
     device = torch.device(opts.device)
