@@ -251,7 +251,11 @@ def serve_static(manifest: dict, model: nn.Module, task, device: str) -> dict:
     """An artifact of a `--fp8-inputs static` run, executed as the run did (fast_encoder.executed_encoder
     with the stored input scales): its FP8 Linears on tensor-wise FP8 GEMMs (the CPU's, on CPU)."""
     from .fast_encoder import executed_encoder
+    from .fp8_linear import kernel_available
 
+    if device != "cpu" and not kernel_available(device):
+        raise BadInput("this artifact runs FP8 Linears with static input scales: it needs a GPU with FP8 tensor "
+                       "cores (compute capability 8.9+) or --device cpu")
     fp8 = manifest["fp8_inputs"]
     model = model.to(device)
     executed, info = executed_encoder(model, manifest["assignment"], None, fp8.get("margin", 1.0),
