@@ -91,3 +91,16 @@ def test_small_weights_read_in_kilobytes_not_as_zero_megabytes():
     assert rows == [("Weights", "559.7 kB", "42.3 kB", "13.22x smaller")]
     big_and_tiny = {"baseline": {"weight_bytes": 2_210_000_000}, "compressed": {"weight_bytes": 512}}
     assert compression_summary(big_and_tiny)[0][1:3] == ("2.2 GB", "512 B")
+
+
+def test_a_static_fp8_runs_input_scales_are_one_row_not_one_per_layer():
+    from apps.dashboard.templatetags.deepopt import result_items
+
+    result = {"quantization": {"fp8_inputs": {"mode": "static", "input_scales": {f"layers.{i}.qkv": 0.01 * (i + 1)
+                                                                                 for i in range(12)}}},
+              "wall_s": 3.0}
+    rows = dict(result_items(result, "compression"))
+    assert rows["quantization.fp8_inputs.mode"] == "static"
+    assert rows["quantization.fp8_inputs.input_scales"] == "12 layers (in the artifact's manifest.json)"
+    assert not [name for name in rows if ".input_scales." in name]
+    assert rows["wall_s"] == 3.0

@@ -96,7 +96,14 @@ def result_items(result: dict | None, kind: str = "") -> list[tuple[str, object]
     """The job result as flat rows, less what the page shows in its own cards (a compression job's
     per-layer rows and its before/after summary)."""
     hidden = {"layers", "baseline", "compressed"} if kind == "compression" else set()
-    return flat_items({k: v for k, v in (result or {}).items() if k not in hidden})
+    rows = flat_items({k: v for k, v in (result or {}).items() if k not in hidden})
+    # A static-FP8 run's input scale per layer (48 for bert-base) is for the artifact, not for reading.
+    scales = [name for name, _ in rows if ".input_scales." in name]
+    if scales:
+        prefix = scales[0].split(".input_scales.")[0] + ".input_scales"
+        rows = [row for row in rows if ".input_scales." not in row[0]]
+        rows.append((prefix, f"{len(scales)} layers (in the artifact's manifest.json)"))
+    return rows
 
 
 @register.simple_tag(takes_context=True)
