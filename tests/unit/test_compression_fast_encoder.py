@@ -239,7 +239,8 @@ def test_the_fp8_groups_kept_are_the_candidate_with_the_best_measured_times(monk
     model = SentenceEmbedder(small_bert())
     lin = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assignment = dict.fromkeys(lin, "fp8_e4m3")
-    groups, info = choose_fp8_groups(model, assignment, [inputs()], inputs(batch=8, length=16))
+    _, calibrated = executed_encoder(model, assignment, [inputs()])
+    groups, info = choose_fp8_groups(model, assignment, calibrated["input_scales"], inputs(batch=8, length=16))
     assert info["chosen"] == "MLP Linears only"
     assert groups == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2"]
     assert info["ratio_to_bf16"]["MLP Linears only"]["b64x16"] < 1 < info["ratio_to_bf16"]["every fp8 Linear"]["b64x16"]

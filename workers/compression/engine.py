@@ -259,18 +259,22 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             executed = None  # no kernel took any layer: the executed model is the simulated one
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
     if static_fp8 and assignment:
-        from .fast_encoder import choose_fp8_groups, executed_encoder, fp8_groups
+        from .fast_encoder import choose_fp8_groups, executed_encoder
 
         # From the packed weights (what the artifact stores), input scales calibrated on the same inputs
         # the sensitivities were measured on.
         calib = [to_device(b, device) for b in qtask.calib_batches]
-        only, choice = None, None
-        if device.type == "cuda" and fp8_groups(simulated_model, assignment):
-            # Which fp8 Linears run FP8 is chosen by their latency on this GPU (the others run their
-            # unpacked weights in bf16): at MiniLM's width, attention's projections are faster in bf16.
-            only, choice = choose_fp8_groups(simulated_model, assignment, calib, task.example_inputs)
+        choice = None
         try:
-            executed, fp8_static = executed_encoder(simulated_model, assignment, calib, only=only)
+            executed, fp8_static = executed_encoder(simulated_model, assignment, calib)
+            if device.type == "cuda":
+                # Which fp8 Linears run FP8 is chosen by their latency on this GPU (the others run their
+                # unpacked weights in bf16): at MiniLM's width, attention's projections are faster in bf16.
+                scales = fp8_static["input_scales"]
+                only, choice = choose_fp8_groups(simulated_model, assignment, scales, task.example_inputs)
+                executed, fp8_static = executed_encoder(simulated_model, assignment, None, input_scales=scales,
+                                                        only=only)
+                fp8_static["fp8_groups"] = only
         except ValueError as exc:  # the assignment put no Linear group in fp8: run it the usual way
             quant_info["fp8_inputs"] = {"mode": "dynamic", "why": str(exc)}
             executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
@@ -281,7 +285,6 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
             simulated_layers = fp8_static["simulated_layers"]
             quant_info["fp8_inputs"] = {k: v for k, v in fp8_static.items() if k != "simulated_layers"}
             if choice is not None:
-                fp8_static["fp8_groups"] = only
                 quant_info["fp8_inputs"]["choice_by_latency"] = choice
     if executed is not None:
         # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute

@@ -318,13 +318,13 @@ def batches_of(example: tuple, sizes: tuple[int, ...] = (1, 8, 64)) -> dict[str,
     return out
 
 
-def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], calib_batches: list[tuple],
-                      example: tuple, margin: float = 1.0) -> tuple[list[str], dict]:
+def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], input_scales: dict[str, float],
+                      example: tuple) -> tuple[list[str], dict]:
     """On a CUDA GPU: which of the fp8-assigned Linears to run in FP8, by measured latency. Times the
     bf16 Encoder and two candidates (every fp8 group; only the MLP's) at batch 1, 8 and 64, each
     compiled and captured as a CUDA graph, replayed in turn (graph_latencies_ms), and keeps the
-    candidate with the lowest geometric mean of its times over bf16's. Returns the chosen groups and
-    the timings."""
+    candidate with the lowest geometric mean of its times over bf16's. `input_scales` are every fp8
+    group's (executed_encoder's, calibrated once). Returns the chosen groups and the timings."""
     eligible = fp8_groups(model, assignment)
     candidates = {"every fp8 Linear": eligible,
                   "MLP Linears only": [n for n in eligible if n.endswith((".fc1", ".fc2"))]}
@@ -335,7 +335,7 @@ def choose_fp8_groups(model: nn.Module, assignment: dict[str, str], calib_batche
     inputs = {k: tuple(t.to(device) for t in v) for k, v in batches_of(example).items()}
     variants = {"bf16 (fused QKV)": Encoder(model).to(torch.bfloat16).eval()}
     for label, groups in candidates.items():
-        variants[label], _ = executed_encoder(model, assignment, calib_batches, margin, only=groups)
+        variants[label], _ = executed_encoder(model, assignment, None, input_scales=input_scales, only=groups)
     timings: dict[str, dict[str, float]] = {label: {} for label in variants}
     for key, x in inputs.items():
         for label, ms in graph_latencies_ms(variants, x).items():
