@@ -4,7 +4,9 @@ CPU (this machine): digits-cnn quantized / pruned / both against the issue's goa
 end to end (sensitivity, assignment, quantization, evaluation) with its wall time.
 GPU (--device cuda): minilm-l6 and bert-base side by side — fp32, bf16, bf16 + torch.compile
 (reduce-overhead: CUDA graphs), torchao's uniform int8 / float8 (dynamic, compiled) and int4
-(weight-only, eager), and the sensitivity-chosen mix — at batch 1, 8 and 64 x 128 tokens; then, if
+(weight-only, eager), the sensitivity-chosen mix, and fast_encoder's forms (bf16 with Q/K/V fused, a
+second bf16 bar; FP8 Linears with static input scales, every Linear or the MLP's, int4 word table)
+— at batch 1, 8 and 64 x 128 tokens; then, if
 time is left, ResNet-50 pruned and Llama-1B one-token decode. Every section checks a deadline and
 the JSON is rewritten after each measurement, so a run cut short still reports what it measured.
 
@@ -311,6 +313,26 @@ def encoders(bench: Bench, name: str) -> None:
     def mix_dequant():
         return apply_simulated(copy.deepcopy(fp32), assignment, rounding).to(torch.bfloat16)
 
+    # fast_encoder's forms (docs/compression.md, "FP8 with static input scales"): the fused-QKV encoder in
+    # bf16 (a second bf16 bar), and FP8 Linears with input scales calibrated once on the calibration
+    # inputs, every Linear or the MLP's only, with the word table in int4_g64.
+    from workers.compression.fast_encoder import WORD_EMBEDDINGS, Encoder, encoder_sources, fp8_static_encoder
+
+    calib = [to_device(b, DEV) for b in task.calib_batches]
+    groups = encoder_sources(fp32)
+    mlp_groups = [g for g in groups if g.endswith((".fc1", ".fc2"))]
+
+    def static_fp8(only):
+        return lambda: fp8_static_encoder(fp32, calib, fp8_layers=only, word_format="int4_g64")
+
+    def static_size(only) -> int:
+        linear_names = [n for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear)]
+        fp8 = {hf for g in (only if only is not None else [g for g in groups if g != WORD_EMBEDDINGS])
+               for hf in groups[g]}
+        formats = {n: "fp8_e4m3" if n in fp8 else "bf16" for n in linear_names}
+        formats[groups[WORD_EMBEDDINGS][0]] = "int4_g64"
+        return report.weight_bytes(fp32, formats)
+
     linear_only = {n: f for n, f in ((n, "int8") for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear))}
     sizes = {
         "fp32": fp32_bytes,
@@ -320,11 +342,17 @@ def encoders(bench: Bench, name: str) -> None:
         "int4-weight-only": report.weight_bytes(fp32, {n: "int4_g128" for n in linear_only}),
         "mix": report.weight_bytes(fp32, assignment),
         "mix-dequant-on-load": report.weight_bytes(fp32, assignment),
+        "bf16-fused-qkv": fp32_bytes // 2,
+        "fp8-static": static_size(None),
+        "fp8-static-mlp": static_size(mlp_groups),
     }
     # Most telling first: a deadline cuts the tail. torch.compile runs as reduce-overhead (inductor + CUDA graphs).
     ro = "reduce-overhead"
     variants = [
         ("bf16", lambda: bf16, [None, ro]),
+        ("bf16-fused-qkv", lambda: Encoder(fp32).to(torch.bfloat16).eval(), [ro]),
+        ("fp8-static", static_fp8(None), [ro]),
+        ("fp8-static-mlp", static_fp8(mlp_groups), [ro]),
         ("mix", mix_kernels, [None, ro]),
         (
             "int4-weight-only",
@@ -374,7 +402,9 @@ def encoders(bench: Bench, name: str) -> None:
             for b in ("b1x128", "b8x128", "b64x128")
         }
 
-    bf16_best, mix_best = best("bf16"), best("mix")
+    bf16_best = {b: min((x for x in (best("bf16")[b], best("bf16-fused-qkv")[b]) if x is not None), default=None)
+                 for b in best("bf16")}
+    mix_best = best("mix")
     mix_fid = v.get("mix", {}).get("fidelity")
     size_x = fp32_bytes / sizes["mix"]
     bench.goal(
@@ -390,6 +420,18 @@ def encoders(bench: Bench, name: str) -> None:
         {"mix_best_ms": mix_best, "bf16_best_ms": bf16_best},
         ok,
     )
+    for label in ("fp8-static", "fp8-static-mlp"):
+        if label not in v:
+            continue
+        ours, fid, x = best(label), v[label].get("fidelity"), fp32_bytes / sizes[label]
+        bench.goal(
+            f"{name} {label} on H200: size, fidelity, latency",
+            ">= 4x smaller than fp32, fidelity >= 0.99, no worse than the best bf16 (of bf16, bf16-fused-qkv) "
+            "at batch 1, 8, 64 x 128",
+            {"weights_x": x, "fidelity": fid, "best_ms": ours, "bf16_best_ms": bf16_best},
+            bool(fid and x >= 4 and fid >= 0.99 and all(
+                ours[b] is not None and bf16_best[b] is not None and ours[b] <= bf16_best[b] for b in bf16_best)),
+        )
 
 
 def resnet(bench: Bench) -> None:
