@@ -126,7 +126,7 @@ def test_static_scales_come_from_the_calibration_inputs_and_keep_fidelity():
         assert layer.input_scale.item() == pytest.approx(amax[name] / FP8_MAX, rel=1e-6)
     assert isinstance(fast.embeddings.word_embeddings, PackedEmbedding)
     cos = F.cosine_similarity(fast(*held_out).float(), model(*held_out), dim=-1)
-    assert cos.min() > 0.98, cos
+    assert cos.min() > 0.995, cos  # 0.9994-0.9998 over eight random models
 
     only_mlp = [n for n in names if n.endswith((".fc1", ".fc2"))]
     partial = fp8_static_encoder(model, calib, fp8_layers=only_mlp, word_format=None)
