@@ -316,22 +316,14 @@ def encoders(bench: Bench, name: str) -> None:
     # fast_encoder's forms (docs/compression.md, "FP8 with static input scales"): the fused-QKV encoder in
     # bf16 (a second bf16 bar), and FP8 Linears with input scales calibrated once on the calibration
     # inputs, every Linear or the MLP's only, with the word table in int4_g64.
-    from workers.compression.fast_encoder import WORD_EMBEDDINGS, Encoder, encoder_sources, fp8_static_encoder
+    from workers.compression.fast_encoder import Encoder, encoder_sources, fp8_static_encoder, stored_formats
 
     calib = [to_device(b, DEV) for b in task.calib_batches]
-    groups = encoder_sources(fp32)
-    mlp_groups = [g for g in groups if g.endswith((".fc1", ".fc2"))]
+    every_group = [g for g in encoder_sources(fp32) if g.startswith("layers.")]
+    mlp_groups = [g for g in every_group if g.endswith((".fc1", ".fc2"))]
 
     def static_fp8(only):
         return lambda: fp8_static_encoder(fp32, calib, fp8_layers=only, word_format="int4_g64")
-
-    def static_size(only) -> int:
-        linear_names = [n for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear)]
-        fp8 = {hf for g in (only if only is not None else [g for g in groups if g != WORD_EMBEDDINGS])
-               for hf in groups[g]}
-        formats = {n: "fp8_e4m3" if n in fp8 else "bf16" for n in linear_names}
-        formats[groups[WORD_EMBEDDINGS][0]] = "int4_g64"
-        return report.weight_bytes(fp32, formats)
 
     linear_only = {n: f for n, f in ((n, "int8") for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear))}
     sizes = {
@@ -343,8 +335,8 @@ def encoders(bench: Bench, name: str) -> None:
         "mix": report.weight_bytes(fp32, assignment),
         "mix-dequant-on-load": report.weight_bytes(fp32, assignment),
         "bf16-fused-qkv": fp32_bytes // 2,
-        "fp8-static": static_size(None),
-        "fp8-static-mlp": static_size(mlp_groups),
+        "fp8-static": report.weight_bytes(fp32, stored_formats(fp32, every_group)),
+        "fp8-static-mlp": report.weight_bytes(fp32, stored_formats(fp32, mlp_groups)),
     }
     # Most telling first: a deadline cuts the tail. torch.compile runs as reduce-overhead (inductor + CUDA graphs).
     ro = "reduce-overhead"

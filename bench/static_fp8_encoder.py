@@ -53,11 +53,11 @@ import torch  # noqa: E402
 
 from workers.compression import report  # noqa: E402
 from workers.compression.fast_encoder import (  # noqa: E402
-    WORD_EMBEDDINGS,
     Encoder,
     captured,
     fp8_static_encoder,
     linear_names,
+    stored_formats,
 )
 from workers.compression.fp8_linear import kernel_available  # noqa: E402
 from workers.compression.models import to_device  # noqa: E402
@@ -87,16 +87,13 @@ def build(which: str | None, fp32, fp32_enc: Encoder, calib: list[tuple], margin
     return fp8_static_encoder(fp32, calib, margin, fp8_layers=fp8_names(fp32_enc, which), word_format=WORD)
 
 
-def size_of(which: str | None, fp32_enc: Encoder) -> int:
-    """Stored bytes, as report.weight_bytes counts them: Linear weights not in FP8 in bf16, as they run;
-    an fp8 weight with one scale per row (a few bytes more than these one-scale weights); biases,
-    norms and the small embedding tables in fp32 (they run in bf16: an over-estimate too)."""
+def size_of(which: str | None, fp32, fp32_enc: Encoder) -> int:
+    """Stored bytes, as report.weight_bytes counts them (fast_encoder.stored_formats: Linears not in FP8
+    in bf16, as they run; an fp8 weight with a scale per row, a few bytes more than these one-scale
+    weights; biases, norms and the small embedding tables in fp32, which run in bf16: over-estimates)."""
     if which in (None, "hf"):
-        return report.weight_bytes(fp32_enc) // 2
-    fp8 = set(fp8_names(fp32_enc, which))
-    formats = {n: "fp8_e4m3" if n in fp8 else "bf16" for n in linear_names(fp32_enc)}
-    formats[WORD_EMBEDDINGS] = WORD
-    return report.weight_bytes(fp32_enc, formats)
+        return report.weight_bytes(fp32) // 2
+    return report.weight_bytes(fp32, stored_formats(fp32, fp8_names(fp32_enc, which), WORD))
 
 
 def calibration(task, name: str, device: str) -> tuple[list[tuple], str]:
@@ -150,7 +147,7 @@ def run(name: str, device: str, timer, only: set[str] | None, margin: float, out
     for label, which in VARIANTS.items():
         if only and label not in only and not label.startswith("bf16"):
             continue  # the bf16 bars always run
-        size = size_of(which, fp32_enc)
+        size = size_of(which, fp32, fp32_enc)
         row = out["variants"][label] = {"weight_bytes": size, "x_smaller_than_fp32": round(fp32_bytes / size, 2)}
         try:
             model = build(which, fp32, fp32_enc, calib, margin)

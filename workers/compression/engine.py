@@ -252,11 +252,6 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
 
     say("evaluate", 0.0)
     executed, simulated_layers, fp8_static = None, list(assignment), None
-    if assignment and not static_fp8:
-        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
-                                                   use_torchao=device.type == "cuda")
-        if len(simulated_layers) == len(assignment):
-            executed = None  # no kernel took any layer: the executed model is the simulated one
     compressed, simulated_model = measure(task, pruned, assignment, rounding)
     if static_fp8 and assignment:
         from .fast_encoder import choose_fp8_groups, executed_encoder
@@ -264,9 +259,12 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
         # From the packed weights (what the artifact stores), input scales calibrated on the same inputs
         # the sensitivities were measured on.
         calib = [to_device(b, device) for b in qtask.calib_batches]
-        choice = None
         try:
             executed, fp8_static = executed_encoder(simulated_model, assignment, calib)
+        except ValueError as exc:  # the assignment put no Linear group in fp8: run it the usual way, below
+            quant_info["fp8_inputs"] = {"mode": "dynamic", "why": str(exc)}
+        else:
+            quant_info["fp8_inputs"] = {}
             if device.type == "cuda":
                 # Which fp8 Linears run FP8 is chosen by their latency on this GPU (the others run their
                 # unpacked weights in bf16): at MiniLM's width, attention's projections are faster in bf16.
@@ -275,17 +273,14 @@ def run(opts: Options, emit: Emit | None = None) -> dict:
                 executed, fp8_static = executed_encoder(simulated_model, assignment, None, input_scales=scales,
                                                         only=only)
                 fp8_static["fp8_groups"] = only
-        except ValueError as exc:  # the assignment put no Linear group in fp8: run it the usual way
-            quant_info["fp8_inputs"] = {"mode": "dynamic", "why": str(exc)}
-            executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
-                                                       use_torchao=device.type == "cuda")
-            if len(simulated_layers) == len(assignment):
-                executed = None
-        else:
-            simulated_layers = fp8_static["simulated_layers"]
-            quant_info["fp8_inputs"] = {k: v for k, v in fp8_static.items() if k != "simulated_layers"}
-            if choice is not None:
                 quant_info["fp8_inputs"]["choice_by_latency"] = choice
+            simulated_layers = fp8_static["simulated_layers"]
+            quant_info["fp8_inputs"].update({k: v for k, v in fp8_static.items() if k != "simulated_layers"})
+    if assignment and fp8_static is None:
+        executed, simulated_layers = apply_torchao(copy.deepcopy(pruned), assignment, device.type, rounding,
+                                                   use_torchao=device.type == "cuda")
+        if len(simulated_layers) == len(assignment):
+            executed = None  # no kernel took any layer: the executed model is the simulated one
     if executed is not None:
         # `quality` is the packed weights' (what the artifact reproduces); the model the kernels execute
         # (and whose latency is reported) is measured too: the two can differ (the kernels compute in bf16,

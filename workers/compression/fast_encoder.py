@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8_linear import FP8, FP8_MAX
-from .quantize import pack, parse_format
+from .quantize import pack, parse_format, unpack
 
 EPS = 1e-12
 WORD_EMBEDDINGS = "embeddings.word_embeddings"
@@ -94,10 +94,10 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        q, scale, zero = self.q[flat], self.scale[flat].float(), self.zero[flat].float()
-        codes = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(flat.numel(), self.padded // self.group, self.group)
-        rows = (codes.float() * scale[:, :, None] + zero[:, :, None]).reshape(flat.numel(), self.padded)
-        return rows[:, : self.cols].to(self.dtype).reshape(*ids.shape, self.cols)
+        # Each row's codes fill whole bytes (padded is even), so the gathered rows are a pack of their own.
+        gathered = {"q": self.q[flat].reshape(-1), "scale": self.scale[flat], "zero": self.zero[flat]}
+        rows = unpack(gathered, self.fmt, (flat.numel(), self.cols))
+        return rows.to(self.dtype).reshape(*ids.shape, self.cols)
 
     def extra_repr(self) -> str:
         return f"{self.q.shape[0]}, {self.cols}, {self.fmt} (rows dequantized at lookup)"
@@ -230,6 +230,18 @@ def encoder_sources(task_model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
+def stored_formats(task_model: nn.Module, groups: list[str], word_format: str | None = "int4_g64") -> dict[str, str]:
+    """The task model's layer formats when the Encoder Linears `groups` run FP8: their source layers
+    fp8_e4m3, every other Linear bf16 (as it runs), the word table `word_format` (for report.weight_bytes)."""
+    sources = encoder_sources(task_model)
+    fp8 = {hf for g in groups for hf in sources[g]}
+    linears = [n for n, m in task_model.named_modules() if isinstance(m, nn.Linear)]
+    formats = {n: "fp8_e4m3" if n in fp8 else "bf16" for n in linears}
+    if word_format is not None:
+        formats[sources[WORD_EMBEDDINGS][0]] = word_format
+    return formats
+
+
 def fp8_groups(model: nn.Module, assignment: dict[str, str]) -> list[str]:
     """The Encoder Linears whose source layers are all assigned `fp8_e4m3` (Q, K and V: all three)."""
     return [ours for ours, hf in encoder_sources(model).items()
@@ -245,8 +257,8 @@ def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches
     input scale), an int4 word table a PackedEmbedding; every other assigned layer runs its unpacked
     weights in bf16 (simulated).
 
-    Returns the model and what to report and store: {"mode", "margin", "input_scales", "fp8_layers",
-    "simulated_layers"} (layer names are the task model's)."""
+    Returns the model and what to report and store: {"mode", "margin", "input_scales" (by Encoder
+    Linear: the layers that run FP8), "simulated_layers" (the task model's names)}."""
     sources = encoder_sources(model)
     fp8 = fp8_groups(model, assignment)
     if only is not None:
@@ -266,7 +278,6 @@ def executed_encoder(model: nn.Module, assignment: dict[str, str], calib_batches
         "mode": "static",
         "margin": margin,
         "input_scales": scales,
-        "fp8_layers": sorted(on_kernels - {sources[WORD_EMBEDDINGS][0]}),
         "simulated_layers": sorted(n for n in assignment if n not in on_kernels),
     }
     return executed, info
