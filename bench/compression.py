@@ -370,6 +370,10 @@ def encoders(bench: Bench, name: str) -> None:
         for mode in modes:
             if mode is not None and not COMPILE:
                 continue
+            if mode is not None:
+                # Variants share code objects (HF BertModel.forward, Encoder.forward); three batch sizes
+                # each would pass dynamo's recompile limit (8) by the third variant, which then runs eager.
+                torch._dynamo.reset()
             runner = model if mode is None else torch.compile(model, mode=mode, dynamic=False)
             key = "eager" if mode is None else f"compile-{mode}"
             for batch in BATCHES:
