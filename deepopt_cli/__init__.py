@@ -1,0 +1,402 @@
+"""`deepopt`: the command line for DeepOpt's REST API, for people who live in a terminal (sbatch, squeue,
+scancel). Stand-alone: it needs Python 3.11+ and `requests`, not Django, so it runs on any laptop.
+
+    python -m deepopt_cli login --server https://deepopt.example.org --username alice
+    python -m deepopt_cli submit --team vision --kind compression --gpus 1 --spec '{"model": "minilm-l6"}'
+    python -m deepopt_cli queue               # position, flow, GPUs, expected start and why each job waits
+    python -m deepopt_cli show 42             # one job: state, attempts, and where it stands in the queue
+    python -m deepopt_cli events 42 --follow  # its state changes and progress until it ends
+    python -m deepopt_cli cancel 42
+    python -m deepopt_cli jobs --state queued ; python -m deepopt_cli nodes ; python -m deepopt_cli whoami
+
+The server and token come from --server / --token, else DEEPOPT_URL / DEEPOPT_TOKEN, else the file
+`login` writes (`$DEEPOPT_CONFIG_DIR` or ~/.config/deepopt, `credentials.json`, mode 0600; it holds the
+API token, never the password). `--json` prints the API's own JSON instead of a table.
+
+Exit status: 0 done; 2 bad input (the API's 400 field messages on one line, a wrong password, a job that
+does not exist or is not yours); 1 anything else (no server, no or a revoked token, a 409 such as
+cancelling a finished job). Errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+TIMEOUT_S = 30
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def config_path() -> Path:
+    base = os.environ.get("DEEPOPT_CONFIG_DIR") or Path.home() / ".config" / "deepopt"
+    return Path(base) / "credentials.json"
+
+
+def saved() -> dict:
+    try:
+        return json.loads(config_path().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {config_path()}: {exc}") from exc
+
+
+def save(server: str, token: str, username: str) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Created 0600 before anything is written to it: the token is as good as the password.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"server": server, "token": token, "username": username}, f)
+    os.chmod(path, 0o600)
+    return path
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+def field_errors(body: Any, path: str = "") -> list[str]:
+    """DRF's 400 body ({"name": ["msg"], "spec": {"model": ["msg"]}}) as ["name: msg", "spec.model: msg"]."""
+    if isinstance(body, dict):
+        return [e for key, value in body.items()
+                for e in field_errors(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(body, list) and not all(isinstance(item, (str, int, float)) for item in body):
+        return [e for i, item in enumerate(body) for e in field_errors(item, f"{path}.{i}" if path else str(i))]
+    messages = body if isinstance(body, list) else [body]
+    bare = path in ("", "detail", "non_field_errors")
+    return [str(m) if bare else f"{path}: {m}" for m in messages]
+
+
+class Api:
+    def __init__(self, server: str, token: str | None):
+        self.server = server.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Accept"] = "application/json"
+        if token:
+            self.session.headers["Authorization"] = f"Token {token}"
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        url = f"{self.server}/api/v1/{path.lstrip('/')}"
+        try:
+            response = self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
+        except requests.RequestException as exc:
+            raise CliError(f"cannot reach {self.server}: {type(exc).__name__}") from exc
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = None
+        if response.status_code < 400:
+            return body
+        if response.status_code == 400:
+            raise CliError("; ".join(field_errors(body)) or "the server refused the request (400)", 2)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        if response.status_code == 401:
+            raise CliError(f"not signed in to {self.server} ({detail or 'HTTP 401'}): run `deepopt login`")
+        if response.status_code == 404:
+            raise CliError(f"not found: {path.strip('/')} (it does not exist, or it is not yours to see)", 2)
+        raise CliError(detail or f"HTTP {response.status_code} from {url}")
+
+    def get_url(self, url: str) -> Any:
+        try:
+            response = self.session.get(url, timeout=TIMEOUT_S)
+            response.raise_for_status()
+            return response.json()
+        except (requests.RequestException, ValueError) as exc:
+            raise CliError(f"cannot read {url}: {type(exc).__name__}") from exc
+
+    def pages(self, path: str, params: dict | None = None, limit: int | None = None) -> list[dict]:
+        """Every result of a paginated list (following `next`), or the first `limit`."""
+        out: list[dict] = []
+        body = self.call("GET", path, params=params)
+        while True:
+            out += body["results"]
+            if not body.get("next") or (limit is not None and len(out) >= limit):
+                return out[:limit] if limit is not None else out
+            body = self.get_url(body["next"])
+
+    def tail(self, path: str, start: str | None) -> tuple[list[dict], str]:
+        """An append-only list from the page at `start` (a URL; None: the first page) to its end, and the
+        URL of its last page, where the next call resumes: a long history is read once, not per poll."""
+        body = self.get_url(start) if start else self.call("GET", path, params={"page_size": 200})
+        page_url = start or f"{self.server}/api/v1/{path.lstrip('/')}?page_size=200"
+        out = list(body["results"])
+        while body.get("next"):
+            page_url = body["next"]
+            body = self.get_url(page_url)
+            out += body["results"]
+        return out, page_url
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def when(value: str | None, now: datetime | None = None) -> str:
+    """An ISO time as local 'YYYY-MM-DD HH:MM', with 'in 5m' / '3h ago' beside it."""
+    if not value:
+        return "-"
+    at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    now = now or datetime.now(UTC)
+    delta = (at - now).total_seconds()
+    span = abs(delta)
+    rel = (f"{span:.0f}s" if span < 90 else f"{span / 60:.0f}m" if span < 5400 else
+           f"{span / 3600:.1f}h" if span < 172800 else f"{span / 86400:.1f}d")
+    return f"{at.astimezone().strftime('%Y-%m-%d %H:%M')} ({'in ' + rel if delta > 0 else rel + ' ago'})"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    # The last column (a reason, a message) is left unpadded so that long text does not widen the rest.
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1]
+                     for row in cells)
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1) if args.json else text)
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+def cmd_login(args: argparse.Namespace) -> int:
+    username = args.username or input("Username: ")
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+    body = Api(args.server, None).call("POST", "auth/token/", json={"username": username, "password": password})
+    token = body["token"]
+    me = Api(args.server, token).call("GET", "me/")
+    path = save(args.server, token, me["username"])
+    teams = ", ".join(t["slug"] for t in me.get("teams", [])) or "no team yet"
+    print(f"Signed in to {args.server} as {me['username']} ({teams}); token saved in {path}")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace, api: Api) -> int:
+    me = api.call("GET", "me/")
+    teams = ", ".join(f"{t['slug']} ({t['role']})" for t in me.get("teams", [])) or "no team"
+    emit(args, me, f"{me['username']} on {api.server}{' (staff)' if me.get('is_staff') else ''}: {teams}")
+    return 0
+
+
+def load_spec(value: str) -> Any:
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"--spec is not JSON: {exc}", 2) from exc
+
+
+def cmd_submit(args: argparse.Namespace, api: Api) -> int:
+    if args.file:
+        job = load_spec("@" + args.file)
+        if not isinstance(job, dict):
+            raise CliError(f"{args.file}: a job is a JSON object", 2)
+    else:
+        job = {}
+    for key, value in (("name", args.name), ("team", args.team), ("kind", args.kind),
+                       ("priority", args.priority), ("walltime_minutes", args.walltime)):
+        if value is not None:
+            job[key] = value
+    if args.gpus is not None or args.nodes is not None or args.gpu_memory_gb is not None:
+        resources = job.setdefault("resources", {})
+        for key, value in (("gpus", args.gpus), ("nodes", args.nodes), ("gpu_memory_gb", args.gpu_memory_gb)):
+            if value is not None:
+                resources[key] = value
+    if args.spec is not None:
+        job["spec"] = load_spec(args.spec)
+    job.setdefault("name", f"{job.get('kind', 'job')} from the command line")
+    created = api.call("POST", "jobs/", json=job)
+    emit(args, created, f"Submitted job {created['id']} ({created['name']}): {created['state']}"
+         + (f" - {created['pending_reason']}" if created.get("pending_reason") else ""))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, api: Api) -> int:
+    params = {k: v for k, v in (("state", args.state), ("kind", args.kind), ("team", args.team),
+                                ("priority", args.priority)) if v}
+    jobs = api.pages("jobs/", params, limit=args.limit)
+    rows = [[j["id"], j["team_name"], j["kind"], j["state"], j["resources"]["gpus"], when(j["submitted_at"]),
+             j["name"]] for j in jobs]
+    emit(args, jobs, table(rows, ["ID", "TEAM", "KIND", "STATE", "GPUS", "SUBMITTED", "NAME"]))
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace, api: Api) -> int:
+    entries = api.pages("queue/", limit=args.limit)
+    rows = [[e["position"], e["job"]["id"], e["flow"], e["job"]["gpus"], e["job"]["nodes"],
+             when(e.get("eta")) if e.get("eta") else "-", e["reason"] or "next to start"] for e in entries]
+    text = table(rows, ["POS", "JOB", "FLOW", "GPUS", "NODES", "EXPECTED START", "REASON"]) if rows else \
+        "The queue is empty."
+    emit(args, entries, text)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, api: Api) -> int:
+    job = api.call("GET", f"jobs/{args.job}/")
+    res = job["resources"]
+    lines = [
+        f"Job {job['id']}: {job['name']}",
+        f"  state       {job['state']}" + (f" (attempt {job['attempt']} of {job['max_attempts']}"
+                                           + (f", {job['preemptions']} preemption(s)" if job['preemptions'] else "")
+                                           + ")" if job["attempt"] > 1 or job["preemptions"] else ""),
+        f"  team        {job['team_name']}   kind {job['kind']}   priority {job['priority']}"
+        f"   submitted by {job['submitter']}",
+        f"  resources   {res['gpus']} GPU(s) on {res['nodes']} node(s)"
+        + (f", {res['gpu_memory_gb']} GB each" if res.get("gpu_memory_gb") else "")
+        + (f", walltime {job['walltime_minutes']} min" if job.get("walltime_minutes") else ""),
+        f"  submitted   {when(job['submitted_at'])}",
+    ]
+    if job.get("started_at"):
+        lines.append(f"  started     {when(job['started_at'])}")
+    if job.get("finished_at"):
+        lines.append(f"  finished    {when(job['finished_at'])}")
+    queue = job.get("queue")
+    if queue and job["state"] == "queued":
+        lines.append(f"  queue       #{queue['position']} in {queue['flow']}: {queue['reason'] or 'next to start'}")
+        if queue.get("eta"):
+            lines.append(f"  expected    {when(queue['eta'])}")
+    if job.get("error"):
+        lines.append(f"  error       {job['error'].splitlines()[0]}")
+    emit(args, job, "\n".join(lines))
+    return 0
+
+
+def event_line(e: dict) -> str:
+    stamp = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    change = f"{e['from_state'] or '-'} -> {e['to_state']}  " if e.get("to_state") else ""
+    return f"{stamp}  {change}{e['message']}"
+
+
+def cmd_events(args: argparse.Namespace, api: Api) -> int:
+    seen: set[int] = set()
+    page: str | None = None
+    while True:
+        events, page = api.tail(f"jobs/{args.job}/events/", page)
+        fresh = [e for e in events if e["id"] not in seen]
+        seen |= {e["id"] for e in fresh}
+        for e in fresh:
+            print(json.dumps(e) if args.json else event_line(e), flush=True)
+        if not args.follow:
+            return 0
+        state = api.call("GET", f"jobs/{args.job}/")["state"]
+        if state in TERMINAL and not fresh:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_cancel(args: argparse.Namespace, api: Api) -> int:
+    status = 0
+    for job_id in args.jobs:
+        try:
+            job = api.call("POST", f"jobs/{job_id}/cancel/")
+        except CliError as exc:
+            print(f"deepopt: job {job_id}: {exc}", file=sys.stderr)
+            status = max(status, exc.status)
+            continue
+        emit(args, job, f"Job {job['id']} ({job['name']}): {job['state']}")
+    return status
+
+
+def cmd_nodes(args: argparse.Namespace, api: Api) -> int:
+    nodes = api.pages("nodes/")
+    rows = [[n["name"], n["team_name"], n["rack"], n["state"],
+             f"{sum(g['busy'] for g in n['gpus'])}/{len(n['gpus'])}",
+             when(n["last_heartbeat_at"]) if n.get("last_heartbeat_at") else "never",
+             ", ".join(sorted({g["model"] for g in n["gpus"]}))] for n in nodes]
+    emit(args, nodes, table(rows, ["NODE", "TEAM", "RACK", "STATE", "BUSY", "HEARTBEAT", "GPU"]))
+    return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepopt", description="DeepOpt from the command line.")
+    p.add_argument("--server", help=f"DeepOpt's address (DEEPOPT_URL; default: the saved one, or {DEFAULT_SERVER})")
+    p.add_argument("--token", help="an API token (DEEPOPT_TOKEN; default: the one `login` saved)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("login", help="get an API token and save it")
+    s.add_argument("--username")
+    s.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    sub.add_parser("whoami", help="who the token belongs to, and their teams")
+
+    s = sub.add_parser("submit", help="submit a job (like sbatch)")
+    s.add_argument("-f", "--file", help="the job as JSON (the body of POST /api/v1/jobs/); flags override it")
+    s.add_argument("--name")
+    s.add_argument("--team", help="team id or slug")
+    s.add_argument("--kind", choices=["compression", "training"])
+    s.add_argument("--priority", choices=["low", "normal", "high", "urgent"])
+    s.add_argument("--gpus", type=positive_int)
+    s.add_argument("--nodes", type=positive_int)
+    s.add_argument("--gpu-memory-gb", type=float)
+    s.add_argument("--walltime", type=positive_int, metavar="MINUTES")
+    s.add_argument("--spec", help="the job's spec as JSON, or @FILE")
+
+    s = sub.add_parser("jobs", help="jobs you can see, newest first")
+    s.add_argument("--state")
+    s.add_argument("--kind")
+    s.add_argument("--team")
+    s.add_argument("--priority")
+    s.add_argument("--limit", type=positive_int, default=50)
+
+    s = sub.add_parser("queue", help="the queue in the scheduler's order, with reasons and expected starts")
+    s.add_argument("--limit", type=positive_int)
+
+    s = sub.add_parser("show", help="one job")
+    s.add_argument("job", type=positive_int)
+
+    s = sub.add_parser("events", help="a job's state changes, notes and progress")
+    s.add_argument("job", type=positive_int)
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --follow")
+
+    s = sub.add_parser("cancel", help="cancel jobs (like scancel)")
+    s.add_argument("jobs", type=positive_int, nargs="+")
+
+    sub.add_parser("nodes", help="nodes you can see")
+    return p
+
+
+COMMANDS = {"whoami": cmd_whoami, "submit": cmd_submit, "jobs": cmd_jobs, "queue": cmd_queue, "show": cmd_show,
+            "events": cmd_events, "cancel": cmd_cancel, "nodes": cmd_nodes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        stored = saved()
+        args.server = (args.server or os.environ.get("DEEPOPT_URL") or stored.get("server") or DEFAULT_SERVER)
+        if args.command == "login":
+            return cmd_login(args)
+        token = args.token or os.environ.get("DEEPOPT_TOKEN") or (
+            stored.get("token") if stored.get("server", "").rstrip("/") == args.server.rstrip("/") else None)
+        if not token:
+            raise CliError(f"no token for {args.server}: run `deepopt login` or set DEEPOPT_TOKEN")
+        return COMMANDS[args.command](args, Api(args.server, token))
+    except CliError as exc:
+        print(f"deepopt: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130

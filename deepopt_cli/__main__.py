@@ -1,0 +1,5 @@
+import sys
+
+from deepopt_cli import main
+
+sys.exit(main())
