@@ -249,9 +249,9 @@ def cmd_show(args: argparse.Namespace, api: Api) -> int:
     res = job["resources"]
     lines = [
         f"Job {job['id']}: {job['name']}",
-        f"  state       {job['state']}" + (f" (attempt {job['attempt']} of {job['max_attempts']}"
-                                           + (f", {job['preemptions']} preemption(s)" if job['preemptions'] else "")
-                                           + ")" if job["attempt"] > 1 or job["preemptions"] else ""),
+        f"  state       {job['state']}" + (f" (attempt {job['attempt']}, {job['max_attempts']} allowed"
+                                           + (f"; {job['preemptions']} preemption(s)" if job['preemptions'] else "")
+                                           + ")" if job["attempt"] > 1 else ""),
         f"  team        {job['team_name']}   kind {job['kind']}   priority {job['priority']}"
         f"   submitted by {job['submitter']}",
         f"  resources   {res['gpus']} GPU(s) on {res['nodes']} node(s)"

@@ -16,6 +16,7 @@ from apps.cluster.services import register_node
 from apps.scheduling.dispatch import RUN_ATTEMPT_TASK, on_job_changed, rendezvous_port
 from apps.scheduling.models import Allocation, AttemptRun, Job, JobEvent
 from apps.scheduling.reconciler import reconcile
+from apps.scheduling.reports import retry_or_fail
 from apps.scheduling.services import cancel_job, submit_job, transition
 from apps.scheduling.states import JobState
 from tests.unit.test_agent_api import allocate
@@ -239,3 +240,41 @@ def test_beat_runs_the_reconciler_every_30_seconds():
     entry = django_settings.CELERY_BEAT_SCHEDULE["reconciler"]
     assert entry["task"] == "scheduling.reconcile"
     assert entry["schedule"] == 30.0
+
+
+def test_attempts_that_never_started_use_up_no_attempt_but_only_up_to_a_limit(nodes, alice, team_a, settings):
+    """A job allocated to nodes that never come up is not failed for it; past the limit such attempts
+    count, so a job that nothing will ever start still ends."""
+    settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "max_unstarted_attempts": 3}
+    job = training_job(alice, team_a, gpus=1, nodes=1)
+    Job.objects.filter(pk=job.pk).update(max_attempts=2)
+    for attempt in (1, 2, 3):
+        job.refresh_from_db()
+        allocate(job, (nodes["gpu-one"], [0]))  # dispatched, but no worker ever reports
+        assert retry_or_fail(job.pk, attempt, "Node gpu-one is down").state == JobState.QUEUED
+        message = job.events.filter(to_state=JobState.QUEUED).last().message
+        assert f"attempt {attempt + 1} (try 1 of 2; attempts that never started do not count)" in message
+    # A fourth attempt that never starts is past the limit: all four count now, and 4 >= 2 attempts.
+    job.refresh_from_db()
+    allocate(job, (nodes["gpu-one"], [0]))
+    failed = retry_or_fail(job.pk, 4, "Node gpu-one is down")
+    assert failed.state == JobState.FAILED
+    assert "No attempts left: 4 attempts never started (at most 3 are free), 4 in all." in failed.error
+
+
+def test_an_attempt_that_ran_counts_and_one_that_never_started_does_not(nodes, alice, team_a):
+    job = training_job(alice, team_a, gpus=1, nodes=1)
+    Job.objects.filter(pk=job.pk).update(max_attempts=2)
+    job.refresh_from_db()
+    allocate(job, (nodes["gpu-one"], [0]))
+    start(job, nodes["gpu-one"])
+    assert retry_or_fail(job.pk, 1, "Node gpu-one is down").state == JobState.QUEUED  # try 1 of 2 lost
+    job.refresh_from_db()
+    allocate(job, (nodes["gpu-one"], [0]))  # attempt 2 never starts: free
+    assert retry_or_fail(job.pk, 2, "Node gpu-one is down").state == JobState.QUEUED
+    job.refresh_from_db()
+    allocate(job, (nodes["gpu-one"], [0]))
+    start(job, nodes["gpu-one"])  # attempt 3 runs and is lost: the second try that counts, the last
+    failed = retry_or_fail(job.pk, 3, "Node gpu-one is down")
+    assert failed.state == JobState.FAILED
+    assert "No attempts left (2 tried)" in failed.error

@@ -84,8 +84,10 @@ def test_a_preemption_uses_up_no_attempt(served, charlie, team_b, node_a):
     reports.result(node_a, served.pk, 1, rank=0, run_id=f"run-{served.pk}-0", status="cancelled")
     served.refresh_from_db()
     assert (served.state, served.attempt) == (JobState.QUEUED, 2)
-    # Attempt 2 is lost with its node: it is the first attempt lost, so with 2 allowed it runs again.
+    # Attempt 2 runs and is lost with its node: it is the first attempt lost, so with 2 allowed it runs again.
     Job.objects.filter(pk=served.pk).update(state=JobState.RUNNING)
+    AttemptRun.objects.create(job=served, attempt=2, node=node_a, run_id="run-2", started_at=timezone.now(),
+                              seen_at=timezone.now())
     reports.retry_or_fail(served.pk, 2, "Node a-node-1 is down")
     served.refresh_from_db()
     assert (served.state, served.attempt) == (JobState.QUEUED, 3)

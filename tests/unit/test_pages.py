@@ -436,3 +436,18 @@ def test_query_counts_do_not_grow_with_jobs_nodes_and_teams(alice, dana, job_of_
     place(job_of_alice, node_a, 2)
     after = {(who.username, url): queries_for(page_for(who), url) for who in (alice, dana) for url in urls}
     assert after == before
+
+
+def test_the_job_page_says_how_many_attempts_a_job_has_and_what_did_not_count(alice, job_of_alice):
+    from apps.scheduling.models import Job
+
+    def attempt_row() -> str:
+        html = page_for(alice).get(f"/jobs/{job_of_alice.pk}/").content.decode()
+        return re.sub(r"\s+", " ", html.split("<dt>Attempt</dt>", 1)[1].split("</dd>", 1)[0])
+
+    assert attempt_row() == "<dd>1 of 3"
+    # Attempts that never started are free (up to a limit), so a job can be past max_attempts.
+    Job.objects.filter(pk=job_of_alice.pk).update(attempt=5)
+    assert attempt_row() == "<dd>5 (3 allowed; attempts that never started use up none)"
+    Job.objects.filter(pk=job_of_alice.pk).update(preemptions=2)
+    assert attempt_row() == "<dd>5 (2 preemptions, which use up no attempt; 3 allowed)"
