@@ -1,4 +1,5 @@
 """Settings shared by every environment; everything that differs is read from the environment here."""
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -64,6 +65,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "axes",
     "apps.accounts",
     "apps.cluster",
     "apps.scheduling",
@@ -80,7 +82,25 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: turns a sign-in that django-axes refused into the lockout answer (apps/accounts/lockout.py).
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Sign-in throttling (django-axes): after DEEPOPT_LOGIN_FAILURE_LIMIT failed sign-ins for one username
+# from one address, that pair is refused for DEEPOPT_LOGIN_COOLOFF_MINUTES, even with the right
+# password; a success clears its count. It guards every password check: the login page, the admin's
+# and POST /api/v1/auth/token/. By username and address together, so that nobody can lock a user
+# out from elsewhere; the address is REMOTE_ADDR (a proxy in front must set it, see docs).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("DEEPOPT_LOGIN_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("DEEPOPT_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "apps.accounts.lockout.lockout_response"
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "deepopt_web.urls"
 WSGI_APPLICATION = "deepopt_web.wsgi.application"

@@ -6,6 +6,7 @@ Dana, staff, can do everything.
 from __future__ import annotations
 
 import pytest
+from django.http import HttpRequest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -71,7 +72,7 @@ def test_a_token_authenticated_write_needs_no_csrf_token(alice, team_a, node_a):
 
 def test_session_auth_works_for_the_api(alice):
     client = APIClient(enforce_csrf_checks=True)
-    assert client.login(username="alice", password="alice-pass-123")
+    assert client.login(request=HttpRequest(), username="alice", password="alice-pass-123")  # axes needs a request
     response = client.get("/api/v1/me/")
     assert response.status_code == 200
     body = response.json()
@@ -82,7 +83,7 @@ def test_session_auth_works_for_the_api(alice):
 def test_a_session_authenticated_write_without_csrf_token_is_refused(alice, team_a, node_a):
     """The flip side of the token test: a browser session cannot be ridden by another site."""
     client = APIClient(enforce_csrf_checks=True)
-    assert client.login(username="alice", password="alice-pass-123")
+    assert client.login(request=HttpRequest(), username="alice", password="alice-pass-123")  # axes needs a request
     response = client.post("/api/v1/jobs/", {**COMPRESSION_JOB, "team": team_a.pk}, format="json")
     assert response.status_code == 403
     assert "CSRF" in response.json()["detail"]

@@ -1,18 +1,22 @@
 from __future__ import annotations
 
+from axes.helpers import get_client_ip_address
+from axes.utils import reset as axes_reset
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.accounts import services
 from apps.accounts.api.base import TeamScopedViewSet
 from apps.accounts.api.serializers import MembershipSerializer, MeSerializer, TeamSerializer, UserSerializer
+from apps.accounts.lockout import lockout_response
 from apps.accounts.models import Membership, Team
 from apps.accounts.permissions import can_manage_team
 
@@ -20,7 +24,31 @@ User = get_user_model()
 
 
 class TokenView(ObtainAuthToken):
-    """Exchange a username and password for an API token (the same token every time)."""
+    """Exchange a username and password for an API token (the same token every time). After too many
+    failures for one username from one address, 429 (django-axes; settings AXES_*)."""
+
+    @extend_schema(
+        request=AuthTokenSerializer,
+        responses={
+            200: AuthTokenSerializer,
+            400: OpenApiResponse(description="Wrong username or password, or a field missing."),
+            429: OpenApiResponse(
+                response=inline_serializer("LockedOut", {"detail": serializers.CharField()}),
+                description="Too many failed sign-ins for this username from this address; see Retry-After.",
+            ),
+        },
+    )
+    def post(self, request, *args, **kwargs):  # noqa: ANN001, ANN201
+        try:
+            response = super().post(request, *args, **kwargs)
+        except ValidationError:
+            if getattr(request, "axes_locked_out", False):
+                return lockout_response(request._request)
+            raise
+        # A success clears the pair's failures, as a session login does (axes listens for user_logged_in,
+        # which a token exchange does not send).
+        axes_reset(ip=get_client_ip_address(request._request), username=request.data.get("username"))
+        return response
 
 
 
