@@ -90,7 +90,8 @@ MIDDLEWARE = [
 # from one address, that pair is refused for DEEPOPT_LOGIN_COOLOFF_MINUTES, even with the right
 # password; a success clears its count. It guards every password check: the login page, the admin's
 # and POST /api/v1/auth/token/. By username and address together, so that nobody can lock a user
-# out from elsewhere; the address is REMOTE_ADDR (a proxy in front must set it, see docs).
+# out from elsewhere. The address is the connection's (REMOTE_ADDR): behind a reverse proxy every
+# sign-in comes from the proxy, and the count is in effect per username.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
