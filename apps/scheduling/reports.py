@@ -237,21 +237,25 @@ def result(node: GpuNode, job_id: int, attempt: int, *, rank: int, run_id: str, 
         return Answer("accepted", job.state, stop=job.state != JobState.RUNNING)
 
 
-def unstarted_attempts(job: Job, upto: int) -> int:
-    """How many of attempts 1..upto no worker ever started (its node never came up, the message was lost):
-    the job did not run in them. Preempted attempts had started, so none of these is a preemption."""
-    started = set(AttemptRun.objects.filter(job=job, attempt__lte=upto, started_at__isnull=False)
-                  .values_list("attempt", flat=True))
-    return sum(1 for a in range(1, upto + 1) if a not in started)
+def free_attempts(job: Job, upto: int) -> int:
+    """How many of attempts 1..upto the cluster ended rather than the job: no worker ever started them
+    (their node never came up, the message was lost), or every run of theirs that started was stopped by
+    its worker shutting down (a restart, a deploy). A crash, a silent worker or a node that went down
+    while running counts against the job: the job may have caused it."""
+    used = {attempt for attempt, started_at, status in
+            AttemptRun.objects.filter(job=job, attempt__lte=upto).values_list("attempt", "started_at", "status")
+            if started_at is not None and status != "interrupted"}
+    return sum(1 for a in range(1, upto + 1) if a not in used)
 
 
 def retry_or_fail(job_id: int, attempt: int, reason: str) -> Job | None:
     """The attempt was lost through no fault of the job (node gone, worker killed): run it again as a new
     attempt while the job has attempts left, else fail it saying why. A cancelling job just ends.
 
-    Neither preemptions nor attempts that never started use up one of the job's `max_attempts`: a job is
-    not failed for nodes that were never up. Past `max_unstarted_attempts` of those, they count too, so a
-    job that no worker will ever start still ends."""
+    Neither preemptions nor attempts the cluster ended (`free_attempts`: never started, or stopped by a
+    worker shutting down) use up one of the job's `max_attempts`: a job is not failed for nodes that were
+    never up or for restarts. Past `max_free_attempts` of those, they count too, so a job that no worker
+    will ever start still ends."""
     try:
         with transaction.atomic():
             job = Job.objects.select_for_update().get(pk=job_id)
@@ -263,20 +267,21 @@ def retry_or_fail(job_id: int, attempt: int, reason: str) -> Job | None:
             if job.state == JobState.PREEMPTING:
                 return transition(job, JobState.QUEUED, expected_attempt=attempt, data={"reason": reason},
                                   message=f"{reason}; the preemption is complete. Requeued as attempt {attempt + 1}.")
-            never_started = unstarted_attempts(job, attempt)
-            limit = settings.DEEPOPT_WORKERS["max_unstarted_attempts"]
-            unstarted = never_started if never_started <= limit else 0
-            tries = job.attempt - job.preemptions - unstarted  # attempts the job ran in and lost
+            lost_to_cluster = free_attempts(job, attempt)
+            limit = settings.DEEPOPT_WORKERS["max_free_attempts"]
+            free_now = lost_to_cluster if lost_to_cluster <= limit else 0
+            tries = max(0, job.attempt - job.preemptions - free_now)  # attempts the job ran in and lost
             if tries < job.max_attempts:
                 free = [what for what, n in (("preemptions", job.preemptions),
-                                             ("attempts that never started", unstarted)) if n]
+                                             ("attempts that never started or that a worker shutdown stopped",
+                                              free_now)) if n]
                 which = (f"{attempt + 1} of {job.max_attempts}" if not free else
                          f"{attempt + 1} (try {tries + 1} of {job.max_attempts}; {' and '.join(free)} do not count)")
                 return transition(job, JobState.QUEUED, expected_attempt=attempt, data={"reason": reason},
                                   message=f"{reason}. Requeued as attempt {which}.")
-            ended = (f"{reason}. No attempts left ({job.max_attempts} tried)." if never_started <= limit else
-                     f"{reason}. No attempts left: {never_started} attempts never started (at most {limit} are"
-                     f" free), {job.attempt} in all.")
+            ended = (f"{reason}. No attempts left ({job.max_attempts} tried)." if lost_to_cluster <= limit else
+                     f"{reason}. No attempts left: {lost_to_cluster} attempts never started or were stopped by"
+                     f" a worker shutdown (at most {limit} are free), {job.attempt} in all.")
             return transition(job, JobState.FAILED, expected_attempt=attempt, data={"reason": reason},
                               error=ended, message=ended)
     except (IllegalTransition, Job.DoesNotExist):

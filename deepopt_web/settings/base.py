@@ -285,9 +285,10 @@ DEEPOPT_WORKERS = {
     "start_timeout_s": env.float("DEEPOPT_START_TIMEOUT_S", default=120.0),
     # ... this many times, after which the attempt is requeued (it may land on another node).
     "max_redispatches": env.int("DEEPOPT_MAX_REDISPATCHES", default=3),
-    # Attempts that no worker ever started (their node never came up) use up none of a job's
-    # max_attempts, up to this many; past it they count, so a job that nothing will start still ends.
-    "max_unstarted_attempts": env.int("DEEPOPT_MAX_UNSTARTED_ATTEMPTS", default=5),
+    # Attempts the cluster ended (no worker ever started them, or a worker shutdown stopped them) use up
+    # none of a job's max_attempts, up to this many; past it they count, so a job that nothing will
+    # start still ends.
+    "max_free_attempts": env.int("DEEPOPT_MAX_FREE_ATTEMPTS", default=5),
     # A `cancelling` job whose worker never confirms is ended this long after the cancel.
     "cancel_timeout_s": env.float("DEEPOPT_CANCEL_TIMEOUT_S", default=60.0),
     # How often agents heartbeat (the server tells them at registration).

@@ -245,7 +245,7 @@ def test_beat_runs_the_reconciler_every_30_seconds():
 def test_attempts_that_never_started_use_up_no_attempt_but_only_up_to_a_limit(nodes, alice, team_a, settings):
     """A job allocated to nodes that never come up is not failed for it; past the limit such attempts
     count, so a job that nothing will ever start still ends."""
-    settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "max_unstarted_attempts": 3}
+    settings.DEEPOPT_WORKERS = {**settings.DEEPOPT_WORKERS, "max_free_attempts": 3}
     job = training_job(alice, team_a, gpus=1, nodes=1)
     Job.objects.filter(pk=job.pk).update(max_attempts=2)
     for attempt in (1, 2, 3):
@@ -253,13 +253,15 @@ def test_attempts_that_never_started_use_up_no_attempt_but_only_up_to_a_limit(no
         allocate(job, (nodes["gpu-one"], [0]))  # dispatched, but no worker ever reports
         assert retry_or_fail(job.pk, attempt, "Node gpu-one is down").state == JobState.QUEUED
         message = job.events.filter(to_state=JobState.QUEUED).last().message
-        assert f"attempt {attempt + 1} (try 1 of 2; attempts that never started do not count)" in message
+        assert f"attempt {attempt + 1} (try 1 of 2; attempts that never started or that a worker shutdown" \
+               " stopped do not count)" in message
     # A fourth attempt that never starts is past the limit: all four count now, and 4 >= 2 attempts.
     job.refresh_from_db()
     allocate(job, (nodes["gpu-one"], [0]))
     failed = retry_or_fail(job.pk, 4, "Node gpu-one is down")
     assert failed.state == JobState.FAILED
-    assert "No attempts left: 4 attempts never started (at most 3 are free), 4 in all." in failed.error
+    assert ("No attempts left: 4 attempts never started or were stopped by a worker shutdown (at most 3 are"
+            " free), 4 in all.") in failed.error
 
 
 def test_an_attempt_that_ran_counts_and_one_that_never_started_does_not(nodes, alice, team_a):
@@ -278,3 +280,24 @@ def test_an_attempt_that_ran_counts_and_one_that_never_started_does_not(nodes, a
     failed = retry_or_fail(job.pk, 3, "Node gpu-one is down")
     assert failed.state == JobState.FAILED
     assert "No attempts left (2 tried)" in failed.error
+
+
+def test_an_attempt_stopped_by_a_worker_shutdown_is_free_and_one_lost_in_a_crash_is_not(nodes, alice, team_a):
+    from apps.scheduling import reports
+
+    job = training_job(alice, team_a, gpus=1, nodes=1)
+    Job.objects.filter(pk=job.pk).update(max_attempts=1)
+    job.refresh_from_db()
+    allocate(job, (nodes["gpu-one"], [0]))
+    run = start(job, nodes["gpu-one"])
+    # The worker shuts down (a restart): it reports the run interrupted; the job is requeued, for free.
+    reports.result(nodes["gpu-one"], job.pk, 1, rank=0, run_id=run.run_id, status="interrupted")
+    job.refresh_from_db()
+    assert (job.state, job.attempt) == (JobState.QUEUED, 2)
+    assert "try 1 of 1" in job.events.filter(to_state=JobState.QUEUED).last().message
+    # Attempt 2 runs and its node goes down under it: that one counts, and it was the only one allowed.
+    allocate(job, (nodes["gpu-one"], [0]))
+    start(job, nodes["gpu-one"])
+    failed = retry_or_fail(job.pk, 2, "Node gpu-one is down")
+    assert failed.state == JobState.FAILED
+    assert "No attempts left (1 tried)" in failed.error

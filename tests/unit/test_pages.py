@@ -448,6 +448,7 @@ def test_the_job_page_says_how_many_attempts_a_job_has_and_what_did_not_count(al
     assert attempt_row() == "<dd>1 of 3"
     # Attempts that never started are free (up to a limit), so a job can be past max_attempts.
     Job.objects.filter(pk=job_of_alice.pk).update(attempt=5)
-    assert attempt_row() == "<dd>5 (3 allowed; attempts that never started use up none)"
+    assert attempt_row() == ("<dd>5 (3 allowed; attempts that never started or that a worker shutdown stopped"
+                             " use up none)")
     Job.objects.filter(pk=job_of_alice.pk).update(preemptions=2)
     assert attempt_row() == "<dd>5 (2 preemptions, which use up no attempt; 3 allowed)"
