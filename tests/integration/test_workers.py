@@ -435,6 +435,7 @@ def test_a_node_stopped_mid_job_hands_the_attempt_back_at_once(cluster, alice, t
     assert time.monotonic() - began < 30
     event = job.events.get(to_state="queued", from_state="running")
     assert "shut down during attempt 1" in event.message
+    assert "(try 1 of 3;" in event.message  # a shutdown is the cluster's doing: it used up no attempt
     assert live_allocations(job_id) == 0
     # The node said it was going: it is down, so the retry waits for a node instead of landing on it.
     assert GpuNode.objects.get(name=node.name).state == "down"
