@@ -217,6 +217,8 @@ def cmd_submit(args: argparse.Namespace, api: Api) -> int:
                 resources[key] = value
     if args.spec is not None:
         job["spec"] = load_spec(args.spec)
+    if args.after:
+        job["depends_on"] = args.after
     job.setdefault("name", f"{job.get('kind', 'job')} from the command line")
     created = api.call("POST", "jobs/", json=job)
     emit(args, created, f"Submitted job {created['id']} ({created['name']}): {created['state']}"
@@ -259,6 +261,8 @@ def cmd_show(args: argparse.Namespace, api: Api) -> int:
         + (f", walltime {job['walltime_minutes']} min" if job.get("walltime_minutes") else ""),
         f"  submitted   {when(job['submitted_at'])}",
     ]
+    if job.get("depends_on"):
+        lines.append("  after       " + ", ".join(f"{d['id']} {d['name']} ({d['state']})" for d in job["depends_on"]))
     if job.get("started_at"):
         lines.append(f"  started     {when(job['started_at'])}")
     if job.get("finished_at"):
@@ -320,6 +324,10 @@ def cmd_nodes(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def job_ids(text: str) -> list[int]:
+    return [positive_int(part) for part in text.replace(",", " ").split()]
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -353,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-gb", type=float)
     s.add_argument("--walltime", type=positive_int, metavar="MINUTES")
     s.add_argument("--spec", help="the job's spec as JSON, or @FILE")
+    s.add_argument("--after", type=job_ids, metavar="ID[,ID...]",
+                   help="start only once these jobs of the team have succeeded (like --dependency=afterok)")
 
     s = sub.add_parser("jobs", help="jobs you can see, newest first")
     s.add_argument("--state")

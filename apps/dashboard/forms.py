@@ -5,6 +5,7 @@ same rules and the same messages. This module only translates between the two sh
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from django.http import QueryDict
@@ -30,6 +31,7 @@ COMMON_FIELDS = (
     FormField("nodes", ("resources", "nodes")),
     FormField("gpu_memory_gb", ("resources", "gpu_memory_gb")),
     FormField("walltime_minutes", ("walltime_minutes",)),
+    FormField("depends_on", ("depends_on",)),  # "12, 13": the API's list of job ids
 )
 KIND_FIELDS = {
     "compression": (
@@ -116,6 +118,8 @@ class JobForm:
                 value = str(value).strip()
                 if value == "":
                     continue
+            if f.name == "depends_on":
+                value = [part for part in re.split(r"[,\s]+", value) if part]
             node = body
             for key in f.path[:-1]:
                 node = node.setdefault(key, {})

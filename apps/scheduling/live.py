@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -64,7 +65,9 @@ def build_estimator(config: policy.PolicyConfig) -> policy.RuntimeEstimator:
     return estimator
 
 
-def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapshot:
+def build_snapshot(now: datetime, config: policy.PolicyConfig, waiting: Collection[int] = ()) -> policy.Snapshot:
+    """The cluster and the queue as the policy core sees them; `waiting`: queued jobs left out (they wait
+    for other jobs to succeed, see `_dependencies`)."""
     now_s = now.timestamp()
     live_allocs = list(
         Allocation.objects.filter(released_at__isnull=True).values_list("job_id", "node_id", "gpu_id")
@@ -114,6 +117,7 @@ def build_snapshot(now: datetime, config: policy.PolicyConfig) -> policy.Snapsho
                 "queue_entry__finish_tag", "ran_seconds", "preemptions",
             )
         )
+        if job_id not in waiting
     ]
     state = SchedulerState.objects.filter(pk=1).values_list("virtual_time", "flow_finish").first()
     virtual_time, flow_finish = state if state else (None, {})
@@ -215,14 +219,16 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
     with transaction.atomic():
         _lock()
         now = now or timezone.now()
-        snapshot = build_snapshot(now, config)
+        waiting = _dependencies()
+        snapshot = build_snapshot(now, config, waiting)
         estimator = build_estimator(config)
         t0 = time.perf_counter()
         decision = policy.schedule(snapshot, estimator, config, format_time=policy.default_format_time)
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
         preempted = _preempt(decision)
-        written, etas = _write_queue(decision, None, now)  # the ETAs already written stay until refreshed
+        written, etas = _write_queue(decision, None, now, _held_rows(waiting, len(decision.pending)))
+        # (the ETAs already written stay until refreshed)
         _save_wfq_state(decision)
         fanout.queue_changed(snapshot, decision, etas, placed, written)  # live pages, after the commit
         eta_due = bool(decision.pending) and _etas_due(with_etas)
@@ -381,7 +387,52 @@ def _update_entries(changed: list[tuple[int, Row]], now: datetime) -> None:
         cursor.execute(sql, [now, _json_rows(changed)])
 
 
-def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) -> tuple[set, dict]:
+def _dependencies() -> dict[int, list[tuple[int, str]]]:
+    """Queued jobs that wait for other jobs to succeed: job id -> [(dependency id, its state)], the
+    dependencies not yet succeeded. One whose dependency failed or was cancelled is cancelled here, with
+    the reason, and is not in the result. (One query on the dependency table; none when nobody uses it.)"""
+    waiting: dict[int, list[tuple[int, str]]] = {}
+    for job_id, dep_id, dep_state in (
+        Job.depends_on.through.objects.filter(from_job__state=JobState.QUEUED)
+        .exclude(to_job__state=JobState.SUCCEEDED).order_by("from_job_id", "to_job_id")
+        .values_list("from_job_id", "to_job_id", "to_job__state")
+    ):
+        waiting.setdefault(job_id, []).append((dep_id, dep_state))
+    for job_id, deps in list(waiting.items()):
+        dead = [(dep_id, state) for dep_id, state in deps if state in (JobState.FAILED, JobState.CANCELLED)]
+        if dead:
+            del waiting[job_id]
+            dep_id, state = dead[0]
+            try:
+                transition(job_id, JobState.CANCELLED,
+                           message=f"Cancelled: job {dep_id}, which it waited for, {state}.",
+                           data={"dependency": dep_id, "dependency_state": state})
+            except IllegalTransition:
+                pass  # it left the queue meanwhile
+    return waiting
+
+
+def _held_rows(held: dict[int, list[tuple[int, str]]], after: int) -> dict[int, Row]:
+    """Queue rows for the jobs held back by their dependencies, after the `after` jobs the policy placed in
+    order, oldest first: a reason that names what they wait for, code `dependency`, no tags and no ETA."""
+    if not held:
+        return {}
+    rows: dict[int, Row] = {}
+    jobs = (Job.objects.filter(pk__in=held).order_by("submitted_at", "id")
+            .values_list("id", "team__name", "kind"))
+    # The dependencies' states as this pass leaves them (it may just have started one).
+    now_state = dict(Job.objects.filter(pk__in={d for deps in held.values() for d, _ in deps})
+                     .values_list("id", "state"))
+    for position, (job_id, team_name, kind) in enumerate(jobs, start=after + 1):
+        deps = held[job_id]
+        what = " and ".join(f"{dep_id} ({now_state.get(dep_id, state)})" for dep_id, state in deps)
+        reason = f"Waits for job{'s' if len(deps) > 1 else ''} {what} to succeed."
+        rows[job_id] = (position, f"{team_name}/{kind}", 0.0, 0.0, None, reason[:300], "dependency", None, None)
+    return rows
+
+
+def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime,
+                 held: dict[int, Row] | None = None) -> tuple[set, dict]:
     """Bring the QueueEntry rows in line with the pass, touching only what changed. A queued job's reason
     lives there only (Job.waiting_reason): reasons name a position ("behind 7,371 jobs"), so after an end
     nearly every one changes, and copying them into the jobs too cost a second 10,000-row UPDATE.
@@ -392,7 +443,8 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) ->
     existing: dict[int, Row] = {row[0]: row[1:] for row in QueueEntry.objects.values_list("job_id", *QUEUE_FIELDS)}
     if etas is None:
         etas = {job_id: row[_ETA].timestamp() for job_id, row in existing.items() if row[_ETA] is not None}
-    stale = set(existing) - set(decision.pending)
+    held = held or {}
+    stale = set(existing) - set(decision.pending) - set(held)
     if stale:
         QueueEntry.objects.filter(job_id__in=stale).delete()
     changed: list[tuple[int, Row]] = []
@@ -404,6 +456,12 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime) ->
         values = (pending.position, pending.flow, pending.start_tag, pending.finish_tag,
                   stamp[0] if stamp else None, pending.reason[:300], pending.code, _dt(etas.get(job_id)),
                   _dt(reservation.time) if reservation else None)
+        old = existing.get(job_id)
+        if old is None:
+            created.append((job_id, values))
+        elif old != values:
+            changed.append((job_id, values))
+    for job_id, values in held.items():
         old = existing.get(job_id)
         if old is None:
             created.append((job_id, values))

@@ -40,6 +40,9 @@ class Job(models.Model):
     gpu_memory_gb = models.FloatField(null=True, blank=True)
     walltime_minutes = models.PositiveIntegerField(null=True, blank=True)
     spec = models.JSONField(default=dict)
+    # Jobs that must succeed before this one may start (Slurm's afterok): until they all have, the
+    # scheduler holds it back; if one of them fails or is cancelled, it is cancelled.
+    depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
 
     state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED)
     # Why it waits as it enters the queue; once a pass has seen it, its QueueEntry's reason (rewritten by

@@ -39,8 +39,10 @@ def submit_job(
     gpu_memory_gb: float | None = None,
     walltime_minutes: int | None = None,
     spec: dict | None = None,
+    depends_on: list[Job] | None = None,
 ) -> Job:
-    """Put a validated job in the queue. Validation (spec, quotas, capacity) is the serializer's."""
+    """Put a validated job in the queue. Validation (spec, quotas, capacity, dependencies) is the
+    serializer's. A job with `depends_on` is held back by the scheduler until those jobs succeed."""
     with transaction.atomic():
         job = _INSERT_JOB.create(
             team=team,
@@ -56,8 +58,11 @@ def submit_job(
             state=JobState.QUEUED,
             pending_reason=ENTERED_QUEUE_REASON,
         )
+        if depends_on:
+            job.depends_on.set(depends_on)
         event = _INSERT_EVENT.create(
-            job=job, to_state=JobState.QUEUED, attempt=1, message="Submitted.", actor=submitter
+            job=job, to_state=JobState.QUEUED, attempt=1, message="Submitted.", actor=submitter,
+            data={"depends_on": sorted(j.pk for j in depends_on)} if depends_on else {},
         )
         _after_commit(job, event, reschedule=True)
     return job

@@ -183,3 +183,22 @@ def test_events_reads_a_long_history_once_in_order(cli, alice, team_a, node_a):
     assert status == 0
     messages = [line.split("  ", 1)[1] for line in out.strip().splitlines()]
     assert messages == ["- -> queued  Submitted.", *(f"step {i}" for i in range(450))]
+
+
+def test_submit_after_another_job_and_show_what_it_waits_for(cli, alice, team_a, node_a):
+    login(cli, "alice", "alice-pass-123")
+    assert cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "train", "--spec", SPEC)[0] == 0
+    first = Job.objects.get()
+    status, _, err = cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "compress",
+                         "--after", str(first.pk), "--spec", SPEC)
+    assert status == 0, err
+    second = Job.objects.get(name="compress")
+    assert list(second.depends_on.all()) == [first]
+    run_pass()
+    status, out, _ = cli("show", str(second.pk))
+    assert f"  after       {first.pk} train (allocated)" in out
+    assert f"Waits for job {first.pk} (allocated) to succeed." in out
+    status, _, err = cli("submit", "--team", team_a.slug, "--kind", "compression", "--after", "424242",
+                         "--spec", SPEC)
+    assert status == 2
+    assert err.strip() == "deepopt: depends_on: No job 424242 that you can see."

@@ -452,3 +452,23 @@ def test_the_job_page_says_how_many_attempts_a_job_has_and_what_did_not_count(al
                              " use up none)")
     Job.objects.filter(pk=job_of_alice.pk).update(preemptions=2)
     assert attempt_row() == "<dd>5 (2 preemptions, which use up no attempt; 3 allowed)"
+
+
+def test_the_form_takes_jobs_to_wait_for_and_the_job_page_names_them(alice, team_a, node_a):
+    client = page_for(alice)
+    submit(client, team_a, name="first")
+    first = Job.objects.get()
+    response = submit(client, team_a, name="second", depends_on=f" {first.pk}, ")
+    assert response.status_code == 302
+    second = Job.objects.get(name="second")
+    assert list(second.depends_on.all()) == [first]
+    html = client.get(f"/jobs/{second.pk}/").content.decode()
+    row = html.split('data-testid="job-depends-on">', 1)[1].split("</dd>", 1)[0]
+    assert f'<a href="/jobs/{first.pk}/">#{first.pk} first</a> (queued)' == row
+    # A bad entry comes back next to the input, and nothing is submitted.
+    response = submit(client, team_a, name="third", depends_on="12x")
+    assert response.status_code == 400
+    assert error_of(response.content.decode(), "depends_on") == "A valid integer is required."
+    response = submit(client, team_a, name="third", depends_on="999999")
+    assert error_of(response.content.decode(), "depends_on") == "No job 999999 that you can see."
+    assert Job.objects.count() == 2

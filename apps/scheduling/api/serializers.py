@@ -7,6 +7,9 @@ from apps.accounts.api.base import StrictSerializer, TeamField, only_team
 from apps.cluster.services import cluster_capacity
 from apps.scheduling.models import Job, JobEvent, ModelUpload
 from apps.scheduling.specs import SPEC_SERIALIZERS, CompressionSpec, TrainingSpec
+from apps.scheduling.states import JobState
+
+MAX_DEPENDENCIES = 20
 
 
 class ResourcesSerializer(StrictSerializer):
@@ -31,6 +34,20 @@ class JobCreateSerializer(StrictSerializer):
     walltime_minutes = serializers.IntegerField(min_value=1, max_value=60 * 24 * 90, required=False,
                                                 allow_null=True, default=None)
     spec = SpecField()
+    depends_on = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=10**18 - 1), required=False, max_length=MAX_DEPENDENCIES,
+        help_text="Ids of jobs (yours to see) that must succeed first; if one fails or is cancelled, "
+                  "this job is cancelled.")
+
+    def validate_depends_on(self, ids: list[int]) -> list[Job]:
+        jobs = {j.pk: j for j in Job.objects.visible_to(self.context["request"].user)
+                .filter(pk__in=set(ids)).only("id", "state", "team_id")}
+        errors = [f"No job {i} that you can see." for i in dict.fromkeys(ids) if i not in jobs]
+        errors += [f"Job {j.pk} has {j.state}: this job could never start." for j in jobs.values()
+                   if j.state in (JobState.FAILED, JobState.CANCELLED)]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return list(jobs.values())
 
     def validate(self, attrs: dict) -> dict:
         user = self.context["request"].user
@@ -70,6 +87,10 @@ class JobCreateSerializer(StrictSerializer):
         elif gpus > team.max_gpus:
             errors.setdefault("resources", []).append(
                 f"{gpus} GPUs is over team {team.name}'s quota of {team.max_gpus} GPUs at once; it could never run.")
+        foreign = [j.pk for j in attrs.get("depends_on", ()) if j.team_id != team.pk]
+        if foreign:
+            errors["depends_on"] = [f"Job {pk} is not in team {team.name}: a job waits only for its own team's jobs."
+                                    for pk in foreign]
         if not errors:
             never = cluster_capacity(cached=True).why_never_fits(gpus, nodes, memory)
             if never:
@@ -169,13 +190,21 @@ def _queue_schema():  # noqa: ANN202
     return JobQueueSerializer(allow_null=True)
 
 
+class DependencySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+
+
 class JobDetailSerializer(JobSerializer):
-    """A job with its place in the queue (null unless it is queued and a pass has seen it)."""
+    """A job with its place in the queue (null unless it is queued and a pass has seen it) and the jobs
+    it waits for (its team's: a job may depend only on those)."""
 
     queue = serializers.SerializerMethodField()
+    depends_on = serializers.SerializerMethodField()
 
     class Meta(JobSerializer.Meta):
-        fields = [*JobSerializer.Meta.fields, "queue"]
+        fields = [*JobSerializer.Meta.fields, "queue", "depends_on"]
         read_only_fields = fields
 
     def get_queue(self, job: Job) -> dict | None:
@@ -185,10 +214,15 @@ class JobDetailSerializer(JobSerializer):
 
     get_queue = extend_schema_field(_queue_schema())(get_queue)
 
+    def get_depends_on(self, job: Job) -> list[dict]:
+        return list(job.depends_on.order_by("id").values("id", "name", "state"))
+
+    get_depends_on = extend_schema_field(DependencySerializer(many=True))(get_depends_on)
+
     def to_representation(self, job: Job) -> dict:
         from apps.scheduling.api.queue import queue_of
 
-        return {**super().to_representation(job), "queue": queue_of(job)}
+        return {**super().to_representation(job), "queue": queue_of(job), "depends_on": self.get_depends_on(job)}
 
 
 class JobEventSerializer(serializers.ModelSerializer):

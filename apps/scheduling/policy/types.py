@@ -178,7 +178,8 @@ class Pending:
     finish_tag: float
     reason: str
     # quota_per_job | never_fits | max_gpus | month_quota | reserved | reservation | capacity | order
-    # | preempting (running jobs are being stopped to make room for it)
+    # | preempting (running jobs are being stopped to make room for it); the live pass adds `dependency`
+    # for jobs it keeps out of the snapshot until the jobs they depend on succeed
     code: str
 
 
