@@ -390,7 +390,7 @@ def _update_entries(changed: list[tuple[int, Row]], now: datetime) -> None:
 def _dependencies() -> dict[int, list[tuple[int, str]]]:
     """Queued jobs that wait for other jobs to succeed: job id -> [(dependency id, its state)], the
     dependencies not yet succeeded. One whose dependency failed or was cancelled is cancelled here, with
-    the reason, and is not in the result. (One query on the dependency table; none when nobody uses it.)"""
+    the reason, and is not in the result. (One query a pass, on the dependency table.)"""
     waiting: dict[int, list[tuple[int, str]]] = {}
     for job_id, dep_id, dep_state in (
         Job.depends_on.through.objects.filter(from_job__state=JobState.QUEUED)
