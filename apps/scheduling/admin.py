@@ -62,8 +62,9 @@ class JobAdmin(admin.ModelAdmin):
     date_hierarchy = "submitted_at"
     list_select_related = ["team"]
     # State changes go through the state machine (services), never through a form field.
+    # depends_on too: as a form field it would be a multi-select of every job in the database.
     readonly_fields = ["state", "attempt", "pending_reason", "result", "error", "submitted_at", "started_at",
-                       "finished_at", "submitter"]
+                       "finished_at", "submitter", "depends_on"]
     inlines = [AllocationInline, AttemptRunInline, JobArtifactInline, JobEventInline]
 
 

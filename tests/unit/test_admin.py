@@ -82,6 +82,16 @@ def test_the_job_page_shows_its_events_read_only(admin_client_, jobs):
     assert 'name="events-0-DELETE"' not in html
     # State goes through the state machine, never through a form field.
     assert 'name="state"' not in html
+    # Nor do dependencies: shown, never a multi-select of every job in the database.
+    assert 'name="depends_on"' not in html
+
+
+def test_the_job_page_shows_what_a_job_waits_for(admin_client_, jobs, alice, team_a):
+    after = submit_job(submitter=alice, team=team_a, name="after resnet", kind="compression", spec=SPEC,
+                       depends_on=[jobs["resnet"]])
+    html = page(admin_client_, f"/admin/scheduling/job/{after.pk}/change/")
+    assert f"#{jobs['resnet'].pk} prune resnet" in html
+    assert 'name="depends_on"' not in html
 
 
 def test_job_search_finds_by_name_team_and_submitter(admin_client_, jobs):
