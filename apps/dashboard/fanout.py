@@ -155,7 +155,7 @@ def node_telemetry(node, *, host: dict | None, gpus: list[dict], ts: datetime) -
 
 
 def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: Iterable | None = None,  # noqa: ANN001
-                  *, etas_only: bool = False) -> None:
+                  *, etas_only: bool = False, held: dict | None = None) -> None:
     """After a scheduling pass (apps/scheduling/live.run_pass), from its snapshot and decision only.
 
     Each team whose queue changed (a job entered, left or moved, its reason or ETA changed) or that
@@ -163,13 +163,16 @@ def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: It
     nodes that got allocations get their busy GPUs; the cluster group gets the totals.
     `changed_jobs`: ids whose queue entry was written (None: every queued job). `etas_only`: the pass's
     ETAs were written afterwards (live.run_pass): only the teams of those jobs hear it, nodes and the
-    cluster totals were sent with the pass.
+    cluster totals were sent with the pass. `held`: the jobs the pass kept out of the snapshot until the
+    jobs they depend on succeed, job id -> (team id, position, reason, code); listed after the others.
     """
+    held = held or {}
     placed_set = set(placed)
     team_of = {q.id: q.team for q in snapshot.queued}
     gpus_of = {q.id: q.gpus for q in snapshot.queued}
     changed = set(decision.pending) if changed_jobs is None else set(changed_jobs)
     dirty: set = {team_of[j] for j in changed | placed_set if j in team_of}
+    dirty |= {held[j][0] for j in changed if j in held}
     if not etas_only:
         dirty |= {team_of[j] for j in team_of if j not in decision.pending and j not in placed_set}  # left the queue
 
@@ -183,6 +186,10 @@ def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: It
             entries[team].append({"job": job_id, "position": pending.position, "reason": pending.reason[:300],
                                   "code": pending.code, "eta": datetime.fromtimestamp(eta, tz=UTC) if eta
                                   else None})
+    for job_id, (team, position, reason, code) in sorted(held.items(), key=lambda item: item[1][1]):
+        queued_count[team] = queued_count.get(team, 0) + 1
+        if team in dirty and len(entries.setdefault(team, [])) < QUEUE_ENTRIES_PER_TEAM:
+            entries[team].append({"job": job_id, "position": position, "reason": reason, "code": code, "eta": None})
     running_jobs: dict = {}
     gpus_in_use: dict = {}
     for job in snapshot.running:
@@ -209,7 +216,7 @@ def queue_changed(snapshot, decision, etas: dict, placed: list, changed_jobs: It
         busy = sum(len(n.gpus) - len(n.free_gpu_ids) for n in snapshot.nodes) + sum(
             gpus_of.get(j, 0) for j in placed_set)
         publish([CLUSTER], "queue.changed", {
-            "scope": "cluster", "queued": len(decision.pending), "placed": len(placed_set),
+            "scope": "cluster", "queued": len(decision.pending) + len(held), "placed": len(placed_set),
             "running": len(snapshot.running) + len(placed_set), "gpus_total": total_gpus, "gpus_busy": busy,
         })
 

@@ -227,24 +227,26 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
         preempted = _preempt(decision)
-        written, etas = _write_queue(decision, None, now, _held_rows(waiting, len(decision.pending)))
-        # (the ETAs already written stay until refreshed)
+        held, held_teams = _held_rows(waiting, len(decision.pending))
+        written, etas = _write_queue(decision, None, now, held)  # the ETAs already written stay until refreshed
         _save_wfq_state(decision)
-        fanout.queue_changed(snapshot, decision, etas, placed, written)  # live pages, after the commit
+        # The live pages hear of the held jobs too: (team, position, reason, code) each.
+        held_view = {j: (held_teams[j], row[0], row[_REASON], row[_CODE]) for j, row in held.items()}
+        fanout.queue_changed(snapshot, decision, etas, placed, written, held=held_view)  # sent after the commit
         eta_due = bool(decision.pending) and _etas_due(with_etas)
     pass_ms = (time.perf_counter() - began) * 1000
     pass_stats.record_pass(pass_ms, policy_ms, len(placed), len(decision.pending))
     eta_ms = None
     if eta_due:
         t1 = time.perf_counter()
-        _refresh_etas(snapshot, estimator, config, decision, placed, now)
+        _refresh_etas(snapshot, estimator, config, decision, placed, now, held_view)
         eta_ms = (time.perf_counter() - t1) * 1000
     return PassResult(placed=placed, queued=len(decision.pending), policy_ms=policy_ms, pass_ms=pass_ms,
                       etas=eta_due, eta_ms=eta_ms, preempted=preempted)
 
 
 def _refresh_etas(snapshot: policy.Snapshot, estimator: policy.RuntimeEstimator, config: policy.PolicyConfig,
-                  decision: policy.Decision, placed: list[int], now: datetime) -> None:
+                  decision: policy.Decision, placed: list[int], now: datetime, held_view: dict | None = None) -> None:
     """ETAs for the first ETA_LIMIT queued jobs of the pass (the others: unknown), written where they
     changed. Playing a 10,000-job queue forward on every pass would cost seconds; jobs further back show
     "unknown" until they move up."""
@@ -263,7 +265,8 @@ def _refresh_etas(snapshot: policy.Snapshot, estimator: policy.RuntimeEstimator,
                 changed.append((job_id, eta))
         _update_etas(changed)
         if changed:
-            fanout.queue_changed(snapshot, decision, etas, placed, [job_id for job_id, _ in changed], etas_only=True)
+            fanout.queue_changed(snapshot, decision, etas, placed, [job_id for job_id, _ in changed], etas_only=True,
+                                 held=held_view)
 
 
 def _update_etas(changed: list[tuple[int, datetime | None]]) -> None:
@@ -334,6 +337,8 @@ _SQL_TYPES = {"position": "integer", "flow": "text", "start_tag": "double precis
               "finish_tag": "double precision", "estimate_s": "double precision", "reason": "text", "code": "text",
               "eta": "timestamptz", "reserved_at": "timestamptz"}
 _ETA = QUEUE_FIELDS.index("eta")
+_REASON = QUEUE_FIELDS.index("reason")
+_CODE = QUEUE_FIELDS.index("code")
 
 Row = tuple  # a queue row's QUEUE_FIELDS values, in that order
 
@@ -412,23 +417,26 @@ def _dependencies() -> dict[int, list[tuple[int, str]]]:
     return waiting
 
 
-def _held_rows(held: dict[int, list[tuple[int, str]]], after: int) -> dict[int, Row]:
+def _held_rows(held: dict[int, list[tuple[int, str]]], after: int) -> tuple[dict[int, Row], dict[int, int]]:
     """Queue rows for the jobs held back by their dependencies, after the `after` jobs the policy placed in
-    order, oldest first: a reason that names what they wait for, code `dependency`, no tags and no ETA."""
+    order, oldest first: a reason that names what they wait for, code `dependency`, no tags and no ETA;
+    and each one's team id."""
     if not held:
-        return {}
+        return {}, {}
     rows: dict[int, Row] = {}
+    teams: dict[int, int] = {}
     jobs = (Job.objects.filter(pk__in=held).order_by("submitted_at", "id")
-            .values_list("id", "team__name", "kind"))
+            .values_list("id", "team_id", "team__name", "kind"))
     # The dependencies' states as this pass leaves them (it may just have started one).
     now_state = dict(Job.objects.filter(pk__in={d for deps in held.values() for d, _ in deps})
                      .values_list("id", "state"))
-    for position, (job_id, team_name, kind) in enumerate(jobs, start=after + 1):
+    for position, (job_id, team_id, team_name, kind) in enumerate(jobs, start=after + 1):
+        teams[job_id] = team_id
         deps = held[job_id]
         what = " and ".join(f"{dep_id} ({now_state.get(dep_id, state)})" for dep_id, state in deps)
         reason = f"Waits for job{'s' if len(deps) > 1 else ''} {what} to succeed."
         rows[job_id] = (position, f"{team_name}/{kind}", 0.0, 0.0, None, reason[:300], "dependency", None, None)
-    return rows
+    return rows, teams
 
 
 def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime,

@@ -80,3 +80,28 @@ def test_dependencies_must_be_jobs_of_the_same_team_that_can_still_succeed(
     assert response.status_code == 400
     assert "depends_on" in response.json()
     assert Job.objects.count() == 2  # nothing was written by the refused submissions
+
+
+def test_the_live_queue_update_lists_a_waiting_job_after_the_ordered_ones(
+        alice, team_a, node_a, client_for, monkeypatch):
+    from apps.dashboard import fanout
+
+    heard = []
+    monkeypatch.setattr(fanout, "publish", lambda groups, type_, data: heard.append((list(groups), type_, data)))
+    client = client_for(alice)
+    first = submit(client, team_a, name="first", resources={"gpus": 8, "nodes": 1}).json()["id"]
+    second = submit(client, team_a, name="second").json()["id"]
+    third = submit(client, team_a, name="third", depends_on=[first]).json()["id"]
+    heard.clear()
+    run_pass()  # the first takes the node's 8 GPUs; the second waits for GPUs, the third for the first
+    # One update with the pass, one when its ETAs are written; both count and list the waiting job.
+    team_updates = [d for _, t, d in heard if t == "queue.changed" and d["scope"] == "team"]
+    assert len(team_updates) == 2
+    assert [u["queued"] for u in team_updates] == [2, 2]
+    assert [e["job"] for e in team_updates[1]["entries"]] == [second, third]
+    team_update = team_updates[0]
+    assert [(e["job"], e["position"], e["code"]) for e in team_update["entries"]] == [
+        (second, 1, "max_gpus"), (third, 2, "dependency")]
+    assert team_update["entries"][1]["reason"] == f"Waits for job {first} (allocated) to succeed."
+    [cluster_update] = [d for _, t, d in heard if t == "queue.changed" and d["scope"] == "cluster"]
+    assert cluster_update["queued"] == 2
