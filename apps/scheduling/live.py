@@ -458,18 +458,15 @@ def _write_queue(decision: policy.Decision, etas: dict | None, now: datetime,
     changed: list[tuple[int, Row]] = []
     created: list[tuple[int, Row]] = []
     reservations, stamps = decision.reservations, decision.stamps
+    rows: dict[int, Row] = {}
     for job_id, pending in decision.pending.items():
         reservation = reservations.get(job_id)
         stamp = stamps.get(job_id)
-        values = (pending.position, pending.flow, pending.start_tag, pending.finish_tag,
-                  stamp[0] if stamp else None, pending.reason[:300], pending.code, _dt(etas.get(job_id)),
-                  _dt(reservation.time) if reservation else None)
-        old = existing.get(job_id)
-        if old is None:
-            created.append((job_id, values))
-        elif old != values:
-            changed.append((job_id, values))
-    for job_id, values in held.items():
+        rows[job_id] = (pending.position, pending.flow, pending.start_tag, pending.finish_tag,
+                        stamp[0] if stamp else None, pending.reason[:300], pending.code, _dt(etas.get(job_id)),
+                        _dt(reservation.time) if reservation else None)
+    rows.update(held)
+    for job_id, values in rows.items():
         old = existing.get(job_id)
         if old is None:
             created.append((job_id, values))
