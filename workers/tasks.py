@@ -232,6 +232,9 @@ def execute(payload: dict, config: NodeConfig) -> dict:
     finally:
         ctl.unregister(handle)
     exit_code = runner.finish()
+    # Uploaded weights are fetched again by another attempt; gone before the result is reported, so that
+    # whoever sees the job end finds nothing of the team's model left on the node.
+    weights_path(out_dir).unlink(missing_ok=True)
     leftovers = runner.drain(limit=10_000)
     if leftovers and outcome is None:
         _send(reporter, leftovers, handle)
@@ -240,7 +243,6 @@ def execute(payload: dict, config: NodeConfig) -> dict:
         _upload(reporter, artifact_files(payload, config, out_dir, attempt_dir / "runner.log", status), rank)
     answer = _report_result(reporter, status, error, exit_code, runner, where)
     shutil.rmtree(out_dir, ignore_errors=True)
-    weights_path(out_dir).unlink(missing_ok=True)  # uploaded weights: fetched again by another attempt
     if status == "succeeded":
         # Checkpoints only serve a retry; the final one is an artifact now.
         shutil.rmtree(checkpoint_dir(payload, config.work_dir), ignore_errors=True)

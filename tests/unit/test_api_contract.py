@@ -341,3 +341,11 @@ def test_a_token_header_that_cannot_be_a_key_is_a_401(cluster, key):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     assert client.get("/api/v1/jobs/").status_code == 401
+
+
+def test_a_member_username_with_a_nul_byte_is_a_400_not_a_query(cluster):
+    """The schema fuzzer found it on PostgreSQL: the username lookup sent the NUL to the database (a 500)."""
+    team = cluster["team_a"]
+    response = cluster["staff"].post(f"/api/v1/teams/{team['id']}/members/", {"username": "ali\x00ce"})
+    assert response.status_code == 400, response.content
+    assert response.json() == {"username": ["Null characters are not allowed."]}

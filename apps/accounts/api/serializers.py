@@ -58,8 +58,18 @@ class UserSerializer(StrictMixin, serializers.ModelSerializer):
         return create_user(**validated_data)
 
 
+class UsernameField(serializers.SlugRelatedField):
+    """A user by username. A NUL byte is refused before the lookup: PostgreSQL's text type cannot hold one,
+    so the query itself would fail (a 500 where the answer is that no such user exists)."""
+
+    def to_internal_value(self, data):  # noqa: ANN001, ANN201
+        if isinstance(data, str) and "\x00" in data:
+            raise serializers.ValidationError("Null characters are not allowed.")
+        return super().to_internal_value(data)
+
+
 class MembershipSerializer(StrictSerializer):
-    username = serializers.SlugRelatedField(slug_field="username", queryset=User.objects.all(), source="user")
+    username = UsernameField(slug_field="username", queryset=User.objects.all(), source="user")
     role = serializers.ChoiceField(choices=Membership.Role.choices, default=Membership.Role.MEMBER)
     team = serializers.IntegerField(source="team_id", read_only=True)
     created_at = serializers.DateTimeField(read_only=True)
