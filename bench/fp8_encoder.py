@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/workers.py must not hi
 import torch  # noqa: E402
 
 from workers.compression import report  # noqa: E402
-from workers.compression.fp8_linear import kernel_available, swap_fp8_linears  # noqa: E402
+from workers.compression.fp8_linear import swap_fp8_linears  # noqa: E402
 from workers.compression.gptq import collect_hessians  # noqa: E402
 from workers.compression.models import make_task, to_device  # noqa: E402
 from workers.compression.quantize import Rounding, apply_simulated, apply_torchao, pack, quantizable_layers  # noqa: E402
@@ -282,15 +280,12 @@ def main() -> int:
     parser.add_argument("--compiled-only", action="store_true", help="time only the reduce-overhead builds")
     parser.add_argument("--diagnose-only", action="store_true", help="only the GPTQ int4 diagnosis (bert-base)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not kernel_available(device):
-        print("fp8_encoder: needs a CUDA GPU of compute capability 8.9+ (FP8 tensor cores)", file=sys.stderr)
-        return 2
-    from gpu_timing import cuda_median_ms
+    from gpu_timing import cuda_median_ms, fp8_bench_doc
 
-    doc = {"bench": "fp8_encoder", "date": dt.datetime.now(dt.UTC).date().isoformat(),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "timing": "median of 30 CUDA-event timings after 5 warm-ups", "results": {}}
+    doc = fp8_bench_doc("fp8_encoder", "median of 30 CUDA-event timings after 5 warm-ups")
+    if doc is None:
+        return 2
+    device = "cuda"  # fp8_bench_doc found FP8 tensor cores
     for name in args.models.split(","):
         diagnose = not args.no_diagnose and name == "bert-base"
         only = set(args.variants.split(",")) if args.variants else None

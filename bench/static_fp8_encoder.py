@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,7 +57,6 @@ from workers.compression.fast_encoder import (  # noqa: E402
     linear_names,
     stored_formats,
 )
-from workers.compression.fp8_linear import kernel_available  # noqa: E402
 from workers.compression.models import to_device  # noqa: E402
 
 BATCHES = (1, 8, 64)
@@ -247,16 +244,13 @@ def main() -> int:
     parser.add_argument("--profile", help="comma list of variants (as --variants): their kernels, not timings")
     parser.add_argument("--profile-batches", default="1,64")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not kernel_available(device):
-        print("static_fp8_encoder: needs a CUDA GPU of compute capability 8.9+ (FP8 tensor cores)", file=sys.stderr)
-        return 2
-    from gpu_timing import cuda_median_ms
+    from gpu_timing import cuda_median_ms, fp8_bench_doc
 
-    doc = {"bench": "static_fp8_encoder", "date": dt.datetime.now(dt.UTC).date().isoformat(),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "timing": f"modes {args.modes}: median of CUDA-event timings after warm-up (see the bench's doc)",
-           "results": {}}
+    doc = fp8_bench_doc("static_fp8_encoder",
+                        f"modes {args.modes}: median of CUDA-event timings after warm-up (see the bench's doc)")
+    if doc is None:
+        return 2
+    device = "cuda"  # fp8_bench_doc found FP8 tensor cores
 
     def save():
         if args.out:
