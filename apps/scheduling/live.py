@@ -410,7 +410,7 @@ def _dependencies() -> dict[int, list[tuple[int, str]]]:
             dep_id, state = dead[0]
             try:
                 transition(job_id, JobState.CANCELLED,
-                           message=f"Cancelled: job {dep_id}, which it waited for, {state}.",
+                           message=f"Cancelled: job {dep_id}, which it waited for, ended {state}.",
                            data={"dependency": dep_id, "dependency_state": state})
             except IllegalTransition:
                 pass  # it left the queue meanwhile

@@ -54,7 +54,7 @@ def test_a_dependent_job_is_cancelled_when_its_dependency_fails_or_is_cancelled(
     run_pass()
     second_job = Job.objects.get(pk=second)
     assert second_job.state == JobState.CANCELLED
-    assert second_job.events.last().message == f"Cancelled: job {first}, which it waited for, cancelled."
+    assert second_job.events.last().message == f"Cancelled: job {first}, which it waited for, ended cancelled."
     run_pass()  # and so on down the chain
     assert Job.objects.get(pk=third).state == JobState.CANCELLED
 
@@ -75,7 +75,7 @@ def test_dependencies_must_be_jobs_of_the_same_team_that_can_still_succeed(
     cancel_job(Job.objects.get(pk=mine), actor=alice)
     response = submit(client_for(alice), team_a, depends_on=[mine])
     assert response.status_code == 400
-    assert response.json()["depends_on"] == [f"Job {mine} has cancelled: this job could never start."]
+    assert response.json()["depends_on"] == [f"Job {mine} ended cancelled: this job could never start."]
     response = submit(client_for(alice), team_a, depends_on=list(range(1, 22)))
     assert response.status_code == 400
     assert "depends_on" in response.json()

@@ -43,7 +43,7 @@ class JobCreateSerializer(StrictSerializer):
         jobs = {j.pk: j for j in Job.objects.visible_to(self.context["request"].user)
                 .filter(pk__in=set(ids)).only("id", "state", "team_id")}
         errors = [f"No job {i} that you can see." for i in dict.fromkeys(ids) if i not in jobs]
-        errors += [f"Job {j.pk} has {j.state}: this job could never start." for j in jobs.values()
+        errors += [f"Job {j.pk} ended {j.state}: this job could never start." for j in jobs.values()
                    if j.state in (JobState.FAILED, JobState.CANCELLED)]
         if errors:
             raise serializers.ValidationError(errors)
