@@ -38,11 +38,13 @@ PRESETS = {
             }}},
     },
     "h200x2": {
-        "model": "bert-base", "nodes": 2, "procs_per_node": 1, "backend": "nccl", "steps": 40,
+        "model": "bert-base", "nodes": 2, "procs_per_node": 1, "backend": "nccl", "steps": 100,
         "extra": ["--batch-size", "32", "--seq-len", "128"],
         "settings": {
             "socket": {"env": SOCKET_ENV, "variants": {
                 "ddp-fp32": ["--hcof", "off"],
+                # The same run again: the noise floor of step time and loss that every comparison sits on.
+                "ddp-fp32-repeat": ["--hcof", "off"],
                 "ddp-bf16": ["--hcof", "off", "--ddp-hook", "bf16"],
                 "ddp-powersgd4": ["--hcof", "off", "--ddp-hook", "powersgd:4"],
                 "hcof-int4": ["--hcof", "inter_node=int4"],
@@ -55,6 +57,7 @@ PRESETS = {
             }},
             "nvlink": {"env": {}, "variants": {
                 "ddp-fp32": ["--hcof", "off"],
+                "ddp-fp32-repeat": ["--hcof", "off"],
                 "ddp-bf16": ["--hcof", "off", "--ddp-hook", "bf16"],
                 "ddp-powersgd4": ["--hcof", "off", "--ddp-hook", "powersgd:4"],
                 "hcof-fp32": ["--hcof", "inter_node=none"],
@@ -119,7 +122,15 @@ def goals(preset: str, runs: dict[str, dict]) -> dict:
         r = runs.get(key)
         return r["result"] if r and r.get("ok") else None
 
-    g: dict = {}
+    def loss(r):
+        # The held-out loss where the task has one (it does not depend on which batches the last steps drew).
+        return r["eval_loss"] if r.get("eval_loss") is not None else r["final_loss"]
+
+    def rel(a, b):
+        return round(abs(loss(a) - loss(b)) / loss(b), 4)
+
+    g: dict = {"loss_compared": "eval_loss (held-out batches) where reported, else the mean of the last 10 "
+                                "training losses; step times are medians of the timed steps"}
     if preset == "cpu-digits":
         ref, int4, fp32h = res("gloo-cpu/ddp-fp32"), res("gloo-cpu/hcof-int4"), res("gloo-cpu/hcof-fp32")
         if ref and int4:
@@ -136,6 +147,7 @@ def goals(preset: str, runs: dict[str, dict]) -> dict:
     else:
         for setting in ("nvlink", "socket", "socket-inter"):
             base = {k: res(f"{setting}/{k}") for k in ("ddp-fp32", "ddp-bf16", "ddp-powersgd4")}
+            repeat = res(f"{setting}/ddp-fp32-repeat")
             hcof = {k.split("/", 1)[1]: r["result"] for k, r in runs.items()
                     if k.startswith(setting + "/hcof") and r.get("ok")}
             if not hcof or not base["ddp-fp32"]:
@@ -145,13 +157,17 @@ def goals(preset: str, runs: dict[str, dict]) -> dict:
             entry = {"best_hcof": best_name, "hcof_step_ms": round(1000 * best["step_time_s"], 2),
                      "ddp_fp32_step_ms": round(1000 * fp32["step_time_s"], 2),
                      "speedup_vs_ddp_fp32": round(fp32["step_time_s"] / best["step_time_s"], 3),
-                     "loss_rel_diff_vs_ddp_fp32": round(
-                         abs(best["final_loss"] - fp32["final_loss"]) / fp32["final_loss"], 4),
+                     "loss_rel_diff_vs_ddp_fp32": rel(best, fp32),
                      "scaling_efficiency": best.get("scaling_efficiency")}
+            if repeat:
+                entry["noise_floor_ddp_fp32_repeat"] = {
+                    "step_time_rel_diff": round(
+                        abs(repeat["step_time_s"] - fp32["step_time_s"]) / fp32["step_time_s"], 4),
+                    "loss_rel_diff": rel(repeat, fp32)}
             if base["ddp-bf16"]:
                 entry["ddp_bf16_step_ms"] = round(1000 * base["ddp-bf16"]["step_time_s"], 2)
                 entry["speedup_vs_ddp_bf16"] = round(base["ddp-bf16"]["step_time_s"] / best["step_time_s"], 3)
-            best_ddp = min((b["step_time_s"] for b in base.values() if b), default=None)
+            best_ddp = min((b["step_time_s"] for b in [*base.values(), repeat] if b), default=None)
             if setting == "nvlink":
                 entry["no_slower_than_best_ddp_by_3pct"] = best["step_time_s"] <= 1.03 * best_ddp
             else:
@@ -163,8 +179,7 @@ def goals(preset: str, runs: dict[str, dict]) -> dict:
                 for name, r in hcof.items():
                     row = {"step_ms": round(1000 * r["step_time_s"], 2),
                            "speedup_vs_ddp_fp32": round(fp32["step_time_s"] / r["step_time_s"], 3),
-                           "loss_rel_diff_vs_ddp_fp32": round(abs(r["final_loss"] - fp32["final_loss"])
-                                                              / fp32["final_loss"], 4)}
+                           "loss_rel_diff_vs_ddp_fp32": rel(r, fp32)}
                     if base["ddp-bf16"]:
                         row["speedup_vs_ddp_bf16"] = round(base["ddp-bf16"]["step_time_s"] / r["step_time_s"], 3)
                     row["meets_all_three"] = (row["speedup_vs_ddp_fp32"] >= 2.1
@@ -223,7 +238,8 @@ def main() -> int:
 
 def _brief(run: dict) -> dict:
     r = run.get("result") or {}
-    keys = ("step_time_s", "samples_per_s", "final_loss", "final_accuracy", "scaling_efficiency", "comm_share",
+    keys = ("step_time_s", "step_time_mean_s", "samples_per_s", "final_loss", "eval_loss", "final_accuracy",
+            "scaling_efficiency", "comm_share",
             "overlap_ratio", "bytes_per_step_by_level")
     return {"ok": run.get("ok"), **{k: r[k] for k in keys if k in r}}
 

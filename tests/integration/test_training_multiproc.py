@@ -44,6 +44,9 @@ def test_the_hierarchical_exchange_equals_a_plain_all_reduce_and_int4_sends_7x_f
     assert codecs["int4"]["bytes_by_level"]["intra_node"] == codecs["none"]["bytes_by_level"]["intra_node"]
     assert report["sparse_rows"]["max_abs_error"] == 0.0
     assert report["sparse_rows"]["bytes_by_level"]["inter_node"] < report["sparse_rows"]["dense_fp32_allreduce_bytes"]
+    # Across a level left uncompressed the rows go dense: as exact, and more bytes than the row-sparse form.
+    assert report["dense_rows"]["max_abs_error"] == 0.0
+    assert report["dense_rows"]["bytes_by_level"]["inter_node"] > report["sparse_rows"]["bytes_by_level"]["inter_node"]
 
 
 def test_digits_learns_with_int4_between_two_nodes_of_two_processes():
@@ -61,6 +64,12 @@ def test_digits_learns_with_int4_between_two_nodes_of_two_processes():
     assert final["bytes_by_level"]["inter_node"] * 7 < final["bytes_by_level"]["intra_node"]
     assert 0.0 <= final["overlap_ratio"] <= 1.0
     assert 0.0 < final["comm_share"] < 1.0
+    # step_time_s is the median of the timed steps of the slowest rank; the mean is reported beside it.
+    timed = sorted(r["step_s"] for r in steps[-final["timed_steps"]:])
+    assert 0.5 * timed[0] <= final["step_time_s"] <= 1.5 * timed[-1]  # (rank 0's steps; another rank may set it)
+    assert final["step_time_mean_s"] > 0
+    assert final["loss_curve"][0][0] == 1 and final["loss_curve"][-1][0] == 40
+    assert final["loss_curve"][-1][1] == round(steps[-1]["loss"], 4)
 
 
 def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):

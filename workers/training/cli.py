@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="first steps left out of the timings")
     p.add_argument("--single-samples-per-s", type=float, help="a 1-process run's throughput, for scaling_efficiency")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-dir", help="write a torch.profiler trace (trace.json) and op table (ops.txt) of rank 0")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps the profiler records after the warm-up")
     p.add_argument("--json", action="store_true", help="JSON lines per step and a final JSON object")
     return p
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -108,6 +109,8 @@ def run_worker(cfg: Config) -> int:
     level_s = {lv: 0.0 for lv in LEVELS}
     level_bytes = {lv: 0 for lv in LEVELS}
     losses: list[float] = []
+    step_times: list[float] = []  # the timed steps, for the median
+    profiler = _profiler(cfg, rank, warmup)
     # On a GPU the step is timed with CUDA events so that it keeps one host sync (the loss), like DDP's.
     gpu_timing = device.type == "cuda"
     if gpu_timing:
@@ -150,9 +153,12 @@ def run_worker(cfg: Config) -> int:
             record["exposed_comm_s"] = round(exposed, 6)
             record["comm_s"] = {lv: round(exchanger.seconds[lv] - before_s[lv], 6) for lv in LEVELS}
             record["bytes"] = {lv: exchanger.bytes[lv] - before_b[lv] for lv in LEVELS}
+        if profiler is not None:
+            profiler.step()
         if step - start_step >= warmup:
             timed["n"] += 1
             timed["step"] += t1 - t0
+            step_times.append(t1 - t0)
             if reducer:
                 timed["compute"] += t_bwd - t0
                 timed["exposed"] += exposed
@@ -178,6 +184,11 @@ def run_worker(cfg: Config) -> int:
     if cfg.checkpoint_dir and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
         checkpoint.save(cfg.checkpoint_dir, rank, cfg.steps, task.model, optimizer, reducer)
 
+    if profiler is not None:
+        profiler.stop()
+        _write_profile(profiler, cfg.profile_dir)
+    timed["median"] = statistics.median(step_times) if step_times else 0.0
+    timed["eval_loss"] = task.eval_loss(task.model, autocast)
     final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr)
     if rank == 0:
         emit(cfg, final)
@@ -214,6 +225,30 @@ def _bf16_hook_gloo(process_group, bucket):
     return fut.then(decompress)
 
 
+def _profiler(cfg: Config, rank: int, warmup: int):
+    """torch.profiler over a few steps after the warm-up, on rank 0 only (--profile-dir)."""
+    if not cfg.profile_dir or rank != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=cfg.profile_steps,
+                                                                  repeat=1),
+                   record_shapes=False, with_stack=False)
+    prof.start()
+    return prof
+
+
+def _write_profile(prof, out_dir: str) -> None:
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    (out / "ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+
+
 class _null:
     def __enter__(self):
         return self
@@ -230,13 +265,16 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
     dist.all_gather(everyone, mine)
     stacked = torch.stack(everyone).cpu()
     stats = torch.tensor([timed["n"], timed["step"], timed["compute"], timed["exposed"], timed["busy"],
-                          *[level_s[lv] for lv in LEVELS], *[level_bytes[lv] for lv in LEVELS]],
+                          *[level_s[lv] for lv in LEVELS], *[level_bytes[lv] for lv in LEVELS], timed["median"]],
                          dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(stats) for _ in range(world)]
     dist.all_gather(gathered, stats)
     g = torch.stack(gathered).cpu()
     n = max(1.0, float(g[0, 0]))
-    step_s = float(g[:, 1].max()) / n  # the slowest rank sets the pace
+    mean_step_s = float(g[:, 1].max()) / n  # the slowest rank sets the pace
+    # The median step (of the slowest rank) is what the comparisons use: a stray slow step (a collection, a
+    # host hiccup) moves a 30-step mean by several percent, more than the differences being measured.
+    step_s = float(g[:, 5 + 2 * len(LEVELS)].max())
     samples_per_s = batch * world / step_s if step_s > 0 else None
     sums = [abs(float(x)) for x in stacked[:, 2]]
     consistent = (max(sums) - min(sums)) <= 1e-6 * max(1.0, max(sums))
@@ -248,11 +286,18 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
         "torch": torch.__version__, "mode": _mode_name(cfg), "batch_per_process": batch, "lr": lr,
         "steps": cfg.steps, "timed_steps": int(n),
         "final_loss": round(float(stacked[:, 0].mean()), 6), "last_step_loss": round(float(stacked[:, 1].mean()), 6),
-        "step_time_s": round(step_s, 6), "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
+        "step_time_s": round(step_s, 6), "step_time_mean_s": round(mean_step_s, 6),
+        "step_time_is": "median of the timed steps, slowest rank",
+        "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
         "replicas_consistent": consistent,
+        # Rank 0's training loss at (up to) 20 evenly spaced steps: how the run got to its final loss.
+        "loss_curve": [[i + 1, round(losses[i], 4)] for i in sorted({int(k * (len(losses) - 1) / 19)
+                                                                     for k in range(20)})] if losses else [],
     }
     if task.evaluate is not None:
         record["final_accuracy"] = round(task.evaluate(), 6)
+    if timed.get("eval_loss") is not None:
+        record["eval_loss"] = round(timed["eval_loss"], 6)  # rank 0's replica (they are checked identical)
     if cfg.single_samples_per_s and samples_per_s:
         record["scaling_efficiency"] = round(samples_per_s / (world * cfg.single_samples_per_s), 4)
     if reducer is not None:
@@ -262,7 +307,7 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
             "compute_s": round(float(g[:, 2].mean()) / n, 6),
             "comm_s_by_level": {lv: round(float(g[:, 5 + i].mean()) / n, 6) for i, lv in enumerate(LEVELS)},
             "comm_busy_s": round(busy, 6), "exposed_comm_s": round(exposed, 6),
-            "comm_share": round(exposed / step_s, 4) if step_s else None,
+            "comm_share": round(exposed / mean_step_s, 4) if mean_step_s else None,
             "overlap_ratio": round(max(0.0, 1 - exposed / busy), 4) if busy > 0 else None,
             "bytes_by_level": {lv: int(g[:, 8 + i].sum()) for i, lv in enumerate(LEVELS)},
             "bytes_per_step_by_level": {lv: int(g[:, 8 + i].sum() / n) for i, lv in enumerate(LEVELS)},

@@ -20,6 +20,9 @@ from workers.archs import ResNet50
 from .catalog import DEFAULT_SEQ
 
 POOL = 8  # distinct synthetic batches per rank, made once so input generation stays off the timed path
+BERT_POOL = 32  # BERT-base could learn 8 batches' noisy labels by heart in a 100-step benchmark
+HELD_OUT = 4  # batches of the same distribution that no rank trains on
+LABEL_NOISE = 0.25  # share of BERT token labels drawn at random: the loss then has a floor (about 0.95 nats)
 
 
 @dataclass
@@ -30,6 +33,20 @@ class Task:
     batches: list = field(default_factory=list)
     evaluate: object = None  # () -> accuracy, for real data
     samples_per_batch: int = 0
+    held_out: list = field(default_factory=list)  # batches no rank trains on, the same for every rank and run
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, autocast) -> float | None:
+        """Mean loss over the held-out batches: a quality measure that, unlike the last training losses, does not
+        depend on which batches the final steps drew (None where the task has none)."""
+        if not self.held_out:
+            return None
+        was_training = model.training
+        model.eval()
+        with autocast:
+            total = sum(float(self.loss(model, b)) for b in self.held_out)
+        model.train(was_training)
+        return total / len(self.held_out)
 
     def batch(self, step: int, rank: int, world: int):
         if callable(self.batches):
@@ -103,18 +120,30 @@ def _zipf_tokens(n_batches: int, batch: int, seq: int, vocab: int, gen: torch.Ge
             for _ in range(n_batches)]
 
 
+def _noisy_mod8(ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """label = id mod 8, except a LABEL_NOISE share drawn uniformly: learnable, with an irreducible loss, so that
+    runs compare by how close they get to the floor rather than by when a noiseless loss happens to collapse."""
+    labels = ids % 8
+    noisy = torch.rand(ids.shape, generator=gen) < LABEL_NOISE
+    return torch.where(noisy, torch.randint(0, 8, ids.shape, generator=gen), labels)
+
+
 def bert_task(batch: int, seq: int, device: torch.device, rank: int) -> Task:
     from transformers import BertConfig, BertForTokenClassification
 
     torch.manual_seed(0)
     model = BertForTokenClassification(BertConfig(num_labels=8)).to(device)  # bert-base-uncased shapes
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1000 + rank)
-    pool = []
-    for ids in _zipf_tokens(POOL, batch, seq, model.config.vocab_size, gen):
-        pool.append(({"input_ids": ids.to(device)}, (ids % 8).to(device)))
-    return Task(model=model, synthetic=True, batches=pool, samples_per_batch=batch,
+    pool = [({"input_ids": ids.to(device)}, _noisy_mod8(ids, gen).to(device))
+            for ids in _zipf_tokens(BERT_POOL, batch, seq, vocab, gen)]
+    held_gen = torch.Generator().manual_seed(999)  # rank-independent: every rank and run scores the same batches
+    held_out = [({"input_ids": ids.to(device)}, _noisy_mod8(ids, held_gen).to(device))
+                for ids in _zipf_tokens(HELD_OUT, batch, seq, vocab, held_gen)]
+    return Task(model=model, synthetic=True, batches=pool, samples_per_batch=batch, held_out=held_out,
                 description=f"BERT-base encoder + token classifier, SYNTHETIC Zipf tokens {batch}x{seq}, "
-                            "label = id mod 8")
+                            f"label = id mod 8 with {LABEL_NOISE:.0%} of labels random (loss floor about 0.95); "
+                            f"eval_loss on {HELD_OUT} held-out batches")
 
 
 def gpt2_task(batch: int, seq: int, device: torch.device, rank: int) -> Task:

@@ -223,14 +223,21 @@ def hierarchical_all_reduce(ex: LevelExchanger, x: torch.Tensor, codecs: dict[st
     return x
 
 
-def sparse_rows_hierarchical(ex: LevelExchanger, x: torch.Tensor, codec: Codec, cols: int) -> torch.Tensor:
-    """Critical embedding gradients: exact, dense inside the node, only the touched rows between nodes."""
+def sparse_rows_hierarchical(ex: LevelExchanger, x: torch.Tensor, codec: Codec, cols: int,
+                             sparse_levels=("inter_node", "cross_rack")) -> torch.Tensor:
+    """Critical embedding gradients: exact, dense inside the node, only the touched rows between nodes.
+
+    Levels outside `sparse_levels` (links the user left uncompressed: fast ones) get a dense all-reduce instead,
+    which needs no host sync: the row-sparse exchange must read the row count on the host first."""
     intra = ex.groups.get("intra_node")
     split = intra is not None and intra.size > 1
     piece = ex.reduce_scatter(x, intra, Plain("none"), "emb") if split else x
     for lv in ("inter_node", "cross_rack"):
         lg = ex.groups.get(lv)
         if lg is not None and lg.size > 1:
-            piece = ex.sparse_rows_all_reduce(piece, lg, codec, cols)
+            if lv in sparse_levels:
+                piece = ex.sparse_rows_all_reduce(piece, lg, codec, cols)
+            else:
+                piece = ex.all_reduce(piece, lg, codec, "emb")
     return ex.all_gather(piece, intra, Plain("none"), "emb") if split else piece
 

@@ -46,6 +46,10 @@ class HcofReducer:
         self.world_size = world_size
         self.device = device
         self.critical_codecs = {lv: codecs.get("critical", Plain("none")) for lv in exchanger.groups}
+        # Embedding rows go sparse only across links the user compresses (slow ones): on a link left at `none`
+        # the dense all-reduce is cheap and needs no host sync.
+        self.sparse_levels = tuple(lv for lv in ("inter_node", "cross_rack")
+                                   if codecs.get(lv, Plain("none")).name != "none")
         self.buckets = self._make_buckets(model, classify(model, policy), bucket_mb, first_bucket_mb)
         self.where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._lock = threading.Lock()
@@ -224,7 +228,8 @@ class HcofReducer:
         key = f"b{b.index}"
         b.flat.div_(self.world_size)  # every level sums; the optimizer wants the mean
         if b.kind == "embedding":
-            out = sparse_rows_hierarchical(self.ex, b.flat, self.critical_codecs["intra_node"], b.cols)
+            out = sparse_rows_hierarchical(self.ex, b.flat, self.critical_codecs["intra_node"], b.cols,
+                                           self.sparse_levels)
         elif b.kind == "critical":
             out = hierarchical_all_reduce(self.ex, b.flat, self.critical_codecs, key)
         else:

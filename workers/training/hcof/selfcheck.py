@@ -95,6 +95,13 @@ def _check(args: argparse.Namespace) -> dict:
         "bytes_by_level": {lv: _sum_int(ex.bytes[lv], device) for lv in LEVELS},
         "dense_fp32_allreduce_bytes": 2 * (world - 1) * emb.numel() * 4,
     }
+    # Between nodes left at `none` (fast links) the same gradient goes dense: exact too, with no host sync.
+    ex = LevelExchanger(groups, device)
+    got = sparse_rows_hierarchical(ex, emb.clone(), Plain("none"), cols, sparse_levels=())
+    report["dense_rows"] = {
+        "max_abs_error": float((got - emb_ref).abs().max()),
+        "bytes_by_level": {lv: _sum_int(ex.bytes[lv], device) for lv in LEVELS},
+    }
     dist.barrier()
     dist.destroy_process_group()
     return report
