@@ -5,6 +5,14 @@ share a process with another one), with the same model, batch, steps and data, s
 
   python bench/training.py --preset cpu-digits            # 2 nodes x 2 gloo processes, real digits data
   python bench/training.py --preset h200x2 --out F.json   # BERT-base on 2 GPUs: NVLink, then forced onto sockets
+
+The BERT loss needs about 300 steps to settle (training-2026-11-29-h200-bert-convergence.json: two identical
+300-step runs end 1.1 % apart in held-out loss), so the socket comparison (speed and loss) runs 300 steps once; the
+NVLink one is about speed within 3 %, under a machine whose identical processes differ by up to 10 % in step time,
+so it runs fewer steps, several times, interleaved:
+
+  python bench/training.py --preset h200x2 --only socket/ddp-fp32,socket/ddp-fp32-repeat,... --steps 300
+  python bench/training.py --preset h200x2 --only nvlink/ddp-fp32,nvlink/ddp-bf16,... --steps 100 --repeats 3
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +47,7 @@ PRESETS = {
             }}},
     },
     "h200x2": {
-        "model": "bert-base", "nodes": 2, "procs_per_node": 1, "backend": "nccl", "steps": 100,
+        "model": "bert-base", "nodes": 2, "procs_per_node": 1, "backend": "nccl", "steps": 300,
         "extra": ["--batch-size", "32", "--seq-len", "128"],
         "settings": {
             "socket": {"env": SOCKET_ENV, "variants": {
@@ -57,7 +66,6 @@ PRESETS = {
             }},
             "nvlink": {"env": {}, "variants": {
                 "ddp-fp32": ["--hcof", "off"],
-                "ddp-fp32-repeat": ["--hcof", "off"],
                 "ddp-bf16": ["--hcof", "off", "--ddp-hook", "bf16"],
                 "ddp-powersgd4": ["--hcof", "off", "--ddp-hook", "powersgd:4"],
                 "hcof-fp32": ["--hcof", "inter_node=none"],
@@ -198,6 +206,7 @@ def main() -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-digits")
     p.add_argument("--steps", type=int)
     p.add_argument("--only", help="comma-separated setting/variant names to run")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each variant, in interleaved rounds")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per launch")
     p.add_argument("--out", help="also write the JSON here (rewritten after every run)")
     p.add_argument("--hardware", default="", help="a words-only description of the machine, for the record")
@@ -206,7 +215,7 @@ def main() -> int:
     steps = a.steps or preset["steps"]
     common = ["--model", preset["model"], "--steps", str(steps), "--backend", preset["backend"], *preset["extra"]]
     report = {"bench": "training", "preset": a.preset, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "hardware": a.hardware or platform.node(), "steps": steps, "runs": {}}
+              "hardware": a.hardware or platform.node(), "steps": steps, "repeats": a.repeats, "runs": {}}
     only = set(a.only.split(",")) if a.only else None
 
     def save() -> None:
@@ -218,16 +227,19 @@ def main() -> int:
     save()
     sps = single["result"]["samples_per_s"] if single.get("ok") else None
     topo = ["--nodes", str(preset["nodes"]), "--procs-per-node", str(preset["procs_per_node"])]
-    for setting, spec in preset["settings"].items():
-        for variant, vargs in spec["variants"].items():
-            key = f"{setting}/{variant}"
-            if only and key not in only:
-                continue
+    chosen = [(f"{setting}/{variant}", vargs, spec["env"]) for setting, spec in preset["settings"].items()
+              for variant, vargs in spec["variants"].items() if not only or f"{setting}/{variant}" in only]
+    # With --repeats N every variant runs N times, in rounds (A B C, A B C, ...), so that a slow spell of the
+    # machine falls on all variants alike; a variant's step time is then the median of its runs' medians.
+    attempts: dict[str, list[dict]] = {key: [] for key, _, _ in chosen}
+    for round_ in range(a.repeats):
+        for key, vargs, env in chosen:
             extra = ["--single-samples-per-s", str(sps)] if sps else []
-            report["runs"][key] = run_one(key, [*common, *topo, *vargs, *extra], spec["env"], a.timeout)
-            print(json.dumps({"run": key, "ok": report["runs"][key]["ok"],
-                              "step_s": (report["runs"][key].get("result") or {}).get("step_time_s")}),
-                  file=sys.stderr, flush=True)
+            run = run_one(key, [*common, *topo, *vargs, *extra], env, a.timeout)
+            attempts[key].append(run)
+            report["runs"][key] = _combine(attempts[key])
+            print(json.dumps({"run": key, "round": round_ + 1, "ok": run["ok"],
+                              "step_s": (run.get("result") or {}).get("step_time_s")}), file=sys.stderr, flush=True)
             save()
     report["goals"] = goals(a.preset, report["runs"])
     report["summary"] = {k: _brief(r) for k, r in report["runs"].items()}
@@ -236,11 +248,36 @@ def main() -> int:
     return 0
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One variant's runs as one: the first good run's result with the median step time over the good runs (and
+    samples/s, scaling efficiency from it), and every run's figures under `repeats`."""
+    if len(runs) == 1:
+        return runs[0]
+    good = [r for r in runs if r.get("ok")]
+    out = dict(good[0] if good else runs[-1])
+    out["repeats"] = [{"ok": r.get("ok"), "wall_s": r.get("wall_s"), "error": r.get("error"),
+                       **{k: (r.get("result") or {}).get(k) for k in ("step_time_s", "eval_loss", "final_loss")}}
+                      for r in runs]
+    if good:
+        res = dict(good[0]["result"])
+        first = res["step_time_s"]
+        res["step_time_s"] = round(statistics.median(r["result"]["step_time_s"] for r in good), 6)
+        res["step_time_is"] = f"median over {len(good)} runs of each run's median step, slowest rank"
+        if res.get("samples_per_s"):
+            res["samples_per_s"] = round(res["samples_per_s"] * first / res["step_time_s"], 2)
+        if res.get("scaling_efficiency"):
+            res["scaling_efficiency"] = round(res["scaling_efficiency"] * first / res["step_time_s"], 4)
+        times = [r["result"]["step_time_s"] for r in good]
+        res["step_time_spread"] = round((max(times) - min(times)) / res["step_time_s"], 4)
+        out["result"] = res
+    return out
+
+
 def _brief(run: dict) -> dict:
     r = run.get("result") or {}
     keys = ("step_time_s", "step_time_mean_s", "samples_per_s", "final_loss", "eval_loss", "final_accuracy",
             "scaling_efficiency", "comm_share",
-            "overlap_ratio", "bytes_per_step_by_level")
+            "overlap_ratio", "bytes_per_step_by_level", "step_time_spread")
     return {"ok": run.get("ok"), **{k: r[k] for k in keys if k in r}}
 
 
