@@ -68,8 +68,25 @@ def test_digits_learns_with_int4_between_two_nodes_of_two_processes():
     timed = sorted(r["step_s"] for r in steps[-final["timed_steps"]:])
     assert 0.5 * timed[0] <= final["step_time_s"] <= 1.5 * timed[-1]  # (rank 0's steps; another rank may set it)
     assert final["step_time_mean_s"] > 0
-    assert final["loss_curve"][0][0] == 1 and final["loss_curve"][-1][0] == 40
+    assert final["loss_curve"][0][0] == 1
+    assert final["loss_curve"][-1][0] == 40
     assert final["loss_curve"][-1][1] == round(steps[-1]["loss"], 4)
+
+
+def test_one_uncompressed_level_runs_on_ddps_reducer_and_learns_as_the_hierarchy_does():
+    proc = _run("workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "1",
+                "--backend", "gloo", "--steps", "30", "--hcof", "inter_node=none", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = _lines(proc.stdout)[-1]
+    assert final["engine"] == "ddp"
+    assert final["hcof"]["inter_node"] == "none"
+    assert final["replicas_consistent"] is True
+    assert final["final_accuracy"] > 0.7
+    assert final["bytes_counted"].startswith("modelled")
+    compressed = _run("workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "1",
+                      "--backend", "gloo", "--steps", "30", "--hcof", "inter_node=int8", "--json")
+    assert compressed.returncode == 0, compressed.stderr[-2000:]
+    assert _lines(compressed.stdout)[-1]["engine"] == "hcof"
 
 
 def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):

@@ -38,3 +38,22 @@ def test_eval_loss_is_the_mean_over_held_out_batches_and_restores_training_mode(
     task.eval_loss(model, _null())
     assert model.training  # ... and the model is handed back in training mode
     assert Task(model=model, synthetic=True, description="t").eval_loss(model, _null()) is None
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--hcof", "off", "--nodes", "2"], True),  # the DDP baselines
+    (["--hcof", "inter_node=none", "--nodes", "2"], True),  # one level, nothing compressed: DDP's reducer
+    (["--hcof", "intra_node=none", "--procs-per-node", "4"], True),
+    (["--hcof", "inter_node=bf16", "--nodes", "2"], False),  # a codec to run: HCOF's reducer
+    (["--hcof", "inter_node=none,critical=bf16", "--nodes", "2"], False),
+    (["--hcof", "inter_node=none", "--nodes", "2", "--procs-per-node", "2"], False),  # two levels: the hierarchy
+    (["--hcof", "inter_node=none", "--nodes", "2", "--inter-backend", "gloo", "--backend", "nccl"], False),
+])
+def test_hcof_hands_a_single_uncompressed_level_to_ddps_reducer(argv, expected):
+    from workers.training.cli import parse
+    from workers.training.loop import ddp_engine
+
+    cfg = parse(["--model", "digits-mlp", *argv])
+    cfg.args.backend = cfg.args.backend or "gloo"
+    cfg.args.inter_backend = cfg.args.inter_backend or cfg.args.backend
+    assert ddp_engine(cfg) is expected

@@ -73,7 +73,8 @@ def run_worker(cfg: Config) -> int:
 
     reducer = None
     exchanger = None
-    if cfg.hcof is None:
+    engine = ddp_engine(cfg)
+    if engine:
         if world > 1:
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         bucket_cap_mb=cfg.bucket_mb, gradient_as_bucket_view=True)
@@ -189,12 +190,25 @@ def run_worker(cfg: Config) -> int:
         _write_profile(profiler, cfg.profile_dir)
     timed["median"] = statistics.median(step_times) if step_times else 0.0
     timed["eval_loss"] = task.eval_loss(task.model, autocast)
-    final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr)
+    final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr,
+                          engine)
     if rank == 0:
         emit(cfg, final)
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def ddp_engine(cfg: Config) -> bool:
+    """Whether DDP's reducer runs the exchange: for the baselines, and for HCOF when the allocation spans a single
+    level and nothing is compressed. Then HCOF's hierarchy has one step, a plain all-reduce, and DDP's C++
+    reducer does exactly that with no Python on the backward path, where HCOF's own reducer would add a hook call
+    per parameter and a communication thread (on a launch-bound step, host time is step time)."""
+    if cfg.hcof is None:
+        return True
+    used = [lv for lv in LEVELS if cfg.topology.level_size(lv) > 1]
+    same_backend = not used or used[0] == "intra_node" or cfg.inter_backend in (None, cfg.backend)
+    return len(used) <= 1 and same_backend and all(cfg.hcof[lv].name == "none" for lv in (*used, "critical"))
 
 
 def _register_ddp_hook(model: DDP, hook: str) -> None:
@@ -257,7 +271,8 @@ class _null:
         return False
 
 
-def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr) -> dict:
+def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr,
+                  engine) -> dict:
     tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
     mine = torch.tensor([sum(tail) / len(tail), losses[-1] if losses else float("nan"),
                          _checksum(task.model)], dtype=torch.float64, device=device)
@@ -283,7 +298,9 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
         "world_size": world, "topology": cfg.topology.describe(), "backend": cfg.backend,
         "inter_backend": cfg.inter_backend,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "mode": _mode_name(cfg), "batch_per_process": batch, "lr": lr,
+        "torch": torch.__version__, "mode": _mode_name(cfg),
+        "engine": "ddp" if engine else "hcof",  # who ran the exchange: DDP's reducer or HCOF's own
+        "batch_per_process": batch, "lr": lr,
         "steps": cfg.steps, "timed_steps": int(n),
         "final_loss": round(float(stacked[:, 0].mean()), 6), "last_step_loss": round(float(stacked[:, 1].mean()), 6),
         "step_time_s": round(step_s, 6), "step_time_mean_s": round(mean_step_s, 6),
@@ -316,6 +333,8 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
         })
     elif world > 1:
         per_step = ddp_bytes_by_level(task.model, cfg.topology, cfg.ddp_hook)
+        if cfg.hcof is not None:
+            record["hcof"] = {k: v.name for k, v in cfg.hcof.items()}
         record.update({
             "bytes_per_step_by_level": per_step,
             "bytes_by_level": {lv: b * int(n) for lv, b in per_step.items()},
