@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="first steps left out of the timings")
     p.add_argument("--single-samples-per-s", type=float, help="a 1-process run's throughput, for scaling_efficiency")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gil-switch-us", type=float,
+                   help="the process's GIL switch interval in microseconds (Python's default: 5000); HCOF's "
+                        "communication thread and the backward hooks share the GIL")
     p.add_argument("--profile-dir", help="write a torch.profiler trace (trace.json) and op table (ops.txt) of rank 0")
     p.add_argument("--profile-steps", type=int, default=3, help="steps the profiler records after the warm-up")
     p.add_argument("--json", action="store_true", help="JSON lines per step and a final JSON object")
@@ -124,6 +127,8 @@ def parse(argv: list[str]) -> Config:
         name, _, rank = hook.partition(":")
         if not (hook == "bf16" or (name == "powersgd" and rank.isdigit() and int(rank) > 0)):
             raise UsageError(f"--ddp-hook takes none, bf16 or powersgd:RANK, not {hook!r}")
+    if args.gil_switch_us is not None and not 1 <= args.gil_switch_us <= 1_000_000:
+        raise UsageError("--gil-switch-us must be between 1 and 1000000")
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     if args.node_rank is not None and not 0 <= args.node_rank < len(topology.nodes):
