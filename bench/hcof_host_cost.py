@@ -1,0 +1,172 @@
+"""What HCOF's own reducer costs the host, on one GPU: no peer is needed to run all of its Python.
+
+Eager BERT-base at batch 32 x 128 is bound by kernel launches (about 11 ms of GPU work in a 40 ms step on an
+H200), so host time spent elsewhere is step time. HCOF's reducer adds a Python hook per parameter on the
+backward thread and a communication thread that issues each codec's tensor operations, and the two share the
+GIL. This measures that cost without a network: in one process, with a one-rank NCCL group standing in for the
+inter-node level, a "loopback" reducer runs the full compressed exchange of every bucket (error feedback,
+encode, the all-to-all and all-gather — identities on one rank, but real NCCL calls — decode), so the host does
+everything a two-node int4 step does except wait for the wire. Variants run in interleaved rounds, each in a
+fresh model, and the step time is the median of each run's timed steps (median over rounds).
+
+  python bench/hcof_host_cost.py [--steps 50] [--rounds 3] [--out F.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from workers.training.hcof.reducer import HcofReducer  # noqa: E402
+
+VARIANTS = {
+    # name: (reducer, codec, GIL switch interval in seconds or None for Python's 5 ms)
+    "plain": (None, None, None),
+    "own-reducer-no-exchange": ("own", "none", None),
+    "own-reducer-int4-loopback": ("loopback", "int4", None),
+    "own-reducer-int4-loopback-gil100us": ("loopback", "int4", 100e-6),
+    "own-reducer-topk1%-loopback": ("loopback", "topk:0.01", None),
+    "own-reducer-topk1%-loopback-gil100us": ("loopback", "topk:0.01", 100e-6),
+}
+
+
+def run_variant(name: str, steps: int, warmup: int, device) -> dict:
+    from workers.training.hcof.codecs import Plain, parse_codec
+    from workers.training.hcof.collectives import LevelExchanger
+    from workers.training.hcof.critical import CriticalPolicy
+    from workers.training.hcof.topology import LevelGroup
+    from workers.training.loop import _null
+    from workers.training.models import build_task
+
+    kind, codec_name, interval = VARIANTS[name]
+    default_interval = sys.getswitchinterval()
+    if interval:
+        sys.setswitchinterval(interval)
+    task = build_task("bert-base", 32, 128, device, 0)
+    model = task.model
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    reducer = None
+    if kind:
+        import torch.distributed as dist
+
+        codec = parse_codec(codec_name)
+        backend = dist.get_backend()
+        groups = {"intra_node": LevelGroup("intra_node", None, 1, 0, backend),
+                  "inter_node": LevelGroup("inter_node", dist.group.WORLD, 1, 0, backend),
+                  "cross_rack": LevelGroup("cross_rack", None, 1, 0, backend)}
+        codecs = {"intra_node": Plain("none"), "inter_node": codec, "cross_rack": codec, "critical": Plain("none")}
+        cls = Loopback if kind == "loopback" else HcofReducer
+        policy = CriticalPolicy.parse("bias,norm,embedding,small:1024")
+        reducer = cls(model, LevelExchanger(groups, device), codecs, policy, 1, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else _null()
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        if reducer:
+            reducer.start_step()
+        with autocast:
+            loss = task.loss(model, task.batch(step, 0, 1))
+        loss.backward()
+        if reducer:
+            reducer.finish()
+        opt.step()
+        if reducer:
+            reducer.zero_grad()
+        else:
+            opt.zero_grad(set_to_none=False)
+        loss.item()
+        if reducer and cuda:
+            reducer.timings()  # clears the exchange's timing events, as the training loop does each step
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    sys.setswitchinterval(default_interval)
+    out = {"step_ms": round(1000 * statistics.median(times), 3), "mean_ms": round(1000 * statistics.fmean(times), 3),
+           "loss": round(float(loss), 4)}
+    if reducer:
+        out["buckets"] = len(reducer.buckets)
+        out["error_feedback_slots"] = len(reducer.ex.ef.residuals)  # > 0: the codec really ran on every bucket
+    del model, opt, reducer, task
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+class Loopback(HcofReducer):
+    """Runs the inter-node compressed reduce-scatter and all-gather on every compressed bucket, as a two-node
+    int4 step does, on a one-rank group (the collectives are real NCCL calls that move nothing)."""
+
+    def _reduce(self, b) -> None:
+        if b.kind != "compressed":
+            super()._reduce(b)
+            return
+        lg, codec, key = self.ex.groups["inter_node"], self.codecs["inter_node"], f"b{b.index}"
+        piece = self.ex.reduce_scatter(b.flat, lg, codec, key)
+        b.flat.copy_(self.ex.all_gather(piece, lg, codec, key))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out")
+    p.add_argument("--smoke", action="store_true", help="on CPU (gloo), to check the code path; times mean nothing")
+    a = p.parse_args()
+    import torch.distributed as dist
+
+    if not a.smoke and not torch.cuda.is_available():
+        print("error: bench/hcof_host_cost.py needs a CUDA GPU (it measures the host cost beside GPU launches)",
+              file=sys.stderr)
+        return 2
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29631")
+    if a.smoke:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    else:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    names = a.variants.split(",")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names:
+            runs[n].append(run_variant(n, a.steps, a.warmup, device))
+            print(json.dumps({"round": r + 1, "variant": n, **runs[n][-1]}), file=sys.stderr, flush=True)
+    plain = statistics.median(x["step_ms"] for x in runs["plain"]) if "plain" in runs else None
+    summary = {}
+    for n, xs in runs.items():
+        med = statistics.median(x["step_ms"] for x in xs)
+        summary[n] = {"step_ms": round(med, 3), "rounds_ms": [x["step_ms"] for x in xs]}
+        if plain:
+            summary[n]["host_cost_ms_over_plain"] = round(med - plain, 3)
+    report = {"bench": "hcof_host_cost", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "hardware": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "model": "bert-base, batch 32 x 128, bf16 autocast, fused AdamW, synthetic tokens",
+              "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "summary": summary, "runs": runs}
+    dist.destroy_process_group()
+    text = json.dumps(report, indent=1)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
