@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workers.training.hcof.graphed import GraphedExchange  # noqa: E402
 from workers.training.hcof.reducer import HcofReducer  # noqa: E402
 
 VARIANTS = {
@@ -35,8 +36,9 @@ VARIANTS = {
     "own-reducer-no-exchange": ("own", "none", None),
     "own-reducer-int4-loopback": ("loopback", "int4", None),
     "own-reducer-int4-loopback-gil100us": ("loopback", "int4", 100e-6),
+    "own-reducer-int4-loopback-graphs": ("loopback-graphs", "int4", None),
     "own-reducer-topk1%-loopback": ("loopback", "topk:0.01", None),
-    "own-reducer-topk1%-loopback-gil100us": ("loopback", "topk:0.01", 100e-6),
+    "own-reducer-topk1%-loopback-graphs": ("loopback-graphs", "topk:0.01", None),
 }
 
 
@@ -66,9 +68,10 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
                   "inter_node": LevelGroup("inter_node", dist.group.WORLD, 1, 0, backend),
                   "cross_rack": LevelGroup("cross_rack", None, 1, 0, backend)}
         codecs = {"intra_node": Plain("none"), "inter_node": codec, "cross_rack": codec, "critical": Plain("none")}
-        cls = Loopback if kind == "loopback" else HcofReducer
+        cls = Loopback if kind.startswith("loopback") else HcofReducer
         policy = CriticalPolicy.parse("bias,norm,embedding,small:1024")
         reducer = cls(model, LevelExchanger(groups, device), codecs, policy, 1, device)
+        reducer.loop_graphs = kind == "loopback-graphs"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else _null()
     times = []
     for step in range(steps):
@@ -104,13 +107,25 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
 
 class Loopback(HcofReducer):
     """Runs the inter-node compressed reduce-scatter and all-gather on every compressed bucket, as a two-node
-    int4 step does, on a one-rank group (the collectives are real NCCL calls that move nothing)."""
+    int4 step does, on a one-rank group (the collectives are real NCCL calls that move nothing); with
+    `loop_graphs`, from the second step through the reducer's CUDA-graph path (graphed.py), as a real run does."""
+
+    loop_graphs = False
 
     def _reduce(self, b) -> None:
         if b.kind != "compressed":
             super()._reduce(b)
             return
         lg, codec, key = self.ex.groups["inter_node"], self.codecs["inter_node"], f"b{b.index}"
+        if self.loop_graphs and self._steps_started > 1:
+            graphed = self._graphed.get(b.index)
+            if graphed is None:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graphed = self._graphed[b.index] = GraphedExchange(self.ex, b.flat, codec, lg, None, key,
+                                                                   self._graph_pool)
+            graphed.run()
+            return
         piece = self.ex.reduce_scatter(b.flat, lg, codec, key)
         b.flat.copy_(self.ex.all_gather(piece, lg, codec, key))
 

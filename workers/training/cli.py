@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, help="first steps left out of the timings")
     p.add_argument("--single-samples-per-s", type=float, help="a 1-process run's throughput, for scaling_efficiency")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec-graphs", choices=("on", "off"), default="on",
+                   help="replay compressed buckets' codec work from CUDA graphs (GPU, NCCL; default on)")
     p.add_argument("--gil-switch-us", type=float,
                    help="the process's GIL switch interval in microseconds (Python's default: 5000); HCOF's "
                         "communication thread and the backward hooks share the GIL")

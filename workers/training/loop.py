@@ -90,7 +90,8 @@ def run_worker(cfg: Config) -> int:
             dist.broadcast(p.data, src=0)
         exchanger = LevelExchanger(groups, device)
         reducer = HcofReducer(task.model, exchanger, cfg.hcof, cfg.critical, world, device,
-                              bucket_mb=cfg.bucket_mb, first_bucket_mb=cfg.first_bucket_mb)
+                              bucket_mb=cfg.bucket_mb, first_bucket_mb=cfg.first_bucket_mb,
+                              codec_graphs=cfg.codec_graphs == "on")
 
     # With checkpoints, SIGTERM (a preemption, a cancel, a worker shutting down: the worker signals the
     # runner's whole process group) ends the attempt at a step boundary with a checkpoint, so that the

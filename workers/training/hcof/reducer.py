@@ -19,6 +19,7 @@ from torch import nn
 from .codecs import CHUNK, Codec, Plain
 from .collectives import LevelExchanger, hierarchical_all_reduce, sparse_rows_hierarchical
 from .critical import CriticalPolicy, classify
+from .graphed import GraphedExchange, graphable_levels
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Bucket:
 class HcofReducer:
     def __init__(self, model: nn.Module, exchanger: LevelExchanger, codecs: dict[str, Codec],
                  policy: CriticalPolicy, world_size: int, device: torch.device,
-                 bucket_mb: float = 25.0, first_bucket_mb: float = 1.0) -> None:
+                 bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, codec_graphs: bool = True) -> None:
         self.ex = exchanger
         self.codecs = codecs
         self.world_size = world_size
@@ -72,6 +73,12 @@ class HcofReducer:
         for p in model.parameters():
             if id(p) in self.where:
                 p.register_post_accumulate_grad_hook(self._on_grad)
+        # Compressed buckets replay their codec work from CUDA graphs once one eager step has run (it creates the
+        # residuals and every lazily initialised library handle); see graphed.py.
+        self._graph_levels = graphable_levels(exchanger, codecs) if codec_graphs else None
+        self._graphed: dict[int, GraphedExchange] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self._graph_levels else None
+        self._steps_started = 0
         self._thread = threading.Thread(target=self._run, name="hcof-comm", daemon=True)
         self._thread.start()
 
@@ -127,6 +134,7 @@ class HcofReducer:
             b.pending = len(b.params)
             b.arrived = set()
             b.ready.clear()
+        self._steps_started += 1
         self._done.clear()
         self._jobs.put("step")
 
@@ -227,6 +235,14 @@ class HcofReducer:
     def _reduce(self, b: Bucket) -> None:
         key = f"b{b.index}"
         b.flat.div_(self.world_size)  # every level sums; the optimizer wants the mean
+        if b.kind == "compressed" and self._graph_levels and self._steps_started > 1:
+            graphed = self._graphed.get(b.index)
+            if graphed is None:
+                intra, outer = self._graph_levels
+                graphed = self._graphed[b.index] = GraphedExchange(
+                    self.ex, b.flat, self.codecs[outer.level], outer, intra, key, self._graph_pool)
+            graphed.run()
+            return
         if b.kind == "embedding":
             out = sparse_rows_hierarchical(self.ex, b.flat, self.critical_codecs["intra_node"], b.cols,
                                            self.sparse_levels)
@@ -243,5 +259,6 @@ class HcofReducer:
                 "powersgd_q": {k: v.cpu() for k, v in self.ex._powersgd_q.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self._graphed.clear()  # captured graphs hold the old residual tensors: capture again
         self.ex.ef.load_state_dict(state.get("residuals", {}), self.device)
         self.ex._powersgd_q = {k: v.to(self.device) for k, v in state.get("powersgd_q", {}).items()}
