@@ -93,10 +93,10 @@ class GraphedExchange:
         side.wait_stream(torch.cuda.current_stream(self.flat.device))
         self.graphs = []
         with torch.cuda.stream(side):
-            for fn in (self._g1, self._g2, self._g3):
-                if fn is self._g2:  # the collectives' outputs are plain buffers the graphs read from
+            for i, fn in enumerate((self._g1, self._g2, self._g3)):
+                if i == 1:  # the collectives' outputs are plain buffers the graphs read from
                     self.recv_rs = torch.empty_like(self.send_rs)
-                if fn is self._g3:
+                if i == 2:
                     self.recv_ag = self.send_ag.new_empty((self.outer.size, self.send_ag.shape[1]))
                 g = torch.cuda.CUDAGraph()
                 # thread_local: the backward pass goes on launching kernels from its own thread meanwhile.
