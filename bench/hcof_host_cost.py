@@ -31,14 +31,13 @@ from workers.training.hcof.graphed import GraphedExchange  # noqa: E402
 from workers.training.hcof.reducer import HcofReducer  # noqa: E402
 
 VARIANTS = {
-    # name: (reducer, codec, GIL switch interval in seconds or None for Python's 5 ms)
-    "plain": (None, None, None),
-    "own-reducer-no-exchange": ("own", "none", None),
-    "own-reducer-int4-loopback": ("loopback", "int4", None),
-    "own-reducer-int4-loopback-gil100us": ("loopback", "int4", 100e-6),
-    "own-reducer-int4-loopback-graphs": ("loopback-graphs", "int4", None),
-    "own-reducer-topk1%-loopback": ("loopback", "topk:0.01", None),
-    "own-reducer-topk1%-loopback-graphs": ("loopback-graphs", "topk:0.01", None),
+    # name: (reducer, codec)
+    "plain": (None, None),
+    "own-reducer-no-exchange": ("own", "none"),
+    "own-reducer-int4-loopback": ("loopback", "int4"),
+    "own-reducer-int4-loopback-graphs": ("loopback-graphs", "int4"),
+    "own-reducer-topk1%-loopback": ("loopback", "topk:0.01"),
+    "own-reducer-topk1%-loopback-graphs": ("loopback-graphs", "topk:0.01"),
 }
 
 
@@ -50,10 +49,7 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
     from workers.training.loop import _null
     from workers.training.models import build_task
 
-    kind, codec_name, interval = VARIANTS[name]
-    default_interval = sys.getswitchinterval()
-    if interval:
-        sys.setswitchinterval(interval)
+    kind, codec_name = VARIANTS[name]
     task = build_task("bert-base", 32, 128, device, 0)
     model = task.model
     cuda = device.type == "cuda"
@@ -93,7 +89,6 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
             reducer.timings()  # clears the exchange's timing events, as the training loop does each step
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    sys.setswitchinterval(default_interval)
     out = {"step_ms": round(1000 * statistics.median(times), 3), "mean_ms": round(1000 * statistics.fmean(times), 3),
            "loss": round(float(loss), 4)}
     if reducer:

@@ -63,10 +63,8 @@ PRESETS = {
                 "hcof-int8-b100": ["--hcof", "inter_node=int8", "--bucket-mb", "100"],
                 "hcof-int4-b100": ["--hcof", "inter_node=int4", "--bucket-mb", "100"],
                 "hcof-int4-gloo": ["--hcof", "inter_node=int4", "--inter-backend", "gloo"],
-                # The codec's Python on the communication thread holds the GIL that the backward hooks need: a
-                # 100 µs switch interval instead of Python's 5 ms bounds how long a hook waits for it.
-                "hcof-int4-gil100": ["--hcof", "inter_node=int4", "--gil-switch-us", "100"],
-                "hcof-topk1%-gil100": ["--hcof", "inter_node=topk:0.01", "--gil-switch-us", "100"],
+                # The eager codec path, for comparison with the CUDA-graphed one (the default).
+                "hcof-int4-eager": ["--hcof", "inter_node=int4", "--codec-graphs", "off"],
             }},
             "nvlink": {"env": {}, "variants": {
                 "ddp-fp32": ["--hcof", "off"],
@@ -78,7 +76,6 @@ PRESETS = {
                 # same halving of bytes, in HCOF's reducer. Not yet measured (needs the two-GPU machine).
                 "hcof-bf16": ["--hcof", "inter_node=bf16"],
                 "hcof-bf16-b50": ["--hcof", "inter_node=bf16", "--bucket-mb", "50"],
-                "hcof-bf16-gil100": ["--hcof", "inter_node=bf16", "--gil-switch-us", "100"],
             }},
         },
     },

@@ -72,7 +72,7 @@ def test_a_flat_ring_over_two_nodes_of_two_crosses_nodes_on_half_its_links():
     (["--ddp-hook", "bf16", "--hcof", "inter_node=int4"], "--hcof off"),
     (["--nodes", "3", "--racks", "2"], "evenly"),
     (["--model", "llama"], "invalid choice"),
-    (["--gil-switch-us", "0"], "between 1 and 1000000"),
+    (["--codec-graphs", "maybe"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, message, capsys):
     base = ["--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "2", "--backend", "gloo"]

@@ -56,9 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codec-graphs", choices=("on", "off"), default="on",
                    help="replay compressed buckets' codec work from CUDA graphs (GPU, NCCL; default on)")
-    p.add_argument("--gil-switch-us", type=float,
-                   help="the process's GIL switch interval in microseconds (Python's default: 5000); HCOF's "
-                        "communication thread and the backward hooks share the GIL")
     p.add_argument("--profile-dir", help="write a torch.profiler trace (trace.json) and op table (ops.txt) of rank 0")
     p.add_argument("--profile-steps", type=int, default=3, help="steps the profiler records after the warm-up")
     p.add_argument("--json", action="store_true", help="JSON lines per step and a final JSON object")
@@ -129,8 +126,6 @@ def parse(argv: list[str]) -> Config:
         name, _, rank = hook.partition(":")
         if not (hook == "bf16" or (name == "powersgd" and rank.isdigit() and int(rank) > 0)):
             raise UsageError(f"--ddp-hook takes none, bf16 or powersgd:RANK, not {hook!r}")
-    if args.gil_switch_us is not None and not 1 <= args.gil_switch_us <= 1_000_000:
-        raise UsageError("--gil-switch-us must be between 1 and 1000000")
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
     if args.node_rank is not None and not 0 <= args.node_rank < len(topology.nodes):

@@ -43,10 +43,6 @@ def emit(cfg: Config, record: dict) -> None:
 
 def run_worker(cfg: Config) -> int:
     _die_with_parent()
-    if cfg.gil_switch_us:
-        # A hook on the backward thread that needs the GIL while the communication thread runs a codec's Python
-        # waits until that thread blocks, or for the switch interval; a shorter interval bounds the wait.
-        sys.setswitchinterval(cfg.gil_switch_us / 1e6)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     topo = cfg.topology
     try:
