@@ -38,6 +38,8 @@ VARIANTS = {
     "own-reducer-int4-loopback-graphs": ("loopback-graphs", "int4"),
     "own-reducer-topk1%-loopback": ("loopback", "topk:0.01"),
     "own-reducer-topk1%-loopback-graphs": ("loopback-graphs", "topk:0.01"),
+    # 100 MB buckets: 5 instead of 17, so a third of the per-bucket host work (and less overlap).
+    "own-reducer-int4-loopback-graphs-b100": ("loopback-graphs", "int4", 100.0),
 }
 
 
@@ -49,7 +51,8 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
     from workers.training.loop import _null
     from workers.training.models import build_task
 
-    kind, codec_name = VARIANTS[name]
+    kind, codec_name, *rest = VARIANTS[name]
+    bucket_mb = rest[0] if rest else 25.0
     task = build_task("bert-base", 32, 128, device, 0)
     model = task.model
     cuda = device.type == "cuda"
@@ -64,13 +67,15 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
                   "inter_node": LevelGroup("inter_node", dist.group.WORLD, 1, 0, backend),
                   "cross_rack": LevelGroup("cross_rack", None, 1, 0, backend)}
         codecs = {"intra_node": Plain("none"), "inter_node": codec, "cross_rack": codec, "critical": Plain("none")}
-        cls = Loopback if kind.startswith("loopback") else HcofReducer
         policy = CriticalPolicy.parse("bias,norm,embedding,small:1024")
-        reducer = cls(model, LevelExchanger(groups, device), codecs, policy, 1, device)
+        reducer = Loopback(model, LevelExchanger(groups, device), codecs, policy, 1, device, bucket_mb=bucket_mb)
+        reducer.loop = kind.startswith("loopback")
         reducer.loop_graphs = kind == "loopback-graphs"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else _null()
     times = []
     for step in range(steps):
+        if reducer and step == warmup:
+            reducer.host_s = {"hooks": 0.0, "exchange": 0.0}
         t0 = time.perf_counter()
         if reducer:
             reducer.start_step()
@@ -94,6 +99,9 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
     if reducer:
         out["buckets"] = len(reducer.buckets)
         out["error_feedback_slots"] = len(reducer.ex.ef.residuals)  # > 0: the codec really ran on every bucket
+        timed = max(1, steps - warmup)
+        # Host time inside the parameter hooks (backward thread) and the buckets' exchanges (communication thread).
+        out["host_ms_per_step"] = {k: round(1000 * v / timed, 3) for k, v in reducer.host_s.items()}
     del model, opt, reducer, task
     if cuda:
         torch.cuda.empty_cache()
@@ -101,14 +109,31 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
 
 
 class Loopback(HcofReducer):
-    """Runs the inter-node compressed reduce-scatter and all-gather on every compressed bucket, as a two-node
-    int4 step does, on a one-rank group (the collectives are real NCCL calls that move nothing); with
-    `loop_graphs`, from the second step through the reducer's CUDA-graph path (graphed.py), as a real run does."""
+    """HCOF's reducer with its host time summed: inside the parameter hooks (backward thread) and the buckets'
+    exchanges (communication thread). With `loop`, it runs the inter-node compressed reduce-scatter and
+    all-gather on every compressed bucket, as a two-node int4 step does, on a one-rank group (the collectives
+    are real NCCL calls that move nothing); with `loop_graphs`, from the second step through the CUDA-graph
+    path (graphed.py), as a real run does."""
 
+    loop = False
     loop_graphs = False
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.host_s = {"hooks": 0.0, "exchange": 0.0}
+        super().__init__(*args, **kwargs)  # registers the hooks: bound to this class's _on_grad
+
+    def _on_grad(self, p) -> None:
+        t = time.perf_counter()
+        super()._on_grad(p)
+        self.host_s["hooks"] += time.perf_counter() - t
+
     def _reduce(self, b) -> None:
-        if b.kind != "compressed":
+        t = time.perf_counter()
+        self._exchange(b)
+        self.host_s["exchange"] += time.perf_counter() - t
+
+    def _exchange(self, b) -> None:
+        if not self.loop or b.kind != "compressed":
             super()._reduce(b)
             return
         lg, codec, key = self.ex.groups["inter_node"], self.codecs["inter_node"], f"b{b.index}"
