@@ -21,8 +21,11 @@ def one_rank_nccl():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("codec_name", ["int4", "int8", "topk:0.05", "bf16"])
-def test_graphed_rounds_equal_eager_rounds(one_rank_nccl, codec_name):
+@pytest.mark.parametrize(("codec_name", "with_intra"), [
+    ("int4", False), ("int8", False), ("topk:0.05", False), ("bf16", False),
+    ("int4", True),  # with the plain intra-node reduce-scatter and all-gather around the compressed level
+])
+def test_graphed_rounds_equal_eager_rounds(one_rank_nccl, codec_name, with_intra):
     from workers.training.hcof.codecs import CHUNK, parse_codec
     from workers.training.hcof.collectives import LevelExchanger
     from workers.training.hcof.graphed import GraphedExchange
@@ -32,7 +35,8 @@ def test_graphed_rounds_equal_eager_rounds(one_rank_nccl, codec_name):
     codec = parse_codec(codec_name)
 
     def exchanger():
-        groups = {"intra_node": LevelGroup("intra_node", None, 1, 0, "nccl"),
+        intra_group = one_rank_nccl if with_intra else None
+        groups = {"intra_node": LevelGroup("intra_node", intra_group, 1, 0, "nccl"),
                   "inter_node": LevelGroup("inter_node", one_rank_nccl, 1, 0, "nccl"),
                   "cross_rack": LevelGroup("cross_rack", None, 1, 0, "nccl")}
         return LevelExchanger(groups, device)
@@ -41,15 +45,23 @@ def test_graphed_rounds_equal_eager_rounds(one_rank_nccl, codec_name):
     xs = [torch.randn(64 * CHUNK, generator=gen).to(device) for _ in range(5)]
     eager_ex, graph_ex = exchanger(), exchanger()
     lg_e, lg_g = eager_ex.groups["inter_node"], graph_ex.groups["inter_node"]
-    eager_out = []
-    for x in xs:
-        eager_out.append(eager_ex.all_gather(eager_ex.reduce_scatter(x.clone(), lg_e, codec, "b0"), lg_e, codec, "b0"))
+    intra_e, intra_g = eager_ex.groups["intra_node"], graph_ex.groups["intra_node"]
+
+    def eager_round(ex, lg, intra, x):
+        from workers.training.hcof.codecs import Plain
+
+        piece = ex.reduce_scatter(x, intra, Plain("none"), "b0") if with_intra else x
+        out = ex.all_gather(ex.reduce_scatter(piece, lg, codec, "b0"), lg, codec, "b0")
+        return ex.all_gather(out, intra, Plain("none"), "b0") if with_intra else out
+
+    eager_out = [eager_round(eager_ex, lg_e, intra_e, x.clone()) for x in xs]
     flat = torch.empty_like(xs[0])
     # Round 1 eager, as in the reducer (it creates the residuals), then captured graphs for the rest.
     flat.copy_(xs[0])
-    first = graph_ex.all_gather(graph_ex.reduce_scatter(flat, lg_g, codec, "b0"), lg_g, codec, "b0")
+    first = eager_round(graph_ex, lg_g, intra_g, flat)
     torch.testing.assert_close(first, eager_out[0], rtol=0, atol=0)
-    graphed = GraphedExchange(graph_ex, flat, codec, lg_g, None, "b0", torch.cuda.graph_pool_handle())
+    graphed = GraphedExchange(graph_ex, flat, codec, lg_g, intra_g if with_intra else None, "b0",
+                              torch.cuda.graph_pool_handle())
     for x, want in zip(xs[1:], eager_out[1:], strict=True):
         flat.copy_(x)
         got = graphed.run().clone()
