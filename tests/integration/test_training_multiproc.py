@@ -100,6 +100,7 @@ def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):
     lines = _lines(again.stdout)
     assert lines[0] == {"type": "resumed", "step": 4}
     assert [r["step"] for r in lines if r["type"] == "step"] == [5, 6, 7]
+    assert [point[0] for point in lines[-1]["loss_curve"]] == [5, 6, 7]  # numbered as the steps, not from 1
 
 
 def test_a_killed_rank_makes_the_others_exit_and_the_attempt_fail_within_60_seconds():

@@ -191,6 +191,7 @@ def run_worker(cfg: Config) -> int:
         _write_profile(profiler, cfg.profile_dir)
     timed["median"] = statistics.median(step_times) if step_times else 0.0
     timed["eval_loss"] = task.eval_loss(task.model, autocast)
+    timed["first_step"] = start_step + 1  # a resumed attempt's losses start after its checkpoint
     final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr,
                           engine)
     if rank == 0:
@@ -309,8 +310,8 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
         "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
         "replicas_consistent": consistent,
         # Rank 0's training loss at (up to) 20 evenly spaced steps: how the run got to its final loss.
-        "loss_curve": [[i + 1, round(losses[i], 4)] for i in sorted({int(k * (len(losses) - 1) / 19)
-                                                                     for k in range(20)})] if losses else [],
+        "loss_curve": [[timed.get("first_step", 1) + i, round(losses[i], 4)]
+                       for i in sorted({int(k * (len(losses) - 1) / 19) for k in range(20)})] if losses else [],
     }
     if task.evaluate is not None:
         record["final_accuracy"] = round(task.evaluate(), 6)
