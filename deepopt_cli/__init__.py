@@ -8,6 +8,8 @@ scancel). Stand-alone: it needs Python 3.11+ and `requests`, not Django, so it r
     python -m deepopt_cli events 42 --follow  # its state changes and progress until it ends
     python -m deepopt_cli cancel 42
     python -m deepopt_cli jobs --state queued ; python -m deepopt_cli nodes ; python -m deepopt_cli whoami
+    python -m deepopt_cli upload model.safetensors --arch bert-base   # then spec.weights = the id it prints
+    python -m deepopt_cli artifacts 42 ; python -m deepopt_cli download 42 -o out/   # checked by sha256
 
 The server and token come from --server / --token, else DEEPOPT_URL / DEEPOPT_TOKEN, else the file
 `login` writes (`$DEEPOPT_CONFIG_DIR` or ~/.config/deepopt, `credentials.json`, mode 0600; it holds the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import json
 import os
 import sys
@@ -119,6 +122,35 @@ class Api:
             return response.json()
         except (requests.RequestException, ValueError) as exc:
             raise CliError(f"cannot read {url}: {type(exc).__name__}") from exc
+
+    def download(self, url: str, target: Path, sha256: str) -> int:
+        """Stream a file to `target` through a temporary file beside it, checked against the listed sha256:
+        `target` appears whole and verified, or not at all. Returns the bytes written."""
+        part = target.with_name(f".{target.name}.part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.session.get(url, timeout=TIMEOUT_S, stream=True,
+                                  headers={"Accept": "application/octet-stream"}) as response:
+                if response.status_code >= 400:
+                    try:
+                        detail = response.json().get("detail")
+                    except (ValueError, AttributeError):
+                        detail = None
+                    raise CliError(detail or f"HTTP {response.status_code} from {url}",
+                                   2 if response.status_code == 404 else 1)
+                with part.open("wb") as fh:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+            if digest.hexdigest() != sha256:
+                raise CliError(f"{target.name}: the download's sha256 does not match the server's; nothing kept")
+            os.replace(part, target)
+            return size
+        except requests.RequestException as exc:
+            raise CliError(f"cannot download {url}: {type(exc).__name__}") from exc
+        finally:
+            part.unlink(missing_ok=True)
 
     def pages(self, path: str, params: dict | None = None, limit: int | None = None) -> list[dict]:
         """Every result of a paginated list (following `next`), or the first `limit`."""
@@ -324,6 +356,77 @@ def cmd_nodes(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def size_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def cmd_artifacts(args: argparse.Namespace, api: Api) -> int:
+    items = api.pages(f"jobs/{args.job}/artifacts/")
+    rows = [[a["id"], a["attempt"], size_text(a["size"]), a["sha256"][:12], when(a["created_at"]), a["name"]]
+            for a in items]
+    emit(args, items, table(rows, ["ID", "ATTEMPT", "SIZE", "SHA256", "CREATED", "NAME"]) if rows else
+         f"Job {args.job} has no artifacts yet.")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace, api: Api) -> int:
+    items = api.pages(f"jobs/{args.job}/artifacts/")
+    if args.artifacts:
+        chosen = []
+        for wanted in args.artifacts:
+            # By id, or by name from the newest attempt that has it (the list is newest attempt first).
+            match = next((a for a in items if str(a["id"]) == wanted or a["name"] == wanted), None)
+            if match is None:
+                raise CliError(f"job {args.job} has no artifact {wanted!r} (see `deepopt artifacts {args.job}`)", 2)
+            chosen.append(match)
+    else:
+        newest = max((a["attempt"] for a in items), default=None)
+        chosen = [a for a in items if a["attempt"] == newest]
+        if not chosen:
+            raise CliError(f"job {args.job} has no artifacts yet", 2)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / Path(a["name"]).name for a in chosen]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise CliError(f"{', '.join(existing)} already exist(s); --force replaces", 2)
+    done = []
+    for a, target in zip(chosen, targets, strict=True):
+        size = api.download(a["download_url"], target, a["sha256"])
+        done.append({"artifact": a["id"], "name": a["name"], "path": str(target), "size": size, "sha256": a["sha256"]})
+        if not args.json:
+            print(f"{target}  {size_text(size)}  sha256 {a['sha256'][:12]} verified", flush=True)
+    if args.json:
+        print(json.dumps(done, indent=1))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, api: Api) -> int:
+    models = api.pages("models/")
+    rows = [[m["id"], m["team_name"], m["arch"], size_text(m["size"]), m["tensors"], when(m["created_at"]), m["name"]]
+            for m in models]
+    emit(args, models, table(rows, ["ID", "TEAM", "ARCH", "SIZE", "TENSORS", "UPLOADED", "NAME"]) if rows else
+         "No uploaded models.")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace, api: Api) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file", 2)
+    data = {k: v for k, v in (("arch", args.arch), ("team", args.team), ("name", args.name)) if v}
+    with path.open("rb") as fh:
+        created = api.call("POST", "models/", data=data, files={"file": (path.name, fh, "application/octet-stream")})
+    emit(args, created, f"Uploaded model {created['id']} ({created['name']}: {created['arch']}, "
+         f"{size_text(created['size'])}, {created['tensors']} tensors); a compression job uses it with "
+         f'"spec": {{"model": "{created["arch"]}", "weights": {created["id"]}}}')
+    return 0
+
+
 def job_ids(text: str) -> list[int]:
     return [positive_int(part) for part in text.replace(",", " ").split()]
 
@@ -386,11 +489,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("jobs", type=positive_int, nargs="+")
 
     sub.add_parser("nodes", help="nodes you can see")
+
+    s = sub.add_parser("artifacts", help="the files a job's attempts produced")
+    s.add_argument("job", type=positive_int)
+    s = sub.add_parser("download", help="download a job's artifacts (default: all of its newest attempt)")
+    s.add_argument("job", type=positive_int)
+    s.add_argument("artifacts", nargs="*", metavar="ID|NAME", help="which ones (default: the newest attempt's)")
+    s.add_argument("-o", "--output", default=".", help="the folder to write to (default: here)")
+    s.add_argument("--force", action="store_true", help="replace files that exist")
+
+    sub.add_parser("models", help="your teams' uploaded model weights")
+    s = sub.add_parser("upload", help="upload model weights (safetensors) for compression jobs")
+    s.add_argument("file")
+    s.add_argument("--arch", required=True, help="the catalog architecture of the weights, e.g. bert-base")
+    s.add_argument("--team", help="team id or slug (optional when you are in one team)")
+    s.add_argument("--name")
     return p
 
 
 COMMANDS = {"whoami": cmd_whoami, "submit": cmd_submit, "jobs": cmd_jobs, "queue": cmd_queue, "show": cmd_show,
-            "events": cmd_events, "cancel": cmd_cancel, "nodes": cmd_nodes}
+            "events": cmd_events, "cancel": cmd_cancel, "nodes": cmd_nodes, "artifacts": cmd_artifacts,
+            "download": cmd_download, "models": cmd_models, "upload": cmd_upload}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,3 +202,88 @@ def test_submit_after_another_job_and_show_what_it_waits_for(cli, alice, team_a,
                          "--spec", SPEC)
     assert status == 2
     assert err.strip() == "deepopt: depends_on: No job 424242 that you can see."
+
+
+def test_upload_weights_then_list_them_and_a_pickle_is_refused(cli, alice, charlie, team_a, settings, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    weights = tmp_path / "tuned.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(weights))
+    login(cli, "alice", "alice-pass-123")
+    status, out, err = cli("upload", str(weights), "--arch", "bert-base", "--team", team_a.slug)
+    assert status == 0, err
+    model_id = int(re.search(r"Uploaded model (\d+)", out).group(1))
+    assert f'"weights": {model_id}' in out  # how a compression job names it
+    status, out, _ = cli("models")
+    assert status == 0
+    assert "tuned.safetensors" in out
+    assert "bert-base" in out
+
+    pickled = tmp_path / "tuned.pt"
+    torch.save({"w": torch.zeros(4, 4)}, pickled)
+    status, out, err = cli("upload", str(pickled), "--arch", "bert-base", "--team", team_a.slug)
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert err.startswith("deepopt: file: ")
+    status, _, err = cli("upload", str(tmp_path / "missing.safetensors"), "--arch", "bert-base")
+    assert status == 2
+    assert "no such file" in err
+
+    login(cli, "charlie", "charlie-pass-123")
+    assert cli("models")[1].strip() == "No uploaded models."
+
+
+def test_artifacts_are_listed_and_downloaded_whole_and_verified(cli, alice, charlie, team_a, node_a, settings,
+                                                                 tmp_path):
+    import hashlib
+
+    from django.core.files.base import ContentFile
+
+    from apps.scheduling.models import JobArtifact
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    login(cli, "alice", "alice-pass-123")
+    assert cli("submit", "--team", team_a.slug, "--kind", "compression", "--gpus", "1", "--spec", SPEC)[0] == 0
+    job = Job.objects.get()
+    status, out, _ = cli("artifacts", str(job.pk))
+    assert (status, out.strip()) == (0, f"Job {job.pk} has no artifacts yet.")
+    assert cli("download", str(job.pk), "-o", str(tmp_path / "none"))[0] == 2
+
+    files = {1: {"report.json": b'{"attempt": 1}'},
+             2: {"report.json": b'{"attempt": 2}', "model.safetensors": b"x" * 5000}}
+    for attempt, named in files.items():
+        for name, content in named.items():
+            artifact = JobArtifact(job=job, attempt=attempt, name=name, size=len(content),
+                                   sha256=hashlib.sha256(content).hexdigest())
+            artifact.file.save(name, ContentFile(content), save=True)
+    status, out, _ = cli("artifacts", str(job.pk))
+    assert status == 0
+    assert [line.split()[1] for line in out.strip().splitlines()[1:]] == ["2", "2", "1"]  # newest attempt first
+
+    out_dir = tmp_path / "out"
+    status, out, err = cli("download", str(job.pk), "-o", str(out_dir))  # the newest attempt's files
+    assert status == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.safetensors", "report.json"]
+    assert (out_dir / "report.json").read_bytes() == b'{"attempt": 2}'
+    assert out.count("verified") == 2
+    status, _, err = cli("download", str(job.pk), "-o", str(out_dir))
+    assert status == 2
+    assert "--force" in err  # nothing is overwritten unasked
+    first = JobArtifact.objects.get(job=job, attempt=1)
+    status, _, err = cli("download", str(job.pk), str(first.pk), "-o", str(out_dir), "--force")
+    assert status == 0, err
+    assert (out_dir / "report.json").read_bytes() == b'{"attempt": 1}'
+    assert cli("download", str(job.pk), "nope.bin", "-o", str(out_dir))[0] == 2
+
+    # A file that does not match the server's checksum is not kept, and what was there stays.
+    JobArtifact.objects.filter(pk=first.pk).update(sha256="0" * 64)
+    status, _, err = cli("download", str(job.pk), str(first.pk), "-o", str(tmp_path / "bad"))
+    assert status == 1
+    assert "sha256 does not match" in err
+    assert list((tmp_path / "bad").iterdir()) == []
+
+    login(cli, "charlie", "charlie-pass-123")
+    for argv in (("artifacts", str(job.pk)), ("download", str(job.pk), "-o", str(tmp_path / "c"))):
+        status, out, err = cli(*argv)
+        assert (status, out, err.count("\n")) == (2, "", 1), argv
