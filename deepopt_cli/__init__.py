@@ -255,6 +255,12 @@ def cmd_submit(args: argparse.Namespace, api: Api) -> int:
     created = api.call("POST", "jobs/", json=job)
     emit(args, created, f"Submitted job {created['id']} ({created['name']}): {created['state']}"
          + (f" - {created['pending_reason']}" if created.get("pending_reason") else ""))
+    if not args.wait:
+        return 0
+    # Like `sbatch --wait`: follow the job to its end; the exit status says how it ended.
+    state = follow(api, created["id"], True, args.interval, args.json)
+    if state != "succeeded":
+        raise CliError(f"job {created['id']} ended {state}")
     return 0
 
 
@@ -316,21 +322,27 @@ def event_line(e: dict) -> str:
     return f"{stamp}  {change}{e['message']}"
 
 
-def cmd_events(args: argparse.Namespace, api: Api) -> int:
+def follow(api: Api, job_id: int, follow_on: bool, interval: float, as_json: bool) -> str | None:
+    """Print the job's events (with `follow_on`, until it ends); returns its final state when followed."""
     seen: set[int] = set()
     page: str | None = None
     while True:
-        events, page = api.tail(f"jobs/{args.job}/events/", page)
+        events, page = api.tail(f"jobs/{job_id}/events/", page)
         fresh = [e for e in events if e["id"] not in seen]
         seen |= {e["id"] for e in fresh}
         for e in fresh:
-            print(json.dumps(e) if args.json else event_line(e), flush=True)
-        if not args.follow:
-            return 0
-        state = api.call("GET", f"jobs/{args.job}/")["state"]
+            print(json.dumps(e) if as_json else event_line(e), flush=True)
+        if not follow_on:
+            return None
+        state = api.call("GET", f"jobs/{job_id}/")["state"]
         if state in TERMINAL and not fresh:
-            return 0
-        time.sleep(args.interval)
+            return state
+        time.sleep(interval)
+
+
+def cmd_events(args: argparse.Namespace, api: Api) -> int:
+    follow(api, args.job, args.follow, args.interval, args.json)
+    return 0
 
 
 def cmd_cancel(args: argparse.Namespace, api: Api) -> int:
@@ -466,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="the job's spec as JSON, or @FILE")
     s.add_argument("--after", type=job_ids, metavar="ID[,ID...]",
                    help="start only once these jobs of the team have succeeded (like --dependency=afterok)")
+    s.add_argument("--wait", action="store_true",
+                   help="print the job's events until it ends; exit 0 only if it succeeded (like sbatch --wait)")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --wait")
 
     s = sub.add_parser("jobs", help="jobs you can see, newest first")
     s.add_argument("--state")

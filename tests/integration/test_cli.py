@@ -287,3 +287,38 @@ def test_artifacts_are_listed_and_downloaded_whole_and_verified(cli, alice, char
     for argv in (("artifacts", str(job.pk)), ("download", str(job.pk), "-o", str(tmp_path / "c"))):
         status, out, err = cli(*argv)
         assert (status, out, err.count("\n")) == (2, "", 1), argv
+
+
+def test_submit_wait_follows_the_job_to_its_end_and_the_exit_status_says_how_it_ended(cli, alice, team_a, node_a):
+    import threading
+    import time as time_
+
+    from django.db import connection
+
+    from apps.scheduling.services import cancel_job
+
+    login(cli, "alice", "alice-pass-123")
+
+    def cancel_when_submitted() -> None:
+        try:
+            for _ in range(200):
+                job = Job.objects.filter(name="to wait for").first()
+                if job is not None:
+                    time_.sleep(0.3)  # let the command print the submission and start following
+                    cancel_job(job, actor=alice)
+                    return
+                time_.sleep(0.05)
+        finally:
+            connection.close()
+
+    canceller = threading.Thread(target=cancel_when_submitted)
+    canceller.start()
+    status, out, err = cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "to wait for",
+                           "--spec", SPEC, "--wait", "--interval", "0.1")
+    canceller.join(timeout=30)
+    assert status == 1
+    assert err.strip().endswith("ended cancelled")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("Submitted job ")
+    assert "queued -> cancelled" in lines[-1]  # it followed the job to its last state change, then stopped
+    assert any("- -> queued" in line for line in lines[1:])
