@@ -10,6 +10,7 @@ scancel). Stand-alone: it needs Python 3.11+ and `requests`, not Django, so it r
     python -m deepopt_cli jobs --state queued ; python -m deepopt_cli nodes ; python -m deepopt_cli whoami
     python -m deepopt_cli upload model.safetensors --arch bert-base   # then spec.weights = the id it prints
     python -m deepopt_cli artifacts 42 ; python -m deepopt_cli download 42 -o out/   # checked by sha256
+    python -m deepopt_cli usage               # your teams: GPUs now, GPU-hours this month, against quotas
 
 The server and token come from --server / --token, else DEEPOPT_URL / DEEPOPT_TOKEN, else the file
 `login` writes (`$DEEPOPT_CONFIG_DIR` or ~/.config/deepopt, `credentials.json`, mode 0600; it holds the
@@ -417,6 +418,17 @@ def cmd_download(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, api: Api) -> int:
+    usage = api.pages("usage/")
+    rows = [[u["slug"], u["weight"], f"{u['gpus_in_use']}/{u['max_gpus']}",
+             f"{u['gpu_hours_this_month']:.1f}/{u['gpu_hours_per_month']:g}",
+             f"{100 * u['gpu_hours_this_month'] / u['gpu_hours_per_month']:.0f}%" if u["gpu_hours_per_month"] else "-",
+             u["queued_jobs"], u["running_jobs"], u["team_name"]] for u in usage]
+    emit(args, usage, table(rows, ["TEAM", "WEIGHT", "GPUS", "GPU-HOURS (MONTH)", "USED", "QUEUED", "RUNNING",
+                                   "NAME"]) if rows else "No teams.")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, api: Api) -> int:
     models = api.pages("models/")
     rows = [[m["id"], m["team_name"], m["arch"], size_text(m["size"]), m["tensors"], when(m["created_at"]), m["name"]]
@@ -513,6 +525,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=".", help="the folder to write to (default: here)")
     s.add_argument("--force", action="store_true", help="replace files that exist")
 
+    sub.add_parser("usage", help="your teams against their quotas: GPUs now, GPU-hours this month (like sshare)")
     sub.add_parser("models", help="your teams' uploaded model weights")
     s = sub.add_parser("upload", help="upload model weights (safetensors) for compression jobs")
     s.add_argument("file")
@@ -524,7 +537,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"whoami": cmd_whoami, "submit": cmd_submit, "jobs": cmd_jobs, "queue": cmd_queue, "show": cmd_show,
             "events": cmd_events, "cancel": cmd_cancel, "nodes": cmd_nodes, "artifacts": cmd_artifacts,
-            "download": cmd_download, "models": cmd_models, "upload": cmd_upload}
+            "download": cmd_download, "models": cmd_models, "upload": cmd_upload, "usage": cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:

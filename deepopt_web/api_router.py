@@ -17,6 +17,7 @@ from apps.scheduling.api.agent import (
 from apps.scheduling.api.artifacts import JobArtifactDownloadView, JobArtifactListView
 from apps.scheduling.api.queue import QueueViewSet
 from apps.scheduling.api.uploads import ModelUploadViewSet
+from apps.scheduling.api.usage import UsageViewSet
 from apps.scheduling.api.views import JobViewSet
 
 router = DefaultRouter()
@@ -26,6 +27,7 @@ router.register("nodes", NodeViewSet, basename="node")
 router.register("jobs", JobViewSet, basename="job")
 router.register("models", ModelUploadViewSet, basename="model-upload")
 router.register("queue", QueueViewSet, basename="queue")
+router.register("usage", UsageViewSet, basename="usage")
 router.register("forecasts", ForecastViewSet, basename="forecast")
 router.register("scaling-decisions", ScalingDecisionViewSet, basename="scaling-decision")
 

@@ -322,3 +322,15 @@ def test_submit_wait_follows_the_job_to_its_end_and_the_exit_status_says_how_it_
     assert lines[0].startswith("Submitted job ")
     assert "queued -> cancelled" in lines[-1]  # it followed the job to its last state change, then stopped
     assert any("- -> queued" in line for line in lines[1:])
+
+
+def test_usage_shows_your_teams_against_their_quotas(cli, alice, charlie, team_a, team_b):
+    login(cli, "alice", "alice-pass-123")
+    status, out, _ = cli("usage")
+    assert status == 0
+    header, row = out.strip().splitlines()
+    assert header.split()[:3] == ["TEAM", "WEIGHT", "GPUS"]
+    assert row.split()[:4] == [team_a.slug, "2.0", f"0/{team_a.max_gpus}", f"0.0/{team_a.gpu_hours_per_month:g}"]
+    assert team_b.slug not in out
+    status, out, _ = cli("--json", "usage")
+    assert [u["team"] for u in json.loads(out)] == [team_a.pk]
