@@ -6,7 +6,7 @@ scancel). Stand-alone: it needs Python 3.11+ and `requests`, not Django, so it r
     python -m deepopt_cli queue               # position, flow, GPUs, expected start and why each job waits
     python -m deepopt_cli show 42             # one job: state, attempts, and where it stands in the queue
     python -m deepopt_cli events 42 --follow  # its state changes and progress until it ends
-    python -m deepopt_cli cancel 42
+    python -m deepopt_cli cancel 42 ; python -m deepopt_cli hold 42 ; python -m deepopt_cli release 42
     python -m deepopt_cli jobs --state queued ; python -m deepopt_cli nodes ; python -m deepopt_cli whoami
     python -m deepopt_cli upload model.safetensors --arch bert-base   # then spec.weights = the id it prints
     python -m deepopt_cli artifacts 42 ; python -m deepopt_cli download 42 -o out/   # checked by sha256
@@ -346,17 +346,30 @@ def cmd_events(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def cmd_cancel(args: argparse.Namespace, api: Api) -> int:
+def each_job(args: argparse.Namespace, api: Api, verb: str, text) -> int:  # noqa: ANN001
+    """POST jobs/{id}/{verb}/ for every id given; one line per job, errors per job on stderr."""
     status = 0
     for job_id in args.jobs:
         try:
-            job = api.call("POST", f"jobs/{job_id}/cancel/")
+            job = api.call("POST", f"jobs/{job_id}/{verb}/")
         except CliError as exc:
             print(f"deepopt: job {job_id}: {exc}", file=sys.stderr)
             status = max(status, exc.status)
             continue
-        emit(args, job, f"Job {job['id']} ({job['name']}): {job['state']}")
+        emit(args, job, text(job))
     return status
+
+
+def cmd_cancel(args: argparse.Namespace, api: Api) -> int:
+    return each_job(args, api, "cancel", lambda job: f"Job {job['id']} ({job['name']}): {job['state']}")
+
+
+def cmd_hold(args: argparse.Namespace, api: Api) -> int:
+    return each_job(args, api, "hold", lambda job: f"Job {job['id']} ({job['name']}): held by {job['held_by']}")
+
+
+def cmd_release(args: argparse.Namespace, api: Api) -> int:
+    return each_job(args, api, "release", lambda job: f"Job {job['id']} ({job['name']}): released")
 
 
 def cmd_nodes(args: argparse.Namespace, api: Api) -> int:
@@ -514,6 +527,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cancel", help="cancel jobs (like scancel)")
     s.add_argument("jobs", type=positive_int, nargs="+")
+    s = sub.add_parser("hold", help="keep queued jobs from starting until released (like scontrol hold)")
+    s.add_argument("jobs", type=positive_int, nargs="+")
+    s = sub.add_parser("release", help="let held jobs start again (like scontrol release)")
+    s.add_argument("jobs", type=positive_int, nargs="+")
 
     sub.add_parser("nodes", help="nodes you can see")
 
@@ -537,7 +554,8 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"whoami": cmd_whoami, "submit": cmd_submit, "jobs": cmd_jobs, "queue": cmd_queue, "show": cmd_show,
             "events": cmd_events, "cancel": cmd_cancel, "nodes": cmd_nodes, "artifacts": cmd_artifacts,
-            "download": cmd_download, "models": cmd_models, "upload": cmd_upload, "usage": cmd_usage}
+            "download": cmd_download, "models": cmd_models, "upload": cmd_upload, "usage": cmd_usage,
+            "hold": cmd_hold, "release": cmd_release}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ urlpatterns = [
     path("jobs/new/", views.job_new, name="job-new"),
     path("jobs/<int:pk>/", views.job_detail, name="job"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("jobs/<int:pk>/hold/", views.job_hold, name="job-hold"),
     path("queue/", views.queue, name="queue"),
     path("models/", views.model_list, name="models"),
     path("nodes/", views.node_list, name="nodes"),

@@ -239,6 +239,25 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
+@require_POST
+def job_hold(request: HttpRequest, pk: int) -> HttpResponse:
+    """Hold a queued job, or release it (`release=1`)."""
+    job = get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
+    if not can_cancel_job(request.user, job):
+        raise PermissionDenied("Only the job's submitter, a lead of its team or staff can hold or release it.")
+    release = request.POST.get("release") == "1"
+    try:
+        job = (scheduling_services.release_job if release else scheduling_services.hold_job)(job, actor=request.user)
+    except IllegalTransition:
+        job.refresh_from_db(fields=["state"])
+        messages.error(request, f"Job #{job.pk} is {job.state}; only a queued job can be held or released.")
+    else:
+        messages.success(request, f"Job #{job.pk} was released: the scheduler takes it up in its next pass."
+                         if release else f"Job #{job.pk} is held: it stays queued until you release it.")
+    return redirect("job", pk=pk)
+
+
+@login_required
 def node_list(request: HttpRequest) -> HttpResponse:
     nodes = (GpuNode.objects.visible_to(request.user).select_related("team")
              .prefetch_related(Prefetch("gpus", queryset=_gpus_with_busy_flag())))

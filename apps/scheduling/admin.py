@@ -56,15 +56,17 @@ class JobArtifactInline(admin.TabularInline):
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "team", "kind", "priority", "gpus", "nodes", "state", "attempt", "submitted_at"]
-    list_filter = ["state", "kind", "priority", "team"]
+    list_display = ["id", "name", "team", "kind", "priority", "gpus", "nodes", "state", "held", "attempt",
+                    "submitted_at"]
+    list_filter = ["state", "held", "kind", "priority", "team"]
     search_fields = ["name", "team__name", "submitter__username"]
     date_hierarchy = "submitted_at"
     list_select_related = ["team"]
     # State changes go through the state machine (services), never through a form field.
-    # depends_on too: as a form field it would be a multi-select of every job in the database.
+    # depends_on too: as a form field it would be a multi-select of every job in the database; and a hold,
+    # which goes through services.hold_job / release_job (an event, a pass) like the API's.
     readonly_fields = ["state", "attempt", "pending_reason", "result", "error", "submitted_at", "started_at",
-                       "finished_at", "submitter", "depends_on"]
+                       "finished_at", "submitter", "depends_on", "held", "held_by"]
     inlines = [AllocationInline, AttemptRunInline, JobArtifactInline, JobEventInline]
 
 

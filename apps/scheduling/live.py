@@ -220,14 +220,15 @@ def run_pass(now: datetime | None = None, *, with_etas: bool | None = None) -> P
         _lock()
         now = now or timezone.now()
         waiting = _dependencies()
-        snapshot = build_snapshot(now, config, waiting)
+        holds = _holds()
+        snapshot = build_snapshot(now, config, waiting.keys() | holds.keys())
         estimator = build_estimator(config)
         t0 = time.perf_counter()
         decision = policy.schedule(snapshot, estimator, config, format_time=policy.default_format_time)
         policy_ms = (time.perf_counter() - t0) * 1000
         placed = _allocate(decision, now)
         preempted = _preempt(decision)
-        held, held_teams = _held_rows(waiting, len(decision.pending))
+        held, held_teams = _held_rows(waiting, len(decision.pending), holds)
         written, etas = _write_queue(decision, None, now, held)  # the ETAs already written stay until refreshed
         _save_wfq_state(decision)
         # The live pages hear of the held jobs too: (team, position, reason, code) each.
@@ -417,25 +418,37 @@ def _dependencies() -> dict[int, list[tuple[int, str]]]:
     return waiting
 
 
-def _held_rows(held: dict[int, list[tuple[int, str]]], after: int) -> tuple[dict[int, Row], dict[int, int]]:
-    """Queue rows for the jobs held back by their dependencies, after the `after` jobs the policy placed in
-    order, oldest first: a reason that names what they wait for, code `dependency`, no tags and no ETA;
-    and each one's team id."""
-    if not held:
+def _holds() -> dict[int, str]:
+    """Queued jobs a user holds (`hold_job`): job id -> who held it. (One query a pass.)"""
+    return dict(Job.objects.filter(state=JobState.QUEUED, held=True).values_list("id", "held_by"))
+
+
+def _held_rows(held: dict[int, list[tuple[int, str]]], after: int,
+               holds: dict[int, str] | None = None) -> tuple[dict[int, Row], dict[int, int]]:
+    """Queue rows for the jobs held back — by their dependencies, or by a user's hold — after the `after` jobs
+    the policy placed in order, oldest first: a reason that says what they wait for, code `dependency` or
+    `held`, no tags and no ETA; and each one's team id."""
+    holds = holds or {}
+    if not held and not holds:
         return {}, {}
     rows: dict[int, Row] = {}
     teams: dict[int, int] = {}
-    jobs = (Job.objects.filter(pk__in=held).order_by("submitted_at", "id")
+    jobs = (Job.objects.filter(pk__in=held.keys() | holds.keys()).order_by("submitted_at", "id")
             .values_list("id", "team_id", "team__name", "kind"))
     # The dependencies' states as this pass leaves them (it may just have started one).
     now_state = dict(Job.objects.filter(pk__in={d for deps in held.values() for d, _ in deps})
                      .values_list("id", "state"))
     for position, (job_id, team_id, team_name, kind) in enumerate(jobs, start=after + 1):
         teams[job_id] = team_id
-        deps = held[job_id]
-        what = " and ".join(f"{dep_id} ({now_state.get(dep_id, state)})" for dep_id, state in deps)
-        reason = f"Waits for job{'s' if len(deps) > 1 else ''} {what} to succeed."
-        rows[job_id] = (position, f"{team_name}/{kind}", 0.0, 0.0, None, reason[:300], "dependency", None, None)
+        parts = []
+        if job_id in holds:
+            parts.append(f"Held by {holds[job_id] or 'a user'}: it starts only once released.")
+        deps = held.get(job_id)
+        if deps:
+            what = " and ".join(f"{dep_id} ({now_state.get(dep_id, state)})" for dep_id, state in deps)
+            parts.append(f"Waits for job{'s' if len(deps) > 1 else ''} {what} to succeed.")
+        code = "held" if job_id in holds else "dependency"
+        rows[job_id] = (position, f"{team_name}/{kind}", 0.0, 0.0, None, " ".join(parts)[:300], code, None, None)
     return rows, teams
 
 

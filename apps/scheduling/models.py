@@ -43,6 +43,10 @@ class Job(models.Model):
     # Jobs that must succeed before this one may start (Slurm's afterok): until they all have, the
     # scheduler holds it back; if one of them fails or is cancelled, it is cancelled.
     depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
+    # Held (Slurm's `scontrol hold`): a queued job the scheduler leaves where it is until it is released.
+    # `held_by` names who held it (a username, kept if the account goes).
+    held = models.BooleanField(default=False)
+    held_by = models.CharField(max_length=150, blank=True)
 
     state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED)
     # Why it waits as it enters the queue; once a pass has seen it, its QueueEntry's reason (rewritten by

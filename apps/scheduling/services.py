@@ -158,6 +158,37 @@ def allocate_queued(placements: list[tuple[Job, list[Allocation], str, dict]]) -
     return jobs
 
 
+def hold_job(job: Job, *, actor) -> Job:
+    """Hold a queued job (like `scontrol hold`): it keeps its place in the queue's history but the scheduler
+    starts nothing of it until it is released. Holding a held job changes nothing; a job that has left the
+    queue cannot be held (409)."""
+    return _set_hold(job, True, actor)
+
+
+def release_job(job: Job, *, actor) -> Job:
+    """Let a held job be scheduled again (like `scontrol release`). Releasing a job that is not held changes
+    nothing; a job that has left the queue cannot be released (409)."""
+    return _set_hold(job, False, actor)
+
+
+def _set_hold(job: Job, held: bool, actor) -> Job:  # noqa: ANN001
+    with transaction.atomic():
+        current = Job.objects.select_for_update().get(pk=job.pk)
+        if current.state != JobState.QUEUED:
+            raise IllegalTransition(current.state, "held" if held else "released")
+        if current.held == held:
+            return current
+        current.held, current.held_by = held, (actor.username if held else "")
+        current.save(update_fields=["held", "held_by", "updated_at"])
+        event = _INSERT_EVENT.create(
+            job=current, attempt=current.attempt, kind=JobEvent.Kind.NOTE, actor=actor,
+            message=f"Held by {actor.username}." if held else f"Released by {actor.username}.",
+            data={"held": held},
+        )
+        _after_commit(current, event, reschedule=True)
+    return current
+
+
 def cancel_job(job: Job, *, actor=None) -> Job:
     """Cancel: a queued job ends at once; a job holding GPUs goes `cancelling` until its worker stops."""
     with transaction.atomic():

@@ -47,7 +47,7 @@ class IllegalTransition(Exception):
 
     def __init__(self, current: str, target: str):
         self.current, self.target = current, target
-        super().__init__(f"A {current} job cannot become {target}.")
+        super().__init__(f"{'An' if current[:1] in 'aeiou' else 'A'} {current} job cannot become {target}.")
 
 
 def check_transition(current: str, target: str) -> None:

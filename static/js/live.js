@@ -334,6 +334,9 @@
       if (TERMINAL.indexOf(data.state) >= 0 || data.state === "cancelling") {
         all("form[data-live-cancel]").forEach(function (form) { form.remove(); });
       }
+      if (data.state !== "queued") {  // only a queued job can be held or released
+        all("form[data-live-hold]").forEach(function (form) { form.remove(); });
+      }
       refresh(["job-status", "job-overview", "job-allocations", "job-result", "job-report", "job-events"]);
     });
 

@@ -334,3 +334,20 @@ def test_usage_shows_your_teams_against_their_quotas(cli, alice, charlie, team_a
     assert team_b.slug not in out
     status, out, _ = cli("--json", "usage")
     assert [u["team"] for u in json.loads(out)] == [team_a.pk]
+
+
+def test_hold_keeps_a_queued_job_back_and_release_lets_it_start(cli, alice, team_a, node_a):
+    login(cli, "alice", "alice-pass-123")
+    assert cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "later", "--spec", SPEC)[0] == 0
+    job = Job.objects.get()
+    status, out, _ = cli("hold", str(job.pk))
+    assert (status, out.strip()) == (0, f"Job {job.pk} (later): held by alice")
+    assert run_pass().placed == []
+    status, out, _ = cli("queue")
+    assert out.strip().splitlines()[1].endswith("Held by alice: it starts only once released.")
+    status, out, _ = cli("release", str(job.pk))
+    assert (status, out.strip()) == (0, f"Job {job.pk} (later): released")
+    assert run_pass().placed == [job.pk]
+    status, _, err = cli("hold", str(job.pk))  # it left the queue: the API's 409, on one line
+    assert status == 1
+    assert err.strip() == f"deepopt: job {job.pk}: An allocated job cannot become held."

@@ -188,6 +188,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("jobs-detail", "get", "/api/v1/jobs/{job_a}/", _expect(401, 200, 200, 404, 200)),
     Endpoint("jobs-create", "post", "/api/v1/jobs/", _expect(401, 201, 201, 400, 201), body=_job_body),
     Endpoint("jobs-cancel", "post", "/api/v1/jobs/{job_a}/cancel/", _expect(401, 200, 403, 404, 200)),
+    Endpoint("jobs-hold", "post", "/api/v1/jobs/{job_a}/hold/", _expect(401, 200, 403, 404, 200)),
+    Endpoint("jobs-release", "post", "/api/v1/jobs/{job_a}/release/", _expect(401, 200, 403, 404, 200)),
     Endpoint("jobs-events", "get", "/api/v1/jobs/{job_a}/events/", _expect(401, 200, 200, 404, 200)),
     Endpoint("queue-list", "get", "/api/v1/queue/", _expect(401, 200, 200, 200, 200)),
     Endpoint("usage-list", "get", "/api/v1/usage/", _expect(401, 200, 200, 200, 200)),

@@ -347,6 +347,30 @@ def test_the_cancel_button_cancels_once_and_then_says_why_not(alice, job_of_alic
     assert job_of_alice.events.filter(to_state="cancelled").count() == 1
 
 
+def test_hold_and_release_buttons_keep_a_queued_job_back_and_let_it_go(alice, bob, charlie, job_of_alice):
+    client = page_for(alice)
+    page = client.get(f"/jobs/{job_of_alice.pk}/").content.decode()
+    assert 'data-testid="hold-job"' in page
+    response = client.post(f"/jobs/{job_of_alice.pk}/hold/", follow=True)
+    html = response.content.decode()
+    assert "is held: it stays queued until you release it" in html
+    assert 'data-testid="release-job"' in html
+    job_of_alice.refresh_from_db()
+    assert (job_of_alice.held, job_of_alice.held_by) == (True, "alice")
+    assert page_for(bob).post(f"/jobs/{job_of_alice.pk}/hold/", {"release": "1"}).status_code == 403
+    assert page_for(charlie).post(f"/jobs/{job_of_alice.pk}/hold/", {"release": "1"}).status_code == 404
+    assert page_for(alice).get(f"/jobs/{job_of_alice.pk}/hold/").status_code == 405
+    response = client.post(f"/jobs/{job_of_alice.pk}/hold/", {"release": "1"}, follow=True)
+    assert "was released" in response.content.decode()
+    job_of_alice.refresh_from_db()
+    assert not job_of_alice.held
+    client.post(f"/jobs/{job_of_alice.pk}/cancel/")
+    response = client.post(f"/jobs/{job_of_alice.pk}/hold/", follow=True)
+    html = response.content.decode()
+    assert "is cancelled; only a queued job can be held or released" in html
+    assert 'data-testid="hold-job"' not in html
+
+
 def test_cancel_is_post_only(bob, job_of_alice):
     assert page_for(bob).get(f"/jobs/{job_of_alice.pk}/cancel/").status_code == 405
 

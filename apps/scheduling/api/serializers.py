@@ -116,7 +116,7 @@ class JobSerializer(serializers.ModelSerializer):
     class Meta:
         model = Job
         fields = ["id", "name", "team", "team_name", "submitter", "kind", "priority", "resources",
-                  "walltime_minutes", "spec", "state", "pending_reason", "attempt", "max_attempts",
+                  "walltime_minutes", "spec", "state", "held", "held_by", "pending_reason", "attempt", "max_attempts",
                   "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error"]
         read_only_fields = fields
 
@@ -142,7 +142,8 @@ class JobSerializer(serializers.ModelSerializer):
 LIST_FIELDS = ("id", "name", "team_id", "team__name", "submitter__username", "kind", "priority", "gpus", "nodes",
                "gpu_memory_gb", "walltime_minutes", "spec", "state", "pending_reason", "queue_entry__reason",
                "attempt", "max_attempts",
-               "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error")
+               "preemptions", "ran_seconds", "submitted_at", "started_at", "finished_at", "result", "error",
+               "held", "held_by")
 _OWN = frozenset(f for f in LIST_FIELDS if "__" not in f)
 
 
@@ -152,7 +153,7 @@ def job_row(values, *, team_name: str | None = None, submitter: str | None = Non
     reason when the caller has it, else the queue row's, else the one the job entered the queue with)."""
     (pk, name, team_id, team_name_value, submitter_value, kind, priority, gpus, nodes, gpu_memory_gb, walltime,
      spec, state, pending_reason, entry_reason, attempt, max_attempts, preemptions, ran_seconds, submitted_at,
-     started_at, finished_at, result, error) = values
+     started_at, finished_at, result, error, held, held_by) = values
     if reason is None:
         reason = entry_reason if state == "queued" and entry_reason else pending_reason
     when = _DATETIME.to_representation
@@ -168,6 +169,8 @@ def job_row(values, *, team_name: str | None = None, submitter: str | None = Non
         "walltime_minutes": walltime,
         "spec": spec,
         "state": state,
+        "held": held,  # held by a user (`hold`): the scheduler starts nothing of it until it is released
+        "held_by": held_by,
         "pending_reason": reason,
         "attempt": attempt,
         "max_attempts": max_attempts,

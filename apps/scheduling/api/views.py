@@ -106,6 +106,24 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
         job = services.cancel_job(job, actor=request.user)
         return Response(JobSerializer(job).data)
 
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def hold(self, request, pk=None):  # noqa: ANN001, ANN201
+        """Hold a queued job (like `scontrol hold`): the scheduler starts nothing of it until it is released."""
+        job = self.get_object()
+        if not can_cancel_job(request.user, job):
+            raise PermissionDenied("Only the job's submitter, a lead of its team or staff can hold it.")
+        return Response(JobSerializer(services.hold_job(job, actor=request.user)).data)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def release(self, request, pk=None):  # noqa: ANN001, ANN201
+        """Release a held job: the scheduler considers it again from its next pass."""
+        job = self.get_object()
+        if not can_cancel_job(request.user, job):
+            raise PermissionDenied("Only the job's submitter, a lead of its team or staff can release it.")
+        return Response(JobSerializer(services.release_job(job, actor=request.user)).data)
+
     @extend_schema(responses=JobEventSerializer(many=True))
     @action(detail=True, methods=["get"])
     def events(self, request, pk=None):  # noqa: ANN001, ANN201

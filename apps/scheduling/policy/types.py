@@ -179,7 +179,8 @@ class Pending:
     reason: str
     # quota_per_job | never_fits | max_gpus | month_quota | reserved | reservation | capacity | order
     # | preempting (running jobs are being stopped to make room for it); the live pass adds `dependency`
-    # for jobs it keeps out of the snapshot until the jobs they depend on succeed
+    # for jobs it keeps out of the snapshot until the jobs they depend on succeed, and `held` for jobs a
+    # user holds
     code: str
 
 
