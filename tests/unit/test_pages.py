@@ -357,6 +357,7 @@ def test_hold_and_release_buttons_keep_a_queued_job_back_and_let_it_go(alice, bo
     assert 'data-testid="release-job"' in html
     job_of_alice.refresh_from_db()
     assert (job_of_alice.held, job_of_alice.held_by) == (True, "alice")
+    assert 'data-testid="held">held</span>' in client.get("/jobs/").content.decode()  # the list says so too
     assert page_for(bob).post(f"/jobs/{job_of_alice.pk}/hold/", {"release": "1"}).status_code == 403
     assert page_for(charlie).post(f"/jobs/{job_of_alice.pk}/hold/", {"release": "1"}).status_code == 404
     assert page_for(alice).get(f"/jobs/{job_of_alice.pk}/hold/").status_code == 405
