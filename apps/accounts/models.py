@@ -23,7 +23,8 @@ class TeamQuerySet(models.QuerySet):
     def visible_to(self, user) -> TeamQuerySet:
         if user.is_staff:
             return self
-        return self.filter(memberships__user=user)
+        # With the user's role in each team, from the same join (the team serializer shows leads more).
+        return self.filter(memberships__user=user).annotate(viewer_role=models.F("memberships__role"))
 
 
 class Team(models.Model):
@@ -36,6 +37,10 @@ class Team(models.Model):
         default=1000, help_text="GPU-hours the team may use in a calendar month."
     )
     max_gpus_per_job = models.PositiveIntegerField(default=8)
+    # Each job of the team that ends (succeeded, failed, cancelled) is POSTed here as JSON: a chat or CI hook,
+    # Slurm's --mail-type=END. Set by staff; shown to staff and the team's leads (the URL may carry a token).
+    notify_url = models.URLField(max_length=500, blank=True,
+                                 help_text="Finished jobs are POSTed here as JSON (optional; http or https).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TeamQuerySet.as_manager()

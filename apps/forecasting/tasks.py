@@ -27,8 +27,10 @@ def refresh() -> dict:
     return {"forecasts": report, "decisions": [d.pk for d in decisions]}
 
 
-@shared_task(name="forecasting.post_webhook", time_limit=30, acks_late=False, ignore_result=True,
-             autoretry_for=(ConnectionError,), max_retries=3)
+# soft_time_limit too: the app-wide soft limit (a day) above a task's own hard limit makes apply_async refuse
+# to queue the task at all (tests/unit/test_job_webhooks.py queues both webhook tasks).
+@shared_task(name="forecasting.post_webhook", time_limit=30, soft_time_limit=25, acks_late=False,
+             ignore_result=True, autoretry_for=(ConnectionError,), max_retries=3)
 def post_scaling_webhook(decision_id: int) -> str:
     from .models import AutoscalerPolicy, ScalingDecision
     from .services import post_webhook

@@ -9,9 +9,11 @@ class SchedulingConfig(AppConfig):
         from apps.cluster.signals import node_changed
 
         from .dispatch import on_job_changed
+        from .notify import on_job_changed as notify_on_job_changed
         from .signals import job_changed, scheduling_requested
         from .triggers import on_node_changed, on_scheduling_requested
 
         scheduling_requested.connect(on_scheduling_requested, dispatch_uid="scheduling-pass-on-request")
         node_changed.connect(on_node_changed, dispatch_uid="scheduling-pass-on-node-change")
         job_changed.connect(on_job_changed, dispatch_uid="dispatch-allocated-attempts")
+        job_changed.connect(notify_on_job_changed, dispatch_uid="notify-finished-jobs")

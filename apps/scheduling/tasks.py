@@ -20,3 +20,12 @@ def reconcile() -> dict:
     from .reconciler import reconcile as run
 
     return run()
+
+
+@shared_task(name="scheduling.post_job_webhook", time_limit=60, soft_time_limit=50, acks_late=False,
+             ignore_result=True)
+def post_job_webhook(job_id: int) -> str:
+    """A finished job to its team's webhook (notify.py)."""
+    from .notify import post
+
+    return post(job_id)

@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from apps.accounts.api.base import StrictMixin, StrictSerializer
 from apps.accounts.models import Membership, Team
+from apps.accounts.permissions import lead_team_ids_of
 
 User = get_user_model()
 
@@ -15,7 +16,7 @@ class TeamSerializer(StrictMixin, serializers.ModelSerializer):
     class Meta:
         model = Team
         fields = ["id", "name", "slug", "weight", "max_gpus", "gpu_hours_per_month", "max_gpus_per_job",
-                  "created_at"]
+                  "notify_url", "created_at"]
         read_only_fields = ["id", "slug", "created_at"]
         extra_kwargs = {
             "weight": {"min_value": 0.01, "max_value": 1000.0},
@@ -23,6 +24,25 @@ class TeamSerializer(StrictMixin, serializers.ModelSerializer):
             "gpu_hours_per_month": {"max_value": 100_000_000},
             "max_gpus_per_job": {"min_value": 1, "max_value": 100_000},
         }
+
+    def validate_notify_url(self, value: str) -> str:
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise serializers.ValidationError("The address must be http:// or https://.")
+        return value
+
+    def to_representation(self, team: Team) -> dict:
+        data = super().to_representation(team)
+        # The webhook's address may carry a secret (a chat hook's token): staff and the team's leads see it.
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        if user is not None and getattr(user, "is_staff", False):
+            return data
+        role = getattr(team, "viewer_role", None)  # Team.objects.visible_to's annotation, when it made the query
+        leads = role == Membership.Role.LEAD if role is not None else (
+            user is not None and user.is_authenticated and team.pk in lead_team_ids_of(user))
+        if not leads:
+            data.pop("notify_url", None)
+        return data
 
     def validate_name(self, value: str) -> str:
         from django.utils.text import slugify
