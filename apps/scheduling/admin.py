@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from .models import Allocation, AttemptRun, Job, JobArtifact, JobEvent, ModelUpload
 
@@ -68,6 +68,32 @@ class JobAdmin(admin.ModelAdmin):
     readonly_fields = ["state", "attempt", "pending_reason", "result", "error", "submitted_at", "started_at",
                        "finished_at", "submitter", "depends_on", "held", "held_by"]
     inlines = [AllocationInline, AttemptRunInline, JobArtifactInline, JobEventInline]
+    actions = ["hold_jobs", "release_jobs"]
+
+    @admin.action(description="Hold the selected queued jobs")
+    def hold_jobs(self, request, queryset) -> None:  # noqa: ANN001
+        self._hold(request, queryset, hold=True)
+
+    @admin.action(description="Release the selected held jobs")
+    def release_jobs(self, request, queryset) -> None:  # noqa: ANN001
+        self._hold(request, queryset, hold=False)
+
+    def _hold(self, request, queryset, *, hold: bool) -> None:  # noqa: ANN001
+        from .services import hold_job, release_job
+        from .states import IllegalTransition
+
+        done, skipped = 0, []
+        for job in queryset.order_by("id"):
+            try:
+                (hold_job if hold else release_job)(job, actor=request.user)
+                done += 1
+            except IllegalTransition as exc:
+                skipped.append(f"#{job.pk} ({exc.current})")
+        verb = "Held" if hold else "Released"
+        self.message_user(request, f"{verb} {done} job{'s' if done != 1 else ''}.", messages.SUCCESS)
+        if skipped:
+            self.message_user(request, "Not queued, left as they were: " + ", ".join(skipped[:20])
+                              + (" …" if len(skipped) > 20 else ""), messages.WARNING)
 
 
 @admin.register(JobEvent)

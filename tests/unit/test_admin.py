@@ -153,3 +153,19 @@ def test_job_events_cannot_be_added_changed_or_deleted_in_the_admin(admin_client
     bulk = admin_client_.post(url, {"action": "delete_selected", "_selected_action": [event.pk], "post": "yes"})
     assert bulk.status_code in (200, 302)
     assert JobEvent.objects.get(pk=event.pk).message == "placed on a-node-1"
+
+
+def test_staff_hold_and_release_queued_jobs_in_bulk_and_the_others_are_left_alone(admin_client_, jobs):
+    url = "/admin/scheduling/job/"
+    ids = [str(jobs["resnet"].pk), str(jobs["bert"].pk)]  # one allocated, one queued
+    response = admin_client_.post(url, {"action": "hold_jobs", "_selected_action": ids}, follow=True)
+    html = response.content.decode()
+    assert "Held 1 job." in html
+    assert f"#{jobs['resnet'].pk} (allocated)" in html
+    bert = Job.objects.get(pk=jobs["bert"].pk)
+    assert (bert.held, bert.held_by) == (True, "root")
+    assert not Job.objects.get(pk=jobs["resnet"].pk).held
+    admin_client_.post(url, {"action": "release_jobs", "_selected_action": [str(bert.pk)]})
+    assert not Job.objects.get(pk=bert.pk).held
+    assert list(JobEvent.objects.filter(job=bert, kind="note").values_list("message", flat=True)) == [
+        "Held by root.", "Released by root."]
