@@ -266,8 +266,9 @@ def cmd_submit(args: argparse.Namespace, api: Api) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, api: Api) -> int:
+    user = api.call("GET", "me/")["username"] if args.mine else args.user  # whoever the token belongs to
     params = {k: v for k, v in (("state", args.state), ("kind", args.kind), ("team", args.team),
-                                ("priority", args.priority)) if v}
+                                ("priority", args.priority), ("submitter", user)) if v}
     jobs = api.pages("jobs/", params, limit=args.limit)
     rows = [[j["id"], j["team_name"], j["kind"], j["state"], j["resources"]["gpus"], when(j["submitted_at"]),
              j["name"]] for j in jobs]
@@ -512,6 +513,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--kind")
     s.add_argument("--team")
     s.add_argument("--priority")
+    who = s.add_mutually_exclusive_group()
+    who.add_argument("--user", help="only this user's jobs (like squeue -u)")
+    who.add_argument("--mine", action="store_true", help="only your own jobs")
     s.add_argument("--limit", type=positive_int, default=50)
 
     s = sub.add_parser("queue", help="the queue in the scheduler's order, with reasons and expected starts")

@@ -351,3 +351,18 @@ def test_hold_keeps_a_queued_job_back_and_release_lets_it_start(cli, alice, team
     status, _, err = cli("hold", str(job.pk))  # it left the queue: the API's 409, on one line
     assert status == 1
     assert err.strip() == f"deepopt: job {job.pk}: An allocated job cannot become held."
+
+
+def test_jobs_of_one_user_like_squeue_u(cli, alice, bob, team_a, node_a):
+    login(cli, "bob", "bob-pass-123")
+    assert cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "bobs", "--spec", SPEC)[0] == 0
+    login(cli, "alice", "alice-pass-123")
+    assert cli("submit", "--team", team_a.slug, "--kind", "compression", "--name", "alices", "--spec", SPEC)[0] == 0
+    names = lambda out: [line.split()[-1] for line in out.strip().splitlines()[1:]]  # noqa: E731
+    assert names(cli("jobs")[1]) == ["alices", "bobs"]
+    assert names(cli("jobs", "--mine")[1]) == ["alices"]
+    assert names(cli("jobs", "--user", "bob")[1]) == ["bobs"]
+    assert names(cli("jobs", "--user", "nobody")[1]) == []
+    status, _, err = cli("jobs", "--user", "a\x00b")
+    assert status == 2  # the API's 400, not a database error
+    assert "submitter" in err

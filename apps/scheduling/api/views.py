@@ -59,6 +59,8 @@ class JobFilter(django_filters.FilterSet):
     kind = django_filters.ChoiceFilter(choices=Job.Kind.choices)
     priority = django_filters.ChoiceFilter(choices=Job.Priority.choices)
     team = IdFilter(field_name="team_id")
+    submitter = django_filters.CharFilter(field_name="submitter__username", max_length=150,
+                                          help_text="Jobs of this user (a username), like squeue -u.")
     submitted_after = UtcIsoDateTimeFilter(field_name="submitted_at", lookup_expr="gte")
     submitted_before = UtcIsoDateTimeFilter(field_name="submitted_at", lookup_expr="lt")
 
@@ -77,7 +79,8 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
     ordering_fields = ["submitted_at", "priority", "state"]
 
     def list(self, request):  # noqa: ANN001, ANN201
-        """Jobs of the caller's teams, newest first; filters: state, kind, priority, team, submitted_after/before."""
+        """Jobs of the caller's teams, newest first; filters: state, kind, priority, team, submitter,
+        submitted_after/before."""
         queryset = self.filter_queryset(self.get_queryset()).values_list(*LIST_FIELDS)
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response([job_row(values) for values in page])
