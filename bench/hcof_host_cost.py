@@ -9,7 +9,10 @@ encode, the all-to-all and all-gather — identities on one rank, but real NCCL 
 everything a two-node int4 step does except wait for the wire. Variants run in interleaved rounds, each in a
 fresh model, and the step time is the median of each run's timed steps (median over rounds).
 
-  python bench/hcof_host_cost.py [--steps 50] [--rounds 3] [--out F.json]
+  python bench/hcof_host_cost.py [--steps 50] [--rounds 3] [--batch-size 32] [--out F.json]
+
+Each run also reports the held-out loss it reached (`eval_loss`): with --steps 300 --batch-size 64 that is
+what a codec's compression error (with error feedback) does to convergence, one process standing in for two.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, steps: int, warmup: int, device) -> dict:
+def run_variant(name: str, steps: int, warmup: int, device, batch: int = 32) -> dict:
     from workers.training.hcof.codecs import Plain, parse_codec
     from workers.training.hcof.collectives import LevelExchanger
     from workers.training.hcof.critical import CriticalPolicy
@@ -53,7 +56,7 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
 
     kind, codec_name, *rest = VARIANTS[name]
     bucket_mb = rest[0] if rest else 25.0
-    task = build_task("bert-base", 32, 128, device, 0)
+    task = build_task("bert-base", batch, 128, device, 0)
     model = task.model
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
@@ -95,7 +98,7 @@ def run_variant(name: str, steps: int, warmup: int, device) -> dict:
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     out = {"step_ms": round(1000 * statistics.median(times), 3), "mean_ms": round(1000 * statistics.fmean(times), 3),
-           "loss": round(float(loss), 4)}
+           "loss": round(float(loss), 4), "eval_loss": round(task.eval_loss(model, autocast), 4)}
     if reducer:
         out["buckets"] = len(reducer.buckets)
         out["error_feedback_slots"] = len(reducer.ex.ef.residuals)  # > 0: the codec really ran on every bucket
@@ -155,6 +158,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32, help="per step (64: a two-process run's global batch)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="on CPU (gloo), to check the code path; times mean nothing")
@@ -182,7 +186,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
         for n in names:
-            runs[n].append(run_variant(n, a.steps, a.warmup, device))
+            runs[n].append(run_variant(n, a.steps, a.warmup, device, a.batch_size))
             print(json.dumps({"round": r + 1, "variant": n, **runs[n][-1]}), file=sys.stderr, flush=True)
     plain = statistics.median(x["step_ms"] for x in runs["plain"]) if "plain" in runs else None
     summary = {}
@@ -193,7 +197,7 @@ def main() -> int:
             summary[n]["host_cost_ms_over_plain"] = round(med - plain, 3)
     report = {"bench": "hcof_host_cost", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "hardware": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "model": "bert-base, batch 32 x 128, bf16 autocast, fused AdamW, synthetic tokens",
+              "model": f"bert-base, batch {a.batch_size} x 128, bf16 autocast, fused AdamW, synthetic tokens",
               "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "summary": summary, "runs": runs}
     dist.destroy_process_group()
     text = json.dumps(report, indent=1)
