@@ -219,12 +219,18 @@ def queue(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard/queue.html", {"page": page})
 
 
+def _job_to_act_on(request: HttpRequest, pk: int, verb: str) -> Job:
+    """The job, if the user may see it (else 404) and cancel, hold or release it (else 403)."""
+    job = get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
+    if not can_cancel_job(request.user, job):
+        raise PermissionDenied(f"Only the job's submitter, a lead of its team or staff can {verb} it.")
+    return job
+
+
 @login_required
 @require_POST
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
-    if not can_cancel_job(request.user, job):
-        raise PermissionDenied("Only the job's submitter, a lead of its team or staff can cancel it.")
+    job = _job_to_act_on(request, pk, "cancel")
     try:
         job = scheduling_services.cancel_job(job, actor=request.user)
     except IllegalTransition:
@@ -242,9 +248,7 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def job_hold(request: HttpRequest, pk: int) -> HttpResponse:
     """Hold a queued job, or release it (`release=1`)."""
-    job = get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
-    if not can_cancel_job(request.user, job):
-        raise PermissionDenied("Only the job's submitter, a lead of its team or staff can hold or release it.")
+    job = _job_to_act_on(request, pk, "hold or release")
     release = request.POST.get("release") == "1"
     try:
         job = (scheduling_services.release_job if release else scheduling_services.hold_job)(job, actor=request.user)

@@ -103,29 +103,26 @@ class JobViewSet(TeamScopedViewSet, mixins.ListModelMixin, mixins.RetrieveModelM
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):  # noqa: ANN001, ANN201
         """Cancel: queued jobs end at once; running ones go `cancelling` until their worker stops them."""
-        job = self.get_object()
-        if not can_cancel_job(request.user, job):
-            raise PermissionDenied("Only the job's submitter, a lead of its team or staff can cancel it.")
-        job = services.cancel_job(job, actor=request.user)
-        return Response(JobSerializer(job).data)
+        return self._act(request, "cancel", services.cancel_job)
 
     @extend_schema(request=None, responses=JobSerializer)
     @action(detail=True, methods=["post"])
     def hold(self, request, pk=None):  # noqa: ANN001, ANN201
         """Hold a queued job (like `scontrol hold`): the scheduler starts nothing of it until it is released."""
-        job = self.get_object()
-        if not can_cancel_job(request.user, job):
-            raise PermissionDenied("Only the job's submitter, a lead of its team or staff can hold it.")
-        return Response(JobSerializer(services.hold_job(job, actor=request.user)).data)
+        return self._act(request, "hold", services.hold_job)
 
     @extend_schema(request=None, responses=JobSerializer)
     @action(detail=True, methods=["post"])
     def release(self, request, pk=None):  # noqa: ANN001, ANN201
         """Release a held job: the scheduler considers it again from its next pass."""
+        return self._act(request, "release", services.release_job)
+
+    def _act(self, request, verb: str, service) -> Response:  # noqa: ANN001
+        """Cancel, hold or release: who may do one may do all three (`can_cancel_job`)."""
         job = self.get_object()
         if not can_cancel_job(request.user, job):
-            raise PermissionDenied("Only the job's submitter, a lead of its team or staff can release it.")
-        return Response(JobSerializer(services.release_job(job, actor=request.user)).data)
+            raise PermissionDenied(f"Only the job's submitter, a lead of its team or staff can {verb} it.")
+        return Response(JobSerializer(service(job, actor=request.user)).data)
 
     @extend_schema(responses=JobEventSerializer(many=True))
     @action(detail=True, methods=["get"])
