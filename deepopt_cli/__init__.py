@@ -383,12 +383,14 @@ def cmd_nodes(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def size_text(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def size_text(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n:.1f} GB"
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def cmd_artifacts(args: argparse.Namespace, api: Api) -> int:
@@ -418,6 +420,8 @@ def cmd_download(args: argparse.Namespace, api: Api) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [out_dir / Path(a["name"]).name for a in chosen]
+    if len(set(targets)) < len(targets):  # the same name from two attempts: one would overwrite the other
+        raise CliError("two of those artifacts have the same name; download them one at a time with -o", 2)
     existing = [str(t) for t in targets if t.exists()]
     if existing and not args.force:
         raise CliError(f"{', '.join(existing)} already exist(s); --force replaces", 2)

@@ -275,6 +275,10 @@ def test_artifacts_are_listed_and_downloaded_whole_and_verified(cli, alice, char
     assert status == 0, err
     assert (out_dir / "report.json").read_bytes() == b'{"attempt": 1}'
     assert cli("download", str(job.pk), "nope.bin", "-o", str(out_dir))[0] == 2
+    second = JobArtifact.objects.get(job=job, attempt=2, name="report.json")
+    status, _, err = cli("download", str(job.pk), str(first.pk), str(second.pk), "-o", str(tmp_path / "both"))
+    assert status == 2
+    assert "same name" in err
 
     # A file that does not match the server's checksum is not kept, and what was there stays.
     JobArtifact.objects.filter(pk=first.pk).update(sha256="0" * 64)
