@@ -46,8 +46,12 @@ def graphable_levels(ex: LevelExchanger, codecs: dict[str, Codec]):
 
 
 class GraphedExchange:
+    """`capture=False` runs the same three stages eagerly each step, on any device and backend: the selfcheck
+    runs it on gloo processes against the eager exchange, which checks the multi-rank data flow (buffers,
+    layouts, collectives, bytes) on CPU; tests/gpu checks that the captured graphs compute the same."""
+
     def __init__(self, ex: LevelExchanger, flat: torch.Tensor, codec: Codec, outer, intra, key: str,
-                 pool) -> None:
+                 pool, capture: bool = True) -> None:
         self.ex, self.flat, self.codec, self.outer, self.intra, self.key, self.pool = (
             ex, flat, codec, outer, intra, key, pool)
         n = outer.size
@@ -62,7 +66,9 @@ class GraphedExchange:
             ef.setdefault(self.ag_slot, torch.zeros(1, self.m, device=flat.device))
         self.res_rs = ef.get(self.rs_slot)
         self.res_ag = ef.get(self.ag_slot)
-        self._capture()
+        self.graphs = None
+        if capture:
+            self._capture()
 
     # -- the three graphs -----------------------------------------------------------------------------
     def _compress(self, x: torch.Tensor, res: torch.Tensor | None) -> dict:
@@ -108,20 +114,29 @@ class GraphedExchange:
                 self.graphs.append(g)
         torch.cuda.current_stream(self.flat.device).wait_stream(side)
 
+    def _stage(self, i: int) -> None:
+        if self.graphs is not None:
+            self.graphs[i].replay()
+            return
+        (self._g1, self._g2, self._g3)[i]()
+        if i == 0:
+            self.recv_rs = torch.empty_like(self.send_rs)
+        elif i == 1:
+            self.recv_ag = self.send_ag.new_empty((self.outer.size, self.send_ag.shape[1]))
+
     # -- one step -------------------------------------------------------------------------------------
     def run(self) -> torch.Tensor:
         ex, outer = self.ex, self.outer
-        g1, g2, g3 = self.graphs
         if self.intra:
             with ex.timed("intra_node"):
                 _reduce_scatter(self.piece, self.flat, group=self.intra.group)
                 ex.bytes["intra_node"] += self.flat.numel() * 4 * (self.intra.size - 1) // self.intra.size
         with ex.timed(outer.level):
-            g1.replay()
+            self._stage(0)
             dist.all_to_all_single(self.recv_rs, self.send_rs, group=outer.group)
-            g2.replay()
+            self._stage(1)
             _all_gather(self.recv_ag, self.send_ag, group=outer.group)
-            g3.replay()
+            self._stage(2)
             ex.bytes[outer.level] += (self.rs_layout_bytes * (outer.size - 1) // outer.size
                                       + self.ag_layout_bytes * (outer.size - 1))
         if self.intra:

@@ -80,6 +80,34 @@ def _check(args: argparse.Namespace) -> dict:
             "bytes_by_level": {lv: _sum_int(bytes_one[lv], device) for lv in LEVELS},
             "replicas_identical": identical(first),
         }
+    # The staged exchange that compressed buckets replay from CUDA graphs (graphed.py), run uncaptured here:
+    # the same results, residuals and bytes as the eager exchange, round after round of error feedback.
+    from .graphed import GraphedExchange
+
+    if len(outer) == 1 or (len(outer) == 2 and outer[0] == "intra_node"):  # the shapes graphed.py handles
+        codec = parse_codec("int4")
+        codecs = {lv: Plain("none") for lv in LEVELS} | {outer[-1]: codec}
+        eager_ex, staged_ex = LevelExchanger(groups, device), LevelExchanger(groups, device)
+        intra = groups["intra_node"] if len(outer) == 2 else None
+        flat = torch.empty_like(x)
+        staged = None
+        worst, same_residuals = 0.0, True
+        for r in range(5):
+            xr = x * (1 + 0.1 * r)
+            want = hierarchical_all_reduce(eager_ex, xr.clone(), codecs, "g")
+            flat.copy_(xr)
+            if staged is None:
+                staged = GraphedExchange(staged_ex, flat, codec, groups[outer[-1]], intra, "g", None,
+                                         capture=False)
+            got = staged.run()
+            worst = max(worst, float((got - want).abs().max()))
+        for slot, res in eager_ex.ef.residuals.items():
+            same_residuals &= bool(torch.equal(staged_ex.ef.residuals[slot], res))
+        report["staged_exchange"] = {
+            "levels": [lv for lv in outer], "codec": "int4", "rounds": 5, "max_abs_difference": worst,
+            "residuals_identical": same_residuals,
+            "bytes_identical": all(eager_ex.bytes[lv] == staged_ex.bytes[lv] for lv in LEVELS),
+        }
     # Embedding-like gradient: each rank touches a few rows; exchanged exactly, as (row index, row) pairs.
     rows, cols = 4096, 64
     emb = torch.zeros(rows, cols)
