@@ -33,7 +33,10 @@ def on_job_changed(sender, job: Job | None = None, event: JobEvent | None = None
 
 
 def payload(job: Job) -> dict:
+    from django.conf import settings
+
     when = lambda t: t.isoformat() if t else None  # noqa: E731
+    base = getattr(settings, "DEEPOPT_PUBLIC_URL", "")
     return {
         "event": "job.finished",
         "job": {
@@ -42,6 +45,7 @@ def payload(job: Job) -> dict:
             "gpus": job.gpus, "submitted_at": when(job.submitted_at), "started_at": when(job.started_at),
             "finished_at": when(job.finished_at), "error": job.error.splitlines()[0][:500] if job.error else "",
             "path": f"/jobs/{job.pk}/", "api": f"/api/v1/jobs/{job.pk}/",
+            "url": f"{base}/jobs/{job.pk}/" if base else None,  # DEEPOPT_PUBLIC_URL + path, when it is set
         },
     }
 

@@ -312,6 +312,10 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
+# Where users reach DeepOpt (e.g. https://deepopt.example.org): job-end webhooks then carry a full link to the
+# job's page (`url`); empty: only its path.
+DEEPOPT_PUBLIC_URL = env("DEEPOPT_PUBLIC_URL", default="").rstrip("/")
+
 # --- Prometheus /metrics (apps/dashboard/metrics.py) ---
 # Served to a request with `Authorization: Bearer <DEEPOPT_METRICS_TOKEN>` (empty: no token works) or
 # from an address in DEEPOPT_METRICS_ALLOW (comma-separated IPs or CIDR networks); anything else is refused.

@@ -69,6 +69,9 @@ def test_a_finished_job_is_posted_to_its_teams_webhook_once_and_the_outcome_is_i
         "id": job.pk, "name": "to be cancelled", "team": team_a.pk, "state": "cancelled", "submitter": "alice",
         "path": f"/jobs/{job.pk}/"}
     assert JobEvent.objects.filter(job=job).last().message == "Webhook: HTTP 204."
+    assert body["job"]["url"] is None  # no DEEPOPT_PUBLIC_URL: the path only
+    settings.DEEPOPT_PUBLIC_URL = "https://deepopt.example.org"
+    assert notify.payload(job)["job"]["url"] == f"https://deepopt.example.org/jobs/{job.pk}/"
 
 
 def test_a_failing_webhook_is_tried_three_times_and_a_dead_one_is_recorded_not_raised(alice, team_a, hook):
