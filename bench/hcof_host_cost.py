@@ -30,7 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers.training.hcof.graphed import GraphedExchange  # noqa: E402
 from workers.training.hcof.reducer import HcofReducer  # noqa: E402
 
 VARIANTS = {
@@ -141,13 +140,7 @@ class Loopback(HcofReducer):
             return
         lg, codec, key = self.ex.groups["inter_node"], self.codecs["inter_node"], f"b{b.index}"
         if self.loop_graphs and self._steps_started > 1:
-            graphed = self._graphed.get(b.index)
-            if graphed is None:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                graphed = self._graphed[b.index] = GraphedExchange(self.ex, b.flat, codec, lg, None, key,
-                                                                   self._graph_pool)
-            graphed.run()
+            self.run_graphed(b, lg, None)  # the reducer's own graph path, on the one-rank group
             return
         piece = self.ex.reduce_scatter(b.flat, lg, codec, key)
         b.flat.copy_(self.ex.all_gather(piece, lg, codec, key))

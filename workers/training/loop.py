@@ -190,7 +190,7 @@ def run_worker(cfg: Config) -> int:
         profiler.stop()
         _write_profile(profiler, cfg.profile_dir)
     timed["median"] = statistics.median(step_times) if step_times else 0.0
-    timed["eval_loss"] = task.eval_loss(task.model, autocast)
+    timed["eval_loss"] = task.eval_loss(task.model, autocast) if rank == 0 else None  # rank 0 reports it
     timed["first_step"] = start_step + 1  # a resumed attempt's losses start after its checkpoint
     final = _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_bytes, losses, reducer, lr,
                           engine)

@@ -100,10 +100,6 @@ class GraphedExchange:
         self.graphs = []
         with torch.cuda.stream(side):
             for i, fn in enumerate((self._g1, self._g2, self._g3)):
-                if i == 1:  # the collectives' outputs are plain buffers the graphs read from
-                    self.recv_rs = torch.empty_like(self.send_rs)
-                if i == 2:
-                    self.recv_ag = self.send_ag.new_empty((self.outer.size, self.send_ag.shape[1]))
                 g = torch.cuda.CUDAGraph()
                 # thread_local: the backward pass goes on launching kernels from its own thread meanwhile.
                 g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
@@ -112,17 +108,22 @@ class GraphedExchange:
                 finally:
                     g.capture_end()
                 self.graphs.append(g)
+                self._receive_buffers(i)
         torch.cuda.current_stream(self.flat.device).wait_stream(side)
+
+    def _receive_buffers(self, stage: int) -> None:
+        """The output buffer of the collective that follows `stage` (plain buffers the next graph reads)."""
+        if stage == 0:
+            self.recv_rs = torch.empty_like(self.send_rs)
+        elif stage == 1:
+            self.recv_ag = self.send_ag.new_empty((self.outer.size, self.send_ag.shape[1]))
 
     def _stage(self, i: int) -> None:
         if self.graphs is not None:
             self.graphs[i].replay()
             return
         (self._g1, self._g2, self._g3)[i]()
-        if i == 0:
-            self.recv_rs = torch.empty_like(self.send_rs)
-        elif i == 1:
-            self.recv_ag = self.send_ag.new_empty((self.outer.size, self.send_ag.shape[1]))
+        self._receive_buffers(i)
 
     # -- one step -------------------------------------------------------------------------------------
     def run(self) -> torch.Tensor:

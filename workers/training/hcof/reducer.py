@@ -77,7 +77,7 @@ class HcofReducer:
         # residuals and every lazily initialised library handle); see graphed.py.
         self._graph_levels = graphable_levels(exchanger, codecs) if codec_graphs else None
         self._graphed: dict[int, GraphedExchange] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self._graph_levels else None
+        self._graph_pool = None  # one memory pool for all the buckets' graphs, made with the first
         self._steps_started = 0
         self._thread = threading.Thread(target=self._run, name="hcof-comm", daemon=True)
         self._thread.start()
@@ -236,12 +236,8 @@ class HcofReducer:
         key = f"b{b.index}"
         b.flat.div_(self.world_size)  # every level sums; the optimizer wants the mean
         if b.kind == "compressed" and self._graph_levels and self._steps_started > 1:
-            graphed = self._graphed.get(b.index)
-            if graphed is None:
-                intra, outer = self._graph_levels
-                graphed = self._graphed[b.index] = GraphedExchange(
-                    self.ex, b.flat, self.codecs[outer.level], outer, intra, key, self._graph_pool)
-            graphed.run()
+            intra, outer = self._graph_levels
+            self.run_graphed(b, outer, intra)
             return
         if b.kind == "embedding":
             out = sparse_rows_hierarchical(self.ex, b.flat, self.critical_codecs["intra_node"], b.cols,
@@ -252,6 +248,17 @@ class HcofReducer:
             out = hierarchical_all_reduce(self.ex, b.flat, self.codecs, key)
         if out is not b.flat:
             b.flat.copy_(out)
+
+    def run_graphed(self, b: Bucket, outer, intra) -> None:  # noqa: ANN001
+        """The bucket's compressed exchange at `outer` (inside `intra`, if any) from its CUDA graphs, captured
+        on first use (graphed.py)."""
+        graphed = self._graphed.get(b.index)
+        if graphed is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graphed = self._graphed[b.index] = GraphedExchange(
+                self.ex, b.flat, self.codecs[outer.level], outer, intra, f"b{b.index}", self._graph_pool)
+        graphed.run()
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
