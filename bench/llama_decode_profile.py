@@ -8,6 +8,7 @@ graphs (bench/compression.py) the same kernels run back to back, without the lau
     python bench/llama_decode_profile.py --variants "torch:bf16,triton:int4,tinygemm:int4" --out X.json
     python bench/llama_decode_profile.py --graphs --tune --variants torch:bf16,triton:int4   # latency only
     python bench/llama_decode_profile.py --raw-graph --variants torch:bf16,triton:int4   # GPU time of one replay
+    python bench/llama_decode_profile.py --raw-graph --variants triton+eager:int8,triton+pdl:int8   # with PDL
 """
 
 from __future__ import annotations
@@ -33,12 +34,26 @@ STEPS = 20
 
 
 def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, raw: bool = False) -> dict:
+    """backend: a DecodeLlama backend, with "+eager" (not compiled: with --raw-graph the eager step is
+    captured) or "+pdl" (triton only: eager, every kernel launched with programmatic dependent launch;
+    "+pdl-early" / "+pdl-late": every product lets the next kernel launch at its start / once its
+    sums are done, instead of triton_decode.PDL_TRIGGER's choice per format). weights: bf16, int4
+    (int4_g128) or any format every projection takes."""
     torch._dynamo.reset()
-    assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), "int4_g128")
+    fmt = "int4_g128" if weights == "int4" else weights
+    assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), fmt)
     dev = lm.lm_head.weight.device
-    dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend)
+    name, _, how = backend.partition("+")
+    if how.startswith("pdl"):
+        from workers.compression import triton_decode as td
+
+        saved = dict(td.PDL_TRIGGER)
+        if how != "pdl":
+            td.PDL_TRIGGER.update(dict.fromkeys(td.PDL_TRIGGER, 2 if how == "pdl-late" else 1))
+    dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=name, pdl=how.startswith("pdl"))
     mode = "reduce-overhead" if graphs and not raw else "default"
-    step = dec if smoke else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)
+    eager = smoke or how in ("eager", "pdl", "pdl-early", "pdl-late")
+    step = dec if eager else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)
     tok, pos = torch.tensor([123], device=dev), torch.tensor([511], device=dev)
     t = time.perf_counter()
     with torch.inference_mode():
@@ -58,12 +73,18 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, r
         with torch.inference_mode(), torch.cuda.graph(graph):
             step(tok, pos)
         latency = cuda_median_ms(graph.replay, warmup=10, repeats=100)
+        trigger = None
+        if how.startswith("pdl"):
+            names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4"}
+            trigger = {names[f]: "start" if t == 1 else "end" for f, t in td.PDL_TRIGGER.items()}
+            td.PDL_TRIGGER.update(saved)
         return {
+            "pdl_next_kernel_launches_at": trigger,
             "backend": backend,
             "weights": weights,
             "weight_bytes": dec.weight_bytes(),
             "compile_s": round(compile_s, 1),
-            "cuda_graphs": "one torch.cuda.CUDAGraph of the compiled step",
+            "cuda_graphs": f"one torch.cuda.CUDAGraph of the {'eager' if eager else 'compiled'} step",
             "latency_ms_per_token": latency,
         }
     if graphs:
@@ -137,7 +158,8 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
         "setup": "batch 1, position 511 of a 512-token cache, "
         + (
-            "compiled (mode default), the step captured as one torch.cuda.CUDAGraph, median of 100 replays"
+            "the step (compiled, mode default; eager for +eager and +pdl variants) captured as one "
+            "torch.cuda.CUDAGraph, median of 100 replays"
             if args.raw_graph
             else "compiled with CUDA graphs (reduce-overhead), median of 100"
             if args.graphs
@@ -149,7 +171,7 @@ def main() -> int:
     }
     for spec in args.variants.split(","):
         backend, weights = spec.split(":")
-        if dev == "cpu" and backend != "torch":
+        if dev == "cpu" and not backend.startswith("torch"):
             continue
         try:
             graphs = (args.graphs or args.raw_graph) and not args.smoke

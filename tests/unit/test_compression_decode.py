@@ -93,6 +93,9 @@ def test_bad_assignments_are_refused(lm):
         PackedLinear(torch.randn(8, 100), "int4_g64", torch.float32)
     with pytest.raises(DecodeError, match="unknown decode backend"):
         PackedLinear(torch.randn(8, 128), "int4_g64", torch.float32, backend="magic")
+    # programmatic dependent launch: the triton backend on a Hopper or newer GPU only
+    with pytest.raises(DecodeError, match="programmatic dependent launch"):
+        DecodeLlama(lm, {}, backend="torch", pdl=True)
 
 
 TRITON_CHECK = """

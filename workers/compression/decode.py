@@ -121,6 +121,7 @@ class PackedLinear(nn.Module):
         eps: float = 1e-6,
         residual: torch.Tensor | None = None,
         epilogue: int = 0,
+        pdl: bool = False,
     ) -> torch.Tensor:
         """The Triton product, with the RMSNorm / SiLU-gate prologue, the SiLU(gate) * up epilogue
         (`td.SILU_PAIR`: this layer is gate and up stacked; returns half as many outputs) and the
@@ -128,7 +129,9 @@ class PackedLinear(nn.Module):
         from . import triton_decode as td
 
         n = self.out_features // 2 if epilogue == td.SILU_PAIR else self.out_features
-        common = dict(prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual, epilogue=epilogue)
+        common = dict(
+            prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual, epilogue=epilogue, pdl=pdl
+        )
         if self.kind in (FULL, "bf16"):
             return td.gemv(x, self.w, n, td.W16, self.dtype, **common)
         if self.kind in ("int8", "fp8_e4m3"):
@@ -223,13 +226,23 @@ class DecodeLlama(nn.Module):
         backend: str = "torch",
         rounding: Rounding = RTN,
         rounding_prefix: str = "",
+        pdl: bool = False,
     ):
         """`rounding` packs the weights (GPTQ where it has a layer's Hessian), its layers named with
-        `rounding_prefix` in front (the catalog's engine names them `lm.…`)."""
+        `rounding_prefix` in front (the catalog's engine names them `lm.…`). `pdl` (triton backend,
+        Hopper or newer): every kernel of the step is launched with programmatic dependent launch, so
+        that it starts, and reads its weights, while the one before it finishes. A step that is
+        replayed from a CUDA graph captured from the eager module keeps it; torch.compile's launcher
+        does not pass it on."""
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
-        self.backend = backend
+        if pdl:
+            from .triton_decode import pdl_supported
+
+            if backend != "triton" or not pdl_supported():
+                raise DecodeError("programmatic dependent launch needs the triton backend on a Hopper or newer GPU")
+        self.backend, self.pdl = backend, pdl
         cfg = lm.config
         fmts = _strip(assignment)
         unknown = set(fmts) - {n for n, _ in lm.named_modules()}
@@ -333,19 +346,20 @@ class DecodeLlama(nn.Module):
     def _forward_triton(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         from . import triton_decode as td
 
+        pdl = self.pdl
         x = self.embed(token)
         for layer in self.layers:
-            qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps) for m in layer.qkv])
+            qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps, pdl=pdl) for m in layer.qkv])
             # rotary embedding and the cache write happen inside the attention kernel
-            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads)
-            x = layer.o.fused(att, residual=x)
+            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl)
+            x = layer.o.fused(att, residual=x, pdl=pdl)
             if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
-                act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR)
-                x = layer.down.fused(act, residual=x)
+                act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)
+                x = layer.down.fused(act, residual=x, pdl=pdl)
             else:
-                gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps) for m in layer.gate_up]
-                x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x)
-        return self.lm_head.fused(x, td.RMSNORM, self.norm, self.eps).float()
+                gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps, pdl=pdl) for m in layer.gate_up]
+                x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x, pdl=pdl)
+        return self.lm_head.fused(x, td.RMSNORM, self.norm, self.eps, pdl=pdl).float()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":

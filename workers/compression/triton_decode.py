@@ -70,6 +70,72 @@ def _nibble_float(q):
 
 
 @triton.jit
+def _w4_load(w_ptr, rows64, rmask, stride_w, k0, NG, G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The int4 bytes of one step: a [rows, groups, G/2 bytes] tile from input k0 on."""
+    HG: tl.constexpr = G // 2
+    gi = k0 // G + tl.arange(0, BLOCK_K // G)
+    boff = (gi[:, None] * HG + tl.arange(0, HG)[None, :])[None, :, :]
+    if EVEN_K:
+        q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=rmask[:, None, None], other=0)
+    else:
+        wm = rmask[:, None, None] & (gi < NG)[None, :, None]
+        q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=wm, other=0)
+    return q
+
+
+@triton.jit
+def _w4_step(
+    acc, ss, q, k0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG,
+    G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRO: tl.constexpr,
+):
+    """Adds one step's products: byte j of a group holds inputs 2j (low nibble) and 2j + 1 (high).
+    One dot product per row and group, then its scale and minimum."""
+    HG: tl.constexpr = G // 2
+    gi = k0 // G + tl.arange(0, BLOCK_K // G)
+    b = tl.arange(0, HG)
+    if EVEN_K:
+        km = gi < NG + 1  # all true, constant along the tile
+    else:
+        km = gi < NG
+    q = q.to(tl.int32)
+    ie = gi[:, None] * G + 2 * b[None, :]
+    xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
+    xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
+    if PRO == 1:
+        ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
+    lo = _nibble_float(q & 15)
+    hi = _nibble_float((q >> 4) & 15)
+    dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+    gm = rmask[:, None] & km[None, :]
+    sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+    acc += sc * dot + zr * tl.sum(xe + xo, axis=1)[None, :]
+    return acc, ss
+
+
+@triton.jit
+def _wd_load(w_ptr, rows64, rmask, stride_w, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The 16- or 8-bit weights of one step: a [rows, BLOCK_K] tile from input k0 on."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=rmask[:, None], other=0.0)
+    else:
+        wm = rmask[:, None] & (kk < K)[None, :]
+        w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=wm, other=0.0)
+    return w
+
+
+@triton.jit
+def _wd_step(acc, ss, w, k0, x_ptr, nw_ptr, K, BLOCK_K: tl.constexpr, PRO: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    xv, sq = _input(x_ptr, nw_ptr, kk, kk < K, K, PRO)
+    if PRO == 1:
+        ss += tl.sum(sq, axis=0)
+    acc += w.to(tl.float32) * xv[None, :]
+    return acc, ss
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -90,8 +156,16 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows)."""
+    """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows).
+
+    With PDL (programmatic dependent launch) the kernel loads its first weight tile before it waits
+    for the previous kernel to finish: the weights are not what the previous kernel writes, only the
+    input and the residual are. It lets the next kernel start at once (PDL == 1) or once its own
+    products are done (PDL == 2)."""
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
     if EPI == 1:
         # rows interleaved: 2i is gate row n0 + i, 2i + 1 is up row N + n0 + i
         r = tl.arange(0, 2 * BLOCK_N)
@@ -105,53 +179,30 @@ def _gemv_kernel(
     rows64 = rows.to(tl.int64)
     ss = tl.full((), 0.0, tl.float32)
     if FMT == 2:
-        # int4 as bytes: a [rows, groups, G/2 bytes] tile per step; byte j of a group holds inputs 2j
-        # (low nibble) and 2j + 1 (high). One dot product per row and group, then its scale and minimum.
-        HG: tl.constexpr = G // 2
-        NGB: tl.constexpr = BLOCK_K // G
         NG = K // G
-        gl = tl.arange(0, NGB)
-        b = tl.arange(0, HG)
-        acc = tl.zeros([R, NGB], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            gi = k0 // G + gl
-            boff = (gi[:, None] * HG + b[None, :])[None, :, :]
-            if EVEN_K:
-                km = gi < NG + 1  # all true, constant along the tile
-                q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=rmask[:, None, None], other=0)
-            else:
-                km = gi < NG
-                wm = rmask[:, None, None] & km[None, :, None]
-                q = tl.load(w_ptr + rows64[:, None, None] * stride_w + boff, mask=wm, other=0)
-            q = q.to(tl.int32)
-            ie = gi[:, None] * G + 2 * b[None, :]
-            xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
-            xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
-            if PRO == 1:
-                ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
-            lo = _nibble_float(q & 15)
-            hi = _nibble_float((q >> 4) & 15)
-            dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
-            gm = rmask[:, None] & km[None, :]
-            sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-            acc += sc * dot + zr * tl.sum(xe + xo, axis=1)[None, :]
+        acc = tl.zeros([R, BLOCK_K // G], dtype=tl.float32)
+        q = _w4_load(w_ptr, rows64, rmask, stride_w, 0, NG, G, BLOCK_K, EVEN_K)
+        if PDL != 0:
+            tl.extra.cuda.gdc_wait()
+        acc, ss = _w4_step(acc, ss, q, 0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            q = _w4_load(w_ptr, rows64, rmask, stride_w, k0, NG, G, BLOCK_K, EVEN_K)
+            acc, ss = _w4_step(
+                acc, ss, q, k0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO
+            )
         y = tl.sum(acc, axis=1)
     else:
         acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < K
-            if EVEN_K:
-                w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=rmask[:, None], other=0.0)
-            else:
-                wm = rmask[:, None] & km[None, :]
-                w = tl.load(w_ptr + rows64[:, None] * stride_w + kk[None, :], mask=wm, other=0.0)
-            xv, sq = _input(x_ptr, nw_ptr, kk, km, K, PRO)
-            if PRO == 1:
-                ss += tl.sum(sq, axis=0)
-            acc += w.to(tl.float32) * xv[None, :]
+        w = _wd_load(w_ptr, rows64, rmask, stride_w, 0, K, BLOCK_K, EVEN_K)
+        if PDL != 0:
+            tl.extra.cuda.gdc_wait()
+        acc, ss = _wd_step(acc, ss, w, 0, x_ptr, nw_ptr, K, BLOCK_K, PRO)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _wd_load(w_ptr, rows64, rmask, stride_w, k0, K, BLOCK_K, EVEN_K)
+            acc, ss = _wd_step(acc, ss, w, k0, x_ptr, nw_ptr, K, BLOCK_K, PRO)
         y = tl.sum(acc, axis=1)
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     if FMT == 1:
         y = y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
     if PRO == 1:
@@ -192,6 +243,28 @@ if os.environ.get("DECODE_GEMV_TUNED"):  # a sweep's "best" list (bench/decode_g
         TUNED[_b["fmt"], _b["n"], _b["k"], _b["epi"]] = tuple(_b["config"])
 
 
+def pdl_supported() -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch with it."""
+    return (
+        torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] >= 9
+        and hasattr(tl.extra.cuda, "gdc_wait")
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    )
+
+
+# With PDL, when a product lets the next kernel launch, per weight format: 1 at its start (the next
+# kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
+# (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
+# 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2}
+
+
+def _launch(pdl: bool) -> dict:
+    # only passed when used: a Triton without the option would take it for a kernel argument
+    return {"launch_pdl": True} if pdl else {}
+
+
 def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, int, int, int]:
     return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
 
@@ -216,10 +289,12 @@ def gemv(
     residual: torch.Tensor | None = None,
     epilogue: int = 0,
     config: tuple[int, int, int, int] | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """out[n] = sum_k W[n, k] * f(x)[k] (+ residual[n]); K is x's length (half of it for SILU_MUL).
 
-    With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x)."""
+    With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x).
+    pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
     bn, bk, warps, stages = config or gemv_config(fmt, n, k, epilogue)
     bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
@@ -245,8 +320,10 @@ def gemv(
         EVEN_K=k % bk == 0,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        PDL=PDL_TRIGGER[fmt] if pdl else 0,
         num_warps=warps,
         num_stages=stages,
+        **_launch(pdl),
     )
     return out
 
@@ -278,17 +355,28 @@ def _attention_partial(
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One query head x one block of positions: the block's max score, softmax mass and weighted V.
 
     The token's query and key get the rotary embedding here; its key and value stand in for the
-    cache's row `pos`, which the block holding `pos` writes (once per key/value head)."""
+    cache's row `pos`, which the block holding `pos` writes (once per key/value head). With PDL the
+    cache rows before `pos` (written by earlier steps) are read before waiting for the previous
+    kernel, which writes the token's projections."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0)
     blk = tl.program_id(1)
     kvh = h // GROUP
     base = kvh * T * D
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    old = t < pos
+    kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
+    vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     q = _rope(qkv_ptr + h * D, c, sn, d, D).to(tl.float32) * SCALE
@@ -297,16 +385,12 @@ def _attention_partial(
     mine = (tl.full([D], blk, tl.int32) == pos // BLOCK_T) & (tl.full([D], h % GROUP, tl.int32) == 0)
     tl.store(k_ptr + base + pos * D + d, k_new.to(k_ptr.dtype.element_ty), mask=mine)
     tl.store(v_ptr + base + pos * D + d, v_new.to(v_ptr.dtype.element_ty), mask=mine)
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    old = t < pos
     now = (t == pos)[:, None]
     valid = t <= pos
-    kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
     kb = tl.where(now, k_new.to(tl.float32)[None, :], kb)
     s = tl.where(valid, tl.sum(kb * q[None, :], axis=1), float("-inf"))
     m = tl.max(s, axis=0)
     p = tl.where(valid, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
-    vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
     vb = tl.where(now, v_new.to(tl.float32)[None, :], vb)
     out = part_ptr + (h * tl.num_programs(1) + blk) * (D + 2)
     tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
@@ -315,7 +399,10 @@ def _attention_partial(
 
 
 @triton.jit
-def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr):
+def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     h = tl.program_id(0)
     b = tl.arange(0, NB)
     d = tl.arange(0, D)
@@ -337,6 +424,7 @@ def attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     heads: int,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv: the token's (heads + 2 kv_heads) * d projections, before the rotary embedding; caches:
     (kv_heads, T, d); cos, sin: (T, d) tables. Applies the rotary embedding to q and k, writes k and
@@ -353,7 +441,7 @@ def attention(
     out = torch.empty(heads * d, dtype=qkv.dtype, device=qkv.device)
     _attention_partial[(heads, blocks)](
         qkv, k_cache, v_cache, cos, sin, pos, part, t,
-        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block,
+        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, PDL=pdl, **_launch(pdl),
     )
-    _attention_combine[(heads,)](part, out, NB=blocks, D=d)
+    _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
     return out
