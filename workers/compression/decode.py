@@ -208,6 +208,16 @@ def _strip(assignment: dict[str, str] | None) -> dict[str, str]:
     return {k.removeprefix("lm."): v for k, v in (assignment or {}).items()}
 
 
+def _pdl_supported(backend: str) -> bool:
+    if backend != "triton":
+        return False
+    try:
+        from .triton_decode import pdl_supported
+    except ImportError:  # no Triton (a CPU build of PyTorch)
+        return False
+    return pdl_supported()
+
+
 class DecodeLlama(nn.Module):
     """Batch-1, one-token decode step of a `LlamaForCausalLM` with a `max_len` static KV cache.
 
@@ -237,11 +247,8 @@ class DecodeLlama(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
-        if pdl:
-            from .triton_decode import pdl_supported
-
-            if backend != "triton" or not pdl_supported():
-                raise DecodeError("programmatic dependent launch needs the triton backend on a Hopper or newer GPU")
+        if pdl and not _pdl_supported(backend):
+            raise DecodeError("programmatic dependent launch needs the triton backend on a Hopper or newer GPU")
         self.backend, self.pdl = backend, pdl
         cfg = lm.config
         fmts = _strip(assignment)
