@@ -216,12 +216,16 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per launch")
     p.add_argument("--out", help="also write the JSON here (rewritten after every run)")
     p.add_argument("--hardware", default="", help="a words-only description of the machine, for the record")
+    p.add_argument("--lr-warmup", type=int, help="passed to every run: steps of linear learning-rate warm-up")
     a = p.parse_args()
     preset = PRESETS[a.preset]
     steps = a.steps or preset["steps"]
     common = ["--model", preset["model"], "--steps", str(steps), "--backend", preset["backend"], *preset["extra"]]
+    if a.lr_warmup is not None:
+        common += ["--lr-warmup", str(a.lr_warmup)]
     report = {"bench": "training", "preset": a.preset, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "hardware": a.hardware or platform.node(), "steps": steps, "repeats": a.repeats, "runs": {}}
+              "hardware": a.hardware or platform.node(), "steps": steps, "repeats": a.repeats,
+              "lr_warmup": a.lr_warmup or 0, "runs": {}}
     only = set(a.only.split(",")) if a.only else None
 
     def save() -> None:

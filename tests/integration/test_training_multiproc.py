@@ -110,6 +110,18 @@ def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):
     assert [point[0] for point in lines[-1]["loss_curve"]] == [5, 6, 7]  # numbered as the steps, not from 1
 
 
+def test_the_learning_rate_warms_up_linearly_by_step_number_and_a_resumed_attempt_continues_the_ramp(tmp_path):
+    common = ["workers.training", "--model", "digits-mlp", "--backend", "gloo", "--lr", "0.01", "--lr-warmup", "4",
+              "--checkpoint-dir", str(tmp_path), "--json"]
+    first = _run(*common, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _run(*common, "--steps", "6", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    lrs = [r["lr"] for out in (first, again) for r in _lines(out.stdout) if r["type"] == "step"]
+    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert _lines(again.stdout)[-1]["lr_warmup"] == 4
+
+
 def test_a_killed_rank_makes_the_others_exit_and_the_attempt_fail_within_60_seconds():
     launcher = subprocess.Popen(
         [sys.executable, "-m", "workers.training", "--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "1",

@@ -73,6 +73,8 @@ def test_a_flat_ring_over_two_nodes_of_two_crosses_nodes_on_half_its_links():
     (["--nodes", "3", "--racks", "2"], "evenly"),
     (["--model", "llama"], "invalid choice"),
     (["--codec-graphs", "maybe"], "invalid choice"),
+    (["--lr-warmup", "-1"], "--lr-warmup must be 0 or more"),
+    (["--lr", "0"], "--lr must be a positive number"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, message, capsys):
     base = ["--model", "digits-mlp", "--nodes", "2", "--procs-per-node", "2", "--backend", "gloo"]

@@ -134,6 +134,9 @@ def run_worker(cfg: Config) -> int:
             else:
                 t_bwd = time.perf_counter()
             exposed = reducer.finish()
+        if cfg.lr_warmup:
+            for group in optimizer.param_groups:  # from the step number alone, so a resumed run is the same
+                group["lr"] = warmup_lr(lr, step, cfg.lr_warmup)
         optimizer.step()
         if reducer:
             reducer.zero_grad()
@@ -149,7 +152,7 @@ def run_worker(cfg: Config) -> int:
             return 1
         losses.append(loss_value)
         record = {"type": "step", "step": step + 1, "loss": round(loss_value, 6), "step_s": round(t1 - t0, 6),
-                  "samples_per_s": round(global_batch / (t1 - t0), 2)}
+                  "samples_per_s": round(global_batch / (t1 - t0), 2), "lr": optimizer.param_groups[0]["lr"]}
         if reducer:
             record["compute_s"] = round(t_bwd - t0, 6)
             record["exposed_comm_s"] = round(exposed, 6)
@@ -199,6 +202,11 @@ def run_worker(cfg: Config) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def warmup_lr(lr: float, step: int, warmup: int) -> float:
+    """The learning rate of 0-based `step` under a linear warm-up over `warmup` steps."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
 def ddp_engine(cfg: Config) -> bool:
@@ -302,7 +310,7 @@ def _final_record(cfg, task, rank, world, device, batch, timed, level_s, level_b
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "mode": _mode_name(cfg),
         "engine": "ddp" if engine else "hcof",  # who ran the exchange: DDP's reducer or HCOF's own
-        "batch_per_process": batch, "lr": lr,
+        "batch_per_process": batch, "lr": lr, "lr_warmup": cfg.lr_warmup,
         "steps": cfg.steps, "timed_steps": int(n),
         "final_loss": round(float(stacked[:, 0].mean()), 6), "last_step_loss": round(float(stacked[:, 1].mean()), 6),
         "step_time_s": round(step_s, 6), "step_time_mean_s": round(mean_step_s, 6),
