@@ -73,6 +73,9 @@ def build_command(payload: dict, out_dir: Path, work_dir: Path) -> list[str]:
                    "--batch-size", str(spec.get("batch_size", 32)), "--topology", json.dumps(payload["topology"]),
                    "--hcof", codecs or "off", "--checkpoint-dir", str(checkpoints),
                    "--checkpoint-every", str(max(1, steps // 10)), "--json"]
+        for key, flag in (("lr", "--lr"), ("lr_warmup", "--lr-warmup")):
+            if spec.get(key) is not None:
+                command += [flag, str(spec[key])]
         if payload.get("world_size", 1) > 1:
             # One launch per node, all meeting at the first node's address.
             command += ["--node-rank", str(payload["rank"]), "--master-addr", str(payload["master_addr"]),

@@ -130,6 +130,10 @@ class TrainingSpec(StrictSerializer):
     model = serializers.ChoiceField(choices=TRAINING_MODELS)
     steps = serializers.IntegerField(min_value=1, max_value=10_000_000, default=100)
     batch_size = serializers.IntegerField(min_value=1, max_value=65_536, default=32)
+    # Left out: the runner's defaults per model (workers/training/catalog.py). lr_warmup: steps over which the
+    # rate rises linearly to lr.
+    lr = serializers.FloatField(required=False, min_value=1e-8, max_value=10.0)
+    lr_warmup = serializers.IntegerField(required=False, min_value=0, max_value=10_000_000)
     hcof = HcofSpec(required=False)
 
     def validate(self, attrs: dict) -> dict:

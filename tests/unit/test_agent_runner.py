@@ -80,6 +80,12 @@ def test_a_single_node_training_job_picks_its_own_port_and_uses_gloo_on_cpu_slot
     assert "--node-rank" not in command
     assert "--master-port" not in command
     assert "--resume" not in command
+    assert "--lr" not in command  # the runner's default per model
+    assert "--lr-warmup" not in command
+    tuned = build_command(payload(kind="training", spec={**spec, "lr": 3e-4, "lr_warmup": 50}, device_type="cpu"),
+                          tmp_path / "out", tmp_path)
+    assert tuned[tuned.index("--lr") + 1] == "0.0003"
+    assert tuned[tuned.index("--lr-warmup") + 1] == "50"
 
 
 def test_a_multi_node_training_rank_meets_the_others_at_the_dispatchers_address(tmp_path):

@@ -25,6 +25,19 @@ def test_team_can_be_left_out_when_the_user_has_one_team(bob, node_a, client_for
     assert response.status_code == 201, response.content
 
 
+def test_a_training_job_takes_a_learning_rate_and_warm_up_or_leaves_them_to_the_runner(alice, team_a, node_a,
+                                                                                        client_for):
+    job = {**COMPRESSION_JOB, "team": team_a.pk, "kind": "training"}
+    spec = {"model": "bert-base", "lr": 3e-4, "lr_warmup": 50}
+    tuned = client_for(alice).post("/api/v1/jobs/", {**job, "spec": spec}, format="json")
+    assert tuned.status_code == 201, tuned.content
+    assert (tuned.json()["spec"]["lr"], tuned.json()["spec"]["lr_warmup"]) == (3e-4, 50)
+    plain = client_for(alice).post("/api/v1/jobs/", {**job, "spec": {"model": "bert-base"}}, format="json")
+    assert plain.status_code == 201, plain.content
+    assert "lr" not in plain.json()["spec"]
+    assert "lr_warmup" not in plain.json()["spec"]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -35,6 +48,8 @@ def test_team_can_be_left_out_when_the_user_has_one_team(bob, node_a, client_for
         ({"priority": "whenever"}, "priority"),
         ({"resources": {"gpus": 9}}, "resources"),
         ({"resources": {"gpus": 4, "nodes": 3}}, "resources"),
+        ({"kind": "training", "spec": {"model": "bert-base", "lr": 0}}, "spec"),
+        ({"kind": "training", "spec": {"model": "bert-base", "lr_warmup": -5}}, "spec"),
     ],
 )
 def test_bad_input_is_a_400_with_field_messages_and_writes_nothing(alice, team_a, node_a, client_for, change, field):

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (image side for resnet50)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--lr-warmup", type=int, default=0,
-                   help="steps over which the learning rate rises linearly to --lr (0: none)")
+    p.add_argument("--lr-warmup", type=int,
+                   help="steps over which the learning rate rises linearly to --lr (0: none; default per model)")
     p.add_argument("--hcof", default="off",
                    help="off, or LEVEL=CODEC[,LEVEL=CODEC...]; levels: " + ", ".join(HCOF_LEVELS))
     p.add_argument("--ddp-hook", default="none", help="with --hcof off: none, bf16 or powersgd:RANK")
@@ -130,7 +130,7 @@ def parse(argv: list[str]) -> Config:
             raise UsageError(f"--ddp-hook takes none, bf16 or powersgd:RANK, not {hook!r}")
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
-    if args.lr_warmup < 0:
+    if args.lr_warmup is not None and args.lr_warmup < 0:
         raise UsageError("--lr-warmup must be 0 or more steps")
     if args.lr is not None and not args.lr > 0:
         raise UsageError("--lr must be a positive number")
