@@ -98,14 +98,15 @@ def checkpoint_dir(payload: dict, work_dir: Path) -> Path:
     return work_dir / "jobs" / str(payload.get("job_key") or payload["job"]) / "checkpoints"
 
 
-def final_checkpoint(payload: dict, work_dir: Path) -> Path | None:
-    """Rank 0's newest complete training checkpoint (workers/training/checkpoint.py's layout), if any."""
+def final_weights(payload: dict, work_dir: Path) -> Path | None:
+    """The safetensors weights rank 0 exported beside its newest complete training checkpoint
+    (workers/training/checkpoint.py's layout), if any."""
     root = checkpoint_dir(payload, work_dir)
     try:
         step = int((root / "latest").read_text().strip())
     except (OSError, ValueError):
         return None
-    path = root / f"step-{step:08d}" / "rank0.pt"
+    path = root / f"step-{step:08d}" / "model.safetensors"
     return path if path.is_file() else None
 
 

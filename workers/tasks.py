@@ -31,7 +31,7 @@ from .runner import (
     RunnerProcess,
     build_command,
     checkpoint_dir,
-    final_checkpoint,
+    final_weights,
     runner_env,
     weights_path,
 )
@@ -314,8 +314,8 @@ def _status(outcome: str | None, exit_code: int, handle: Handle, payload: dict) 
 
 def artifact_files(payload: dict, config: NodeConfig, out_dir: Path, log_path: Path,
                    status: str) -> list[tuple[str, Path]]:
-    """(name, path) of what to keep: what the runner wrote under its out dir (and a training job's final
-    checkpoint) when it succeeded, its log when it failed."""
+    """(name, path) of what to keep: what the runner wrote under its out dir (and a training job's trained
+    weights, as safetensors) when it succeeded, its log when it failed."""
     if status != "succeeded":
         return [("runner.log", log_path)] if log_path.is_file() else []
     root = out_dir
@@ -324,9 +324,9 @@ def artifact_files(payload: dict, config: NodeConfig, out_dir: Path, log_path: P
         root = entries[0]  # a runner's own output folder (compression's --out): its files, without the prefix
     files = [(str(p.relative_to(root)).replace(os.sep, "."), p) for p in sorted(root.rglob("*")) if p.is_file()]
     if payload.get("kind") == "training" and payload.get("rank", 0) == 0:
-        checkpoint = final_checkpoint(payload, config.work_dir)
-        if checkpoint is not None:
-            files.append((f"checkpoint-{checkpoint.parent.name}.pt", checkpoint))
+        weights = final_weights(payload, config.work_dir)
+        if weights is not None:
+            files.append((f"model-{weights.parent.name}.safetensors", weights))
     return files
 
 

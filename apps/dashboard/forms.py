@@ -47,6 +47,8 @@ KIND_FIELDS = {
         FormField("training_model", ("spec", "model")),
         FormField("steps", ("spec", "steps")),
         FormField("batch_size", ("spec", "batch_size")),
+        FormField("lr", ("spec", "lr")),
+        FormField("lr_warmup", ("spec", "lr_warmup")),
         FormField("hcof_intra_node", ("spec", "hcof", "intra_node")),
         FormField("hcof_inter_node", ("spec", "hcof", "inter_node")),
         FormField("hcof_critical", ("spec", "hcof", "critical")),

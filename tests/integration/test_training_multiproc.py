@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -108,6 +109,13 @@ def test_a_requeued_attempt_resumes_from_its_checkpoint(tmp_path):
     assert lines[0] == {"type": "resumed", "step": 4}
     assert [r["step"] for r in lines if r["type"] == "step"] == [5, 6, 7]
     assert [point[0] for point in lines[-1]["loss_curve"]] == [5, 6, 7]  # numbered as the steps, not from 1
+    # The trained weights, as safetensors beside the final checkpoint: the same tensors as its model state.
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "step-00000007" / "model.safetensors")
+    state = torch.load(tmp_path / "step-00000007" / "rank0.pt", weights_only=False)["model"]
+    assert weights.keys() == state.keys()
+    assert all(torch.equal(weights[k], state[k]) for k in state)
 
 
 def test_the_learning_rate_warms_up_linearly_by_step_number_and_a_resumed_attempt_continues_the_ramp(tmp_path):

@@ -219,7 +219,7 @@ def test_a_compression_runners_output_folder_is_uploaded_file_by_file(tmp_path):
     assert [name for name, _ in files] == ["manifest.json", "model.safetensors"]
 
 
-def test_a_training_job_uploads_rank_0s_final_checkpoint_and_a_failure_its_log(tmp_path):
+def test_a_training_job_uploads_rank_0s_final_weights_not_its_pickled_checkpoint_and_a_failure_its_log(tmp_path):
     from workers.runner import checkpoint_dir
     from workers.tasks import NodeConfig, artifact_files
 
@@ -231,8 +231,10 @@ def test_a_training_job_uploads_rank_0s_final_checkpoint_and_a_failure_its_log(t
     (root / "latest").write_text("40")
     out = tmp_path / "out"
     out.mkdir()
+    assert artifact_files(job, config, out, tmp_path / "runner.log", "succeeded") == []  # no pickle leaves the node
+    (root / "step-00000040" / "model.safetensors").write_bytes(b"weights")
     files = artifact_files(job, config, out, tmp_path / "runner.log", "succeeded")
-    assert files == [("checkpoint-step-00000040.pt", root / "step-00000040" / "rank0.pt")]
+    assert files == [("model-step-00000040.safetensors", root / "step-00000040" / "model.safetensors")]
     (tmp_path / "runner.log").write_text("err: boom\n")
     assert artifact_files(job, config, out, tmp_path / "runner.log", "failed") == [
         ("runner.log", tmp_path / "runner.log")]

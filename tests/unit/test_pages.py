@@ -317,6 +317,19 @@ def test_a_bad_form_shows_the_api_error_next_to_the_field_and_creates_nothing(
     assert f'value="{GOOD_COMPRESSION["name"]}"' in html or field == "name"
 
 
+def test_the_training_form_takes_a_learning_rate_and_warm_up(alice, team_a, node_a):
+    submit(page_for(alice), team_a, **{**GOOD_TRAINING, "lr": "3e-4", "lr_warmup": "50"})
+    spec = Job.objects.get().spec
+    assert (spec["lr"], spec["lr_warmup"]) == (3e-4, 50)
+
+
+def test_a_negative_warm_up_is_shown_next_to_its_field(alice, team_a, node_a):
+    response = submit(page_for(alice), team_a, **{**GOOD_TRAINING, "lr_warmup": "-3"})
+    assert response.status_code == 400
+    assert "greater than or equal to 0" in error_of(response.content.decode(), "lr_warmup")
+    assert not Job.objects.exists()
+
+
 def test_a_bad_training_codec_is_shown_next_to_its_field(alice, team_a, node_a):
     response = submit(page_for(alice), team_a, **{**GOOD_TRAINING, "hcof_inter_node": "zip"})
     assert response.status_code == 400

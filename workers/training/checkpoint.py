@@ -30,6 +30,23 @@ def save(directory: str, rank: int, step: int, model, optimizer, reducer) -> Non
             shutil.rmtree(old, ignore_errors=True)
 
 
+WEIGHTS = "model.safetensors"
+
+
+def export_weights(directory: str, step: int, model, name: str) -> Path:
+    """The trained weights alone, as safetensors beside the step's checkpoint (rank 0, at the end of a run):
+    what the job hands its users. The checkpoints themselves (torch.save, with the optimizer and residuals)
+    stay on the node for a resumed attempt. Tied weights (GPT-2's head) are stored once."""
+    from safetensors.torch import save_model
+
+    step_dir = Path(directory) / f"step-{step:08d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    tmp = step_dir / f".{WEIGHTS}.tmp"
+    save_model(model, str(tmp), metadata={"model": name, "step": str(step)})
+    os.replace(tmp, step_dir / WEIGHTS)
+    return step_dir / WEIGHTS
+
+
 def load(directory: str, rank: int, model, optimizer, reducer) -> int:
     """Restore the newest complete checkpoint; returns the step to continue from (0 when there is none)."""
     root = Path(directory)

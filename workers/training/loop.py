@@ -191,6 +191,8 @@ def run_worker(cfg: Config) -> int:
                 return 128 + signal.SIGTERM
     if cfg.checkpoint_dir and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
         checkpoint.save(cfg.checkpoint_dir, rank, cfg.steps, task.model, optimizer, reducer)
+    if cfg.checkpoint_dir and rank == 0:
+        checkpoint.export_weights(cfg.checkpoint_dir, cfg.steps, task.model, cfg.model)
 
     if profiler is not None:
         profiler.stop()
