@@ -34,6 +34,23 @@ STEPS = 20
 
 
 def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, raw: bool = False) -> dict:
+    how = backend.partition("+")[2]
+    if not how.startswith("pdl"):
+        return _profile(lm, backend, weights, smoke, graphs, raw)
+    from workers.compression import triton_decode as td
+
+    saved = dict(td.PDL_TRIGGER)
+    try:
+        if how != "pdl":
+            td.PDL_TRIGGER.update(dict.fromkeys(td.PDL_TRIGGER, 2 if how == "pdl-late" else 1))
+        names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4"}
+        trigger = {names[f]: "start" if t == 1 else "end" for f, t in td.PDL_TRIGGER.items()}
+        return {**_profile(lm, backend, weights, smoke, graphs, raw), "pdl_next_kernel_launches_at": trigger}
+    finally:
+        td.PDL_TRIGGER.update(saved)
+
+
+def _profile(lm, backend: str, weights: str, smoke: bool, graphs: bool, raw: bool) -> dict:
     """backend: a DecodeLlama backend, with "+eager" (not compiled: with --raw-graph the eager step is
     captured) or "+pdl" (triton only: eager, every kernel launched with programmatic dependent launch;
     "+pdl-early" / "+pdl-late": every product lets the next kernel launch at its start / once its
@@ -44,12 +61,6 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, r
     assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), fmt)
     dev = lm.lm_head.weight.device
     name, _, how = backend.partition("+")
-    if how.startswith("pdl"):
-        from workers.compression import triton_decode as td
-
-        saved = dict(td.PDL_TRIGGER)
-        if how != "pdl":
-            td.PDL_TRIGGER.update(dict.fromkeys(td.PDL_TRIGGER, 2 if how == "pdl-late" else 1))
     dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=name, pdl=how.startswith("pdl"))
     mode = "reduce-overhead" if graphs and not raw else "default"
     eager = smoke or how in ("eager", "pdl", "pdl-early", "pdl-late")
@@ -73,13 +84,7 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, r
         with torch.inference_mode(), torch.cuda.graph(graph):
             step(tok, pos)
         latency = cuda_median_ms(graph.replay, warmup=10, repeats=100)
-        trigger = None
-        if how.startswith("pdl"):
-            names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4"}
-            trigger = {names[f]: "start" if t == 1 else "end" for f, t in td.PDL_TRIGGER.items()}
-            td.PDL_TRIGGER.update(saved)
         return {
-            "pdl_next_kernel_launches_at": trigger,
             "backend": backend,
             "weights": weights,
             "weight_bytes": dec.weight_bytes(),
