@@ -91,7 +91,9 @@ def _run_for(job: Job, node: GpuNode, attempt: int, rank: int, run_id: str) -> A
 
 def summarize(line: dict) -> str:
     """A short message for a progress line: what a person scanning the history wants to see."""
-    parts = [str(line[key])[:40] for key in ("type", "stage") if isinstance(line.get(key), str)]
+    # "step" and "progress" only say that this is a progress line: what follows says which.
+    parts = [str(line[key])[:40] for key in ("type", "stage")
+             if isinstance(line.get(key), str) and not (key == "type" and line[key] in ("step", "progress"))]
     if "step" in line:
         total = line.get("steps")
         parts.append(f"step {line['step']}" + (f"/{total}" if total is not None else ""))

@@ -219,7 +219,7 @@ def test_the_first_progress_report_starts_the_attempt_and_lines_become_events(se
     assert selftest_job.started_at is not None
     progress = list(selftest_job.events.filter(kind=JobEvent.Kind.PROGRESS).order_by("id"))
     assert [e.data for e in progress] == lines
-    assert progress[0].message == "step, step 1/3, estimate 1.1"
+    assert progress[0].message == "step 1/3, estimate 1.1"
     run = AttemptRun.objects.get(job=selftest_job, attempt=1, rank=0)
     assert (run.run_id, run.pid, run.last_seq, run.node_id) == ("run-aaaaaaaa", 4242, 1, node.pk)
 
@@ -519,6 +519,8 @@ def test_agents_are_told_to_heartbeat_at_least_three_times_per_silence_window(no
 def test_a_compression_progress_line_reads_as_its_stage_and_share():
     from apps.scheduling.reports import summarize
 
-    assert summarize({"type": "progress", "stage": "sensitivity", "pct": 42.5}) == "progress, sensitivity, 42.5%"
-    assert summarize({"type": "step", "step": 3, "steps": 10, "loss": 0.25}) == "step, step 3/10, loss 0.25"
+    assert summarize({"type": "progress", "stage": "sensitivity", "pct": 42.5}) == "sensitivity, 42.5%"
+    assert summarize({"type": "step", "step": 3, "steps": 10, "loss": 0.25}) == "step 3/10, loss 0.25"
+    assert summarize({"type": "final", "loss": 0.25}) == "final, loss 0.25"
+    assert summarize({"type": "progress"}) == "progress"
     assert summarize({"anything": True}) == "progress"
