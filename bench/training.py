@@ -49,10 +49,6 @@ PRESETS = {
     "h200x2": {
         "model": "bert-base", "nodes": 2, "procs_per_node": 1, "backend": "nccl", "steps": 300,
         "extra": ["--batch-size", "32", "--seq-len", "128"],
-        # Without a warm-up, post-LN BERT sat on the task's plateau (the label marginal) for 600 steps under
-        # DDP fp32 on two GPUs while every other variant left it; with 50 steps of warm-up all leave it by
-        # step 32 (docs/training.md, session 12).
-        "lr_warmup": 50,
         "settings": {
             "socket": {"env": SOCKET_ENV, "variants": {
                 "ddp-fp32": ["--hcof", "off"],
@@ -221,17 +217,17 @@ def main() -> int:
     p.add_argument("--out", help="also write the JSON here (rewritten after every run)")
     p.add_argument("--hardware", default="", help="a words-only description of the machine, for the record")
     p.add_argument("--lr-warmup", type=int,
-                   help="passed to every run: steps of linear learning-rate warm-up (default: the preset's)")
+                   help="passed to every run: steps of learning-rate warm-up (default: the model's; bert-base 50)")
     a = p.parse_args()
     preset = PRESETS[a.preset]
     steps = a.steps or preset["steps"]
     common = ["--model", preset["model"], "--steps", str(steps), "--backend", preset["backend"], *preset["extra"]]
-    lr_warmup = a.lr_warmup if a.lr_warmup is not None else preset.get("lr_warmup", 0)
-    if lr_warmup:
-        common += ["--lr-warmup", str(lr_warmup)]
+    if a.lr_warmup is not None:
+        common += ["--lr-warmup", str(a.lr_warmup)]
     report = {"bench": "training", "preset": a.preset, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "hardware": a.hardware or platform.node(), "steps": steps, "repeats": a.repeats,
-              "lr_warmup": lr_warmup, "runs": {}}
+              "lr_warmup": a.lr_warmup if a.lr_warmup is not None else "the model's default (each run's record)",
+              "runs": {}}
     only = set(a.only.split(",")) if a.only else None
 
     def save() -> None:

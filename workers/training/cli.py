@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .catalog import MODELS
+from .catalog import DEFAULT_LR_WARMUP, MODELS
 from .hcof.codecs import Codec, CodecError, Plain, PowerSGD, parse_codec
 from .hcof.critical import CriticalPolicy
 from .hcof.topology import LEVELS, Topology, TopologyError
@@ -130,7 +130,9 @@ def parse(argv: list[str]) -> Config:
             raise UsageError(f"--ddp-hook takes none, bf16 or powersgd:RANK, not {hook!r}")
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
-    if args.lr_warmup is not None and args.lr_warmup < 0:
+    if args.lr_warmup is None:
+        args.lr_warmup = DEFAULT_LR_WARMUP.get(args.model, 0)
+    if args.lr_warmup < 0:
         raise UsageError("--lr-warmup must be 0 or more steps")
     if args.lr is not None and not args.lr > 0:
         raise UsageError("--lr must be a positive number")

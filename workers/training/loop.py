@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .catalog import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_LR_WARMUP
+from .catalog import DEFAULT_BATCH, DEFAULT_LR
 from .cli import Config, UsageError, fail, resolve_backends
 from .hcof.collectives import LevelExchanger
 from .hcof.reducer import HcofReducer
@@ -68,9 +68,6 @@ def run_worker(cfg: Config) -> int:
     task = build_task(cfg.model, batch, cfg.seq_len, device, rank)
     model = task.model
     lr = cfg.lr or DEFAULT_LR[cfg.model]
-    if cfg.lr_warmup is None:
-        cfg.args.lr_warmup = DEFAULT_LR_WARMUP.get(cfg.model, 0)
-    lr_warmup = cfg.lr_warmup
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
                                   **({"fused": True} if device.type == "cuda" else {}))
 
@@ -137,9 +134,9 @@ def run_worker(cfg: Config) -> int:
             else:
                 t_bwd = time.perf_counter()
             exposed = reducer.finish()
-        if lr_warmup:
+        if cfg.lr_warmup:
             for group in optimizer.param_groups:  # from the step number alone, so a resumed run is the same
-                group["lr"] = warmup_lr(lr, step, lr_warmup)
+                group["lr"] = warmup_lr(lr, step, cfg.lr_warmup)
         optimizer.step()
         if reducer:
             reducer.zero_grad()
