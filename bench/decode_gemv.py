@@ -55,7 +55,7 @@ SWEEP = {
     "int4_g128": [
         (2, 2048, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 2048, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3),
         (8, 1024, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3),
-        (32, 512, 8, 3),
+        (32, 512, 8, 3), (4, 2048, 8, 3), (8, 2048, 8, 3), (16, 1024, 8, 3),
     ],
     "int8": [
         (2, 2048, 4, 1), (2, 2048, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3),
@@ -132,7 +132,9 @@ def row(name, rows, cols, fmt, backend, variant, nbytes, ms, **extra) -> dict:
     }
 
 
-def sweep(doc: dict, out: Path | None) -> None:
+def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads: list[int] | None = None) -> None:
+    """`xloads`: for int4, also each of triton_decode's ways of loading the input (INT4_XLOAD), as a
+    fifth element of the tile."""
     from workers.compression import triton_decode as td
 
     best = {}
@@ -140,7 +142,7 @@ def sweep(doc: dict, out: Path | None) -> None:
         w = torch.randn(rows, cols, device="cuda").mul_(0.02)
         x = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         norm = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
-        for fmt in SWEEP_FORMATS:
+        for fmt in formats or SWEEP_FORMATS:
             base = PackedLinear(w, fmt, torch.bfloat16, backend="triton")
             layers = [base]
             for _ in range(copies_for(base.nbytes()) - 1):
@@ -150,7 +152,10 @@ def sweep(doc: dict, out: Path | None) -> None:
                 layers.append(c)
             res = torch.randn(rows // 2 if name == "gate_up" else rows, device="cuda", dtype=torch.bfloat16)
             tried = set()
-            for cfg in SWEEP[fmt]:
+            tiles = SWEEP[fmt]
+            if xloads and fmt.startswith("int4"):
+                tiles = [(*t, m) for t in tiles for m in xloads]
+            for cfg in tiles:
                 k = cols
                 bk = max(min(cfg[1], k), 128 if fmt.startswith("int4") else 1)
                 cfg = (cfg[0], bk, *cfg[2:])
@@ -198,7 +203,13 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time the Triton GEMV over a list of tiles per shape")
     p.add_argument("--compiled", action="store_true", help="also inductor's expressions for low-bit formats (slow)")
+    p.add_argument("--formats", help=f"with --sweep: a comma-separated subset of {','.join(SWEEP_FORMATS)}")
+    p.add_argument("--xloads", help="with --sweep: int4 tiles also with each of these input loads (e.g. 0,1,2)")
     args = p.parse_args()
+    formats = args.formats.split(",") if args.formats else None
+    if formats and not set(formats) <= set(SWEEP_FORMATS):
+        p.error(f"--formats: choose from {', '.join(SWEEP_FORMATS)}")
+    xloads = [int(v) for v in args.xloads.split(",")] if args.xloads else None
     cuda = not args.smoke
     dev = "cuda" if cuda else "cpu"
     doc = {
@@ -212,7 +223,7 @@ def main() -> int:
         "errors": [],
     }
     if args.sweep:
-        sweep(doc, args.out)
+        sweep(doc, args.out, formats, xloads)
         print(json.dumps(doc, indent=1))
         return 0
     for name, rows, cols in SMOKE_SHAPES if args.smoke else SHAPES:

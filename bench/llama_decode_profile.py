@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -171,6 +172,9 @@ def main() -> int:
             else "compiled without CUDA graphs, 20 steps profiled"
         )
         + f", coordinate_descent_tuning={args.tune}",
+        # which tiles and int4 input load triton_decode used (a sweep's list, when DECODE_GEMV_TUNED names one)
+        "decode_gemv_tuned": os.environ.get("DECODE_GEMV_TUNED"),
+        "decode_int4_xload": os.environ.get("DECODE_INT4_XLOAD"),
         "variants": [],
         "errors": [],
     }

@@ -33,7 +33,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deepopt_web.settings")
 
 from apps.scheduling.policy.engine import Scheduler  # noqa: E402
 from apps.scheduling.policy.types import PolicyConfig, QueuedJob  # noqa: E402
-from apps.scheduling.replay import SLOWDOWN_BOUND_S, load_trace, load_weights, metrics, simulate  # noqa: E402
+from apps.scheduling.replay import SLOWDOWN_BOUND_S, load_trace, load_weights, metrics, run_trace  # noqa: E402
 
 TRACE = ROOT.parent / "shared/data/traces/philly-2017-sep-oct/jobs.csv"
 
@@ -54,14 +54,14 @@ class Probe(Scheduler):
         return super().enqueue(job)
 
     def _start(self, entry, where, now, decision) -> None:
-        self.started[entry.id] = (entry.team, entry.submit, now)
+        self.started[entry.id] = (entry.team, entry.submit, now, entry.job.ran_s)
         super()._start(entry, where, now, decision)
 
     def finish(self, job_id, now: float) -> None:
-        # What a live scheduler knows of a job that ended: its submit, start and end.
-        team, submit, start = self.started.pop(job_id)
-        run = now - start
-        slowdown = max(1.0, (start - submit + run) / max(run, SLOWDOWN_BOUND_S))
+        # What a live scheduler knows of a job that ended: its submit, its end and what it ran in all.
+        team, submit, start, ran_before = self.started.pop(job_id)
+        run = ran_before + now - start
+        slowdown = max(1.0, (now - submit) / max(run, SLOWDOWN_BOUND_S))
         total, count = self.slowdowns.get(team, (0.0, 0))
         self.slowdowns[team] = (total + slowdown, count + 1)
         super().finish(job_id, now)
@@ -76,8 +76,8 @@ class Probe(Scheduler):
         total, count = self.slowdowns.get(entry.team, (0.0, 0))
         mean = total / count if count else 1.0
         if self.mode == "div":
-            return (1, base[1] / mean ** self.param, base[2])
-        return (1, -round(math.log(mean, self.param)) * 1e13 + base[1], base[2])  # cls
+            return (base[0], base[1] / mean ** self.param, base[2])
+        return (base[0], -round(math.log(mean, self.param)) * 1e13 + base[1], base[2])  # cls
 
 
 def main() -> int:
@@ -87,6 +87,8 @@ def main() -> int:
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--nodes", type=int, default=80)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--no-preemption", action="store_true")
+    p.add_argument("--tenants", action="store_true", help="also each tenant's jobs, mean wait and mean bounded slowdown")
     a = p.parse_args()
     if not Path(a.trace).exists():
         print(f"error: no trace at {a.trace} (../shared/data is missing; pass --trace)", file=sys.stderr)
@@ -96,12 +98,15 @@ def main() -> int:
     weights = load_weights(weights_file) if weights_file.exists() else {}
     Probe.mode, Probe.param, Probe.jobs = a.mode, a.param, jobs
     began = time.perf_counter()
-    starts = simulate(jobs, PolicyConfig(policy="wfq"), a.nodes, a.gpus_per_node, 1, weights, scheduler_class=Probe)
-    m = metrics(jobs, starts, a.nodes * a.gpus_per_node)
+    out = run_trace(jobs, PolicyConfig(policy="wfq", preemption=not a.no_preemption), a.nodes, a.gpus_per_node, 1,
+                    weights, scheduler_class=Probe)
+    m = metrics(jobs, out.starts, a.nodes * a.gpus_per_node, out.ends)
     print(json.dumps({"mode": a.mode, "param": a.param, "nodes": a.nodes,
                       **{k: m[k] for k in ("mean_wait_s", "p99_wait_s", "tenant_slowdown_jain",
                                            "mean_bounded_slowdown")},
-                      "wall_s": round(time.perf_counter() - began, 1)}))
+                      "wall_s": round(time.perf_counter() - began, 1),
+                      **({"per_tenant": {t: [v["jobs"], round(v["mean_wait_s"]), round(v["mean_bounded_slowdown"], 2)]
+                                         for t, v in m["per_tenant"].items()}} if a.tenants else {})}))
     return 0
 
 

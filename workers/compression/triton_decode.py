@@ -86,7 +86,7 @@ def _w4_load(w_ptr, rows64, rmask, stride_w, k0, NG, G: tl.constexpr, BLOCK_K: t
 @triton.jit
 def _w4_step(
     acc, ss, q, k0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG,
-    G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRO: tl.constexpr,
+    G: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRO: tl.constexpr, XLOAD: tl.constexpr,
 ):
     """Adds one step's products: byte j of a group holds inputs 2j (low nibble) and 2j + 1 (high).
     One dot product per row and group, then its scale and minimum."""
@@ -98,18 +98,35 @@ def _w4_step(
     else:
         km = gi < NG
     q = q.to(tl.int32)
-    ie = gi[:, None] * G + 2 * b[None, :]
-    xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
-    xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
-    if PRO == 1:
-        ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
     lo = _nibble_float(q & 15)
     hi = _nibble_float((q >> 4) & 15)
-    dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+    if XLOAD == 0:
+        # the even and odd inputs as two strided gathers
+        ie = gi[:, None] * G + 2 * b[None, :]
+        xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
+        xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
+        if PRO == 1:
+            ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
+        dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+        xsum = tl.sum(xe + xo, axis=1)
+    else:
+        # the inputs as one contiguous [groups, G] load (vector loads), paired with the nibbles either
+        # by splitting the inputs into even and odd (XLOAD 1) or by interleaving the nibbles (XLOAD 2)
+        xi = gi[:, None] * G + tl.arange(0, G)[None, :]
+        xv, sq = _input(x_ptr, nw_ptr, xi, km[:, None], K, PRO)
+        if PRO == 1:
+            ss += tl.sum(tl.sum(sq, axis=1), axis=0)
+        if XLOAD == 1:
+            xe, xo = tl.split(tl.reshape(xv, (BLOCK_K // G, HG, 2)))
+            dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+        else:
+            w = tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_K // G, G))
+            dot = tl.sum(w * xv[None, :, :], axis=2)
+        xsum = tl.sum(xv, axis=1)
     gm = rmask[:, None] & km[None, :]
     sc = tl.load(s_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
     zr = tl.load(z_ptr + rows64[:, None] * NG + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-    acc += sc * dot + zr * tl.sum(xe + xo, axis=1)[None, :]
+    acc += sc * dot + zr * xsum[None, :]
     return acc, ss
 
 
@@ -157,6 +174,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    XLOAD: tl.constexpr,
 ):
     """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows).
 
@@ -184,11 +202,11 @@ def _gemv_kernel(
         q = _w4_load(w_ptr, rows64, rmask, stride_w, 0, NG, G, BLOCK_K, EVEN_K)
         if PDL != 0:
             tl.extra.cuda.gdc_wait()
-        acc, ss = _w4_step(acc, ss, q, 0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO)
+        acc, ss = _w4_step(acc, ss, q, 0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO, XLOAD)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             q = _w4_load(w_ptr, rows64, rmask, stride_w, k0, NG, G, BLOCK_K, EVEN_K)
             acc, ss = _w4_step(
-                acc, ss, q, k0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO
+                acc, ss, q, k0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO, XLOAD
             )
         y = tl.sum(acc, axis=1)
     else:
@@ -260,6 +278,11 @@ def pdl_supported() -> bool:
 PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2}
 
 
+# How an int4 product reads its input (`_w4_step`): 0 as two strided gathers (even and odd inputs),
+# 1 or 2 as one contiguous load. A tile's optional fifth element overrides it.
+INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "0"))
+
+
 def _launch(pdl: bool) -> dict:
     # only passed when used: a Triton without the option would take it for a kernel argument
     return {"launch_pdl": True} if pdl else {}
@@ -296,7 +319,8 @@ def gemv(
     With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x).
     pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
-    bn, bk, warps, stages = config or gemv_config(fmt, n, k, epilogue)
+    bn, bk, warps, stages, *rest = config or gemv_config(fmt, n, k, epilogue)
+    xload = rest[0] if rest else INT4_XLOAD
     bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
     out = torch.empty(n, dtype=out_dtype, device=x.device)
     stride = k // 2 if fmt == W4_GROUP else k
@@ -321,6 +345,7 @@ def gemv(
         BLOCK_N=bn,
         BLOCK_K=bk,
         PDL=PDL_TRIGGER[fmt] if pdl else 0,
+        XLOAD=xload if fmt == W4_GROUP else 0,
         num_warps=warps,
         num_stages=stages,
         **_launch(pdl),
