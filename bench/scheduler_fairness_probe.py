@@ -88,7 +88,7 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=80)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--no-preemption", action="store_true")
-    p.add_argument("--tenants", action="store_true", help="also each tenant's jobs, mean wait and mean bounded slowdown")
+    p.add_argument("--tenants", action="store_true", help="also per tenant: jobs, mean wait, mean bounded slowdown")
     a = p.parse_args()
     if not Path(a.trace).exists():
         print(f"error: no trace at {a.trace} (../shared/data is missing; pass --trace)", file=sys.stderr)

@@ -202,7 +202,9 @@ def _gemv_kernel(
         q = _w4_load(w_ptr, rows64, rmask, stride_w, 0, NG, G, BLOCK_K, EVEN_K)
         if PDL != 0:
             tl.extra.cuda.gdc_wait()
-        acc, ss = _w4_step(acc, ss, q, 0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO, XLOAD)
+        acc, ss = _w4_step(
+            acc, ss, q, 0, rows64, rmask, x_ptr, nw_ptr, s_ptr, z_ptr, K, NG, G, BLOCK_K, EVEN_K, PRO, XLOAD
+        )
         for k0 in range(BLOCK_K, K, BLOCK_K):
             q = _w4_load(w_ptr, rows64, rmask, stride_w, k0, NG, G, BLOCK_K, EVEN_K)
             acc, ss = _w4_step(
