@@ -195,6 +195,8 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
         }
         for v in best.values()
     ]
+    if out:
+        out.write_text(json.dumps(doc, indent=1))
 
 
 def main() -> int:

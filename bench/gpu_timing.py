@@ -27,6 +27,22 @@ def cuda_median_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
+def graph_replay_ms(step, *args, warmup: int = 10, repeats: int = 100) -> float:
+    """`step(*args)` (e.g. one decode step) captured as one torch.cuda.CUDAGraph, after two warm-up calls on
+    a side stream (compilation happens there); the median GPU time of a replay. It costs the GPU's time,
+    not a Python call's."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            step(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        step(*args)
+    return cuda_median_ms(graph.replay, warmup=warmup, repeats=repeats)
+
+
 def fp8_bench_doc(bench: str, timing: str) -> dict | None:
     """The results document of an FP8 bench (date, GPU, versions, how it timed), or None after one line on
     stderr when this machine has no FP8 tensor cores (the bench then exits 2)."""

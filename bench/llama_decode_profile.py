@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from gpu_timing import cuda_median_ms  # noqa: E402
+from gpu_timing import cuda_median_ms, graph_replay_ms  # noqa: E402
 
 from workers.compression.decode import DecodeLlama  # noqa: E402
 from workers.compression.models import _build_llama  # noqa: E402
@@ -75,16 +75,7 @@ def _profile(lm, backend: str, weights: str, smoke: bool, graphs: bool, raw: boo
     if raw:
         # the compiled step (no cudagraph trees) captured by hand as one CUDA graph: a replay costs
         # the GPU's time, not the compiled module's Python call
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                step(tok, pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            step(tok, pos)
-        latency = cuda_median_ms(graph.replay, warmup=10, repeats=100)
+        latency = graph_replay_ms(step, tok, pos)
         return {
             "backend": backend,
             "weights": weights,
