@@ -7,6 +7,7 @@ MODE
   base            the product's WFQ, as replay_trace runs it
   div P           feedback: each tenant's mean bounded slowdown over its *completed* jobs (known to a
                   live scheduler: submit, start and end of finished jobs) divides its order keys, ^P
+  divd H          as div 1, with a mean that decays with a half-life of H hours
   cls B           feedback as classes: tenants ordered by round(log_B(mean slowdown)), highest first
   oracle S        NOT realisable: knows every job's true run time; jobs shorter than S seconds go
                   first, shortest first (an upper bound on what run-time knowledge could do)
@@ -62,8 +63,11 @@ class Probe(Scheduler):
         team, submit, start, ran_before = self.started.pop(job_id)
         run = ran_before + now - start
         slowdown = max(1.0, (now - submit) / max(run, SLOWDOWN_BOUND_S))
-        total, count = self.slowdowns.get(team, (0.0, 0))
-        self.slowdowns[team] = (total + slowdown, count + 1)
+        total, count, last = self.slowdowns.get(team, (0.0, 0.0, now))
+        if self.mode == "divd":  # a decayed mean: param is the half-life in hours
+            decay = 0.5 ** ((now - last) / (self.param * 3600.0))
+            total, count = total * decay, count * decay
+        self.slowdowns[team] = (total + slowdown, count + 1, now)
         super().finish(job_id, now)
 
     def order_key(self, entry, now, levels):
@@ -73,8 +77,10 @@ class Probe(Scheduler):
         if self.mode == "oracle":
             run = self.jobs[entry.id].duration
             return (1, (run if run < self.param else 1e12) + base[1] * 1e-6, base[2])
-        total, count = self.slowdowns.get(entry.team, (0.0, 0))
+        total, count, _ = self.slowdowns.get(entry.team, (0.0, 0.0, 0.0))
         mean = total / count if count else 1.0
+        if self.mode == "divd":
+            return (base[0], base[1] / mean, base[2])
         if self.mode == "div":
             return (base[0], base[1] / mean ** self.param, base[2])
         return (base[0], -round(math.log(mean, self.param)) * 1e13 + base[1], base[2])  # cls
@@ -82,7 +88,7 @@ class Probe(Scheduler):
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("base", "div", "cls", "oracle", "oracle-est"))
+    p.add_argument("mode", choices=("base", "div", "divd", "cls", "oracle", "oracle-est"))
     p.add_argument("param", nargs="?", type=float, default=1.0)
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--nodes", type=int, default=80)
