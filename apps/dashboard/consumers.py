@@ -48,6 +48,15 @@ def _can_see_job(user, job_id: int) -> bool:  # noqa: ANN001
 
 
 @database_sync_to_async
+def _job_now(job_id: int) -> dict:
+    """The job's state and attempt as the database has them (after the socket joined its group)."""
+    from apps.scheduling.models import Job
+
+    row = Job.objects.filter(pk=job_id).values("state", "attempt").first()
+    return row or {}
+
+
+@database_sync_to_async
 def _fresh_user(user_id: int):  # noqa: ANN202
     """The user as the database has them now (no cached teams), or None when gone or deactivated."""
     from django.contrib.auth import get_user_model
@@ -200,7 +209,9 @@ class EventsConsumer(AsyncWebsocketConsumer):
             # deliver each twice.
             if not self._sees_all:
                 await self._join(job_group(job_id))
-        await self._reply("subscribed", {"job": job_id})
+        # Where the job stands now, read after joining: a change before this answer is in it, a change
+        # after it is an event. A page rendered a moment before its socket connected catches up from it.
+        await self._reply("subscribed", {"job": job_id, **(await _job_now(job_id))})
 
     async def deliver(self, message: dict) -> None:
         """A published event (events.LAYER_MESSAGE_TYPE), already JSON: forwarded as it is. The user's own

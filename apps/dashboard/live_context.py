@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from django.db.models import Count, Exists, OuterRef, Q
 
 from apps.cluster.models import Gpu, GpuNode, MetricSample
-from apps.scheduling.models import Allocation, JobEvent
+from apps.scheduling.models import Allocation, Job, JobEvent
 
 LOG_LINES_SHOWN = 200
 
@@ -33,6 +33,31 @@ def job_progress(job) -> dict:  # noqa: ANN001
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def training_curve(job, log_rows: list[dict]) -> dict | None:  # noqa: ANN001
+    """A training job's loss by step, for the job page's chart (static/js/charts.js). Once the run has
+    reported its result: the result's `loss_curve` (rank 0's loss at up to 20 steps over the whole run)
+    and its held-out `eval_loss`. Before that: the steps among the progress lines shown (`log_rows`, the
+    latest attempt's), which the page extends as progress events arrive. None for other jobs, and for a
+    training job that has neither (queued, or ended without a result)."""
+    if job.kind != Job.Kind.TRAINING:
+        return None
+    steps = job.spec.get("steps") if isinstance(job.spec, dict) else None
+    base = {"job": job.pk, "steps": steps if _number(steps) else None}
+    result = job.result if isinstance(job.result, dict) else {}
+    curve = result.get("loss_curve")
+    points = [[p[0], p[1]] for p in curve if isinstance(p, list | tuple) and len(p) == 2
+              and _number(p[0]) and _number(p[1])] if isinstance(curve, list) else []
+    if points:
+        eval_loss = result.get("eval_loss")
+        return {**base, "source": "result", "points": points, "eval_loss": eval_loss if _number(eval_loss) else None}
+    attempt = max((row["attempt"] for row in log_rows), default=job.attempt)
+    lines = (row["data"] or {} for row in log_rows if row["attempt"] == attempt)
+    points = [[data["step"], data["loss"]] for data in lines if _number(data.get("step")) and _number(data.get("loss"))]
+    if not points and job.state not in (Job.State.ALLOCATED, Job.State.RUNNING):
+        return None
+    return {**base, "source": "log", "points": points, "eval_loss": None}
 
 
 def latest_gpu_readings(nodes: Iterable[GpuNode]) -> dict[tuple[int, int], MetricSample]:

@@ -187,6 +187,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     )
     allocations = (Allocation.objects.filter(job=job, released_at__isnull=True)
                    .select_related("gpu", "node").order_by("node__name", "gpu__index"))
+    progress = live_context.job_progress(job)
     return render(request, "dashboard/job_detail.html", {
         "job": job,
         # Progress lines are the Progress card's log (its last LOG_LINES_SHOWN); a training job writes
@@ -202,7 +203,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "can_cancel": (job.state not in TERMINAL and job.state != Job.State.CANCELLING
                        and can_cancel_job(request.user, job)),
         "queue": getattr(job, "queue_entry", None) if job.state == Job.State.QUEUED else None,
-        **live_context.job_progress(job),
+        **progress,
+        "training_curve": live_context.training_curve(job, progress["log_lines"]),
     })
 
 

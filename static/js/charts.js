@@ -1,4 +1,5 @@
-// Load charts (observed + forecast with its 80% band + active capacity) and the compression layer chart.
+// Load charts (observed + forecast with its 80% band + active capacity), the compression layer chart and a
+// training job's loss chart.
 // Data comes embedded in the page (json_script); a `forecast.updated` event from live.js makes the
 // chart fetch its series again from the REST API (same shape) and redraw in place.
 (function () {
@@ -113,6 +114,42 @@
     window.Plotly.react(el, out, layout, { displaylogo: false, responsive: true });
   }
 
+  // A training job's loss by step (apps/dashboard/live_context.training_curve). While the job runs
+  // ("log"), each progress event of rank 0 that carries a step and a loss adds a point.
+  function setUpLossChart(el) {
+    var source = el.parentNode.querySelector('script[type="application/json"]');
+    if (!source) return;
+    var curve = JSON.parse(source.textContent);
+    var xs = curve.points.map(function (p) { return p[0]; });
+    var ys = curve.points.map(function (p) { return p[1]; });
+    var out = [{ x: xs, y: ys, mode: xs.length < 3 ? "lines+markers" : "lines", name: "training loss",
+                 line: { color: COLORS.observed, width: 2 } }];
+    if (curve.eval_loss != null && xs.length) {
+      out.push({ x: [xs[xs.length - 1]], y: [curve.eval_loss], mode: "markers", name: "held-out loss",
+                 marker: { color: COLORS.forecast, size: 9 } });
+    }
+    // A loss that falls by orders of magnitude reads on a log axis.
+    var positive = ys.length && ys.every(function (y) { return y > 0; });
+    var spread = positive ? Math.max.apply(null, ys) / Math.min.apply(null, ys) : 1;
+    var layout = Object.assign({}, LAYOUT, {
+      xaxis: { title: { text: "step" }, range: curve.steps ? [0, curve.steps] : undefined },
+      yaxis: spread > 30 ? { title: { text: "loss (log)" }, type: "log" } : { title: { text: "loss" }, rangemode: "tozero" },
+      hovermode: "closest",
+    });
+    window.Plotly.react(el, out, layout, { displaylogo: false, responsive: true });
+    el.setAttribute("data-points", String(xs.length));
+    if (curve.source !== "log" || !window.DeepOptLive) return;
+    window.DeepOptLive.on("job.progress", function (data) {
+      // A region refresh replaces the chart: the old one stops listening.
+      if (!data || data.job !== curve.job || !document.body.contains(el)) return;
+      if (data.rank) return;
+      var loss = data.metrics && data.metrics.loss;
+      if (typeof data.step !== "number" || typeof loss !== "number") return;
+      window.Plotly.extendTraces(el, { x: [[data.step]], y: [[loss]] }, [0]);
+      el.setAttribute("data-points", String(el.data[0].x.length));
+    });
+  }
+
   // A new scaling decision goes on top of the decisions table, newest first.
   function setUpDecisions(tbody) {
     if (!window.DeepOptLive) return;
@@ -137,10 +174,12 @@
     if (!window.Plotly) return;
     document.querySelectorAll(".load-chart").forEach(setUpLoadChart);
     document.querySelectorAll("[data-layer-chart]").forEach(setUpLayerChart);
+    document.querySelectorAll("[data-loss-chart]").forEach(setUpLossChart);
   });
   // A job that finishes while its page is open: live.js swaps the report region in; draw its chart.
   document.addEventListener("deepopt:refreshed", function () {
     if (!window.Plotly) return;
     document.querySelectorAll("[data-layer-chart]:not(.js-plotly-plot)").forEach(setUpLayerChart);
+    document.querySelectorAll("[data-loss-chart]:not(.js-plotly-plot)").forEach(setUpLossChart);
   });
 })();

@@ -324,11 +324,18 @@
     if (!head) return;
     var id = Number(head.getAttribute("data-live-job"));
     jobs[id] = true;
-    var log = document.querySelector("[data-live-log]");
-    if (log) log.scrollTop = log.scrollHeight;
+    function scrollLog() {
+      var log = document.querySelector("[data-live-log]");
+      if (log) log.scrollTop = log.scrollHeight;
+    }
+    scrollLog();
+    // The progress card is redrawn by the catch-up below: its log starts at the bottom again.
+    document.addEventListener("deepopt:refreshed", function (event) {
+      var regions = event.detail && event.detail.regions;
+      if (regions === "all" || (regions && regions.indexOf("job-progress") >= 0)) scrollLog();
+    });
 
-    on("job.state", function (data) {
-      if (data.id !== id) return;
+    function applyState(data) {
       head.setAttribute("data-state", data.state);
       all('[data-testid="job-state"]').forEach(function (el) { el.innerHTML = badge(data.state); flash(el); });
       if (TERMINAL.indexOf(data.state) >= 0 || data.state === "cancelling") {
@@ -338,11 +345,24 @@
         all("form[data-live-hold]").forEach(function (form) { form.remove(); });
       }
       refresh(["job-status", "job-overview", "job-allocations", "job-result", "job-report", "job-events"]);
+    }
+
+    on("job.state", function (data) {
+      if (data.id === id) applyState(data);
+    });
+    // The answer to the page's subscription says where the job stands: a job that moved between the
+    // page's rendering and its socket's connecting (one that starts at once) is brought up to date.
+    on("subscribed", function (data) {
+      if (data.job === id && data.state && data.state !== head.getAttribute("data-state")) {
+        applyState(data);
+        refresh(["job-progress"]);  // and the progress lines sent before the socket was there
+      }
     });
 
     on("job.progress", function (data) {
       if (data.job !== id) return;
       var card = document.querySelector("[data-live-progress]");
+      var log = card && card.querySelector("[data-live-log]");
       if (!card) return;
       card.hidden = false;
       if (data.percent != null) {

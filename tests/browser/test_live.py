@@ -246,3 +246,51 @@ def test_a_member_removed_from_the_team_loses_its_queue_on_the_open_page(tabs, a
     assert "team a only" not in tab.inner_text("[data-testid=queue-table]")
     assert tab.evaluate("window.__notReloaded") is True
     assert tab.get_attribute("#live-status", "data-state") == "live"
+
+
+def test_a_training_jobs_page_catches_up_with_a_start_it_missed_and_draws_its_loss_live(
+        tabs, alice, team_a, node_a, client_for):
+    """The job starts between the page's rendering and its socket's subscribing (the subscription's answer
+    brings the page up to date); then each progress event adds a point to the loss chart, and the result's
+    curve replaces the live one when the run ends."""
+    response = elsewhere(client_for(alice).post, "/api/v1/jobs/", {
+        "name": "live loss", "kind": "training", "team": team_a.pk, "resources": {"gpus": 2},
+        "spec": {"model": "digits-mlp", "steps": 300}}, format="json")
+    assert response.status_code == 201, response.content
+    job = response.json()["id"]
+    tab = tabs()
+    sign_in_at(tab, "/queue/", "alice")
+    # From here on the page's socket cannot open until the test lets it: the job page is rendered while
+    # the job is queued, and the job is allocated and starts before the page hears anything.
+    tab.add_init_script("""
+        const Real = window.WebSocket;
+        window.WebSocket = function (url) {
+          if (!window.__socketsAllowed) throw new Error("held back by the test");
+          return new Real(url);
+        };
+        window.WebSocket.OPEN = Real.OPEN;
+    """)
+    tab.goto(f"/jobs/{job}/")
+    assert tab.inner_text("[data-testid=job-state]").strip() == "queued"
+    assert tab.query_selector("[data-loss-chart]") is None  # queued: nothing to draw yet
+    node = GpuNode.objects.get(pk=node_a.pk)
+    assert elsewhere(run_pass).placed == [job]
+    elsewhere(reports.progress, node, job, 1, rank=0, run_id="run-1", seq=1, pid=77,
+              lines=[{"type": "step", "step": 1, "steps": 300, "loss": 2.3}])
+    tab.evaluate("window.__socketsAllowed = true")
+    live(tab)
+    tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'running'")
+    tab.wait_for_selector("[data-loss-chart][data-points='1']")
+    assert "step 1/300, loss 2.3" in tab.inner_text("[data-live-log]")
+
+    for seq, (step, loss) in enumerate([(10, 1.2), (20, 0.7)], start=2):
+        elsewhere(reports.progress, node, job, 1, rank=0, run_id="run-1", seq=seq, pid=77,
+                  lines=[{"type": "step", "step": step, "steps": 300, "loss": loss}])
+        tab.wait_for_selector(f"[data-loss-chart][data-points='{seq}']")
+    assert tab.inner_text("[data-live-progress] [data-field=progress-text]") == "step 20 of 300 · 6.7 %"
+
+    elsewhere(reports.result, node, job, 1, rank=0, run_id="run-1", status="succeeded", exit_code=0,
+              result={"loss_curve": [[1, 2.3], [150, 0.3], [300, 0.05]], "eval_loss": 0.08, "final_loss": 0.05})
+    tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'succeeded'")
+    tab.wait_for_selector("[data-loss-chart][data-source=result][data-points='3']")
+    assert "held-out loss 0.0800 at the end" in tab.inner_text("[data-testid=training-curve]")

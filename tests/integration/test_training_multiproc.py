@@ -65,6 +65,7 @@ def test_digits_learns_with_int4_between_two_nodes_of_two_processes():
     steps = [r for r in lines if r["type"] == "step"]
     final = lines[-1]
     assert len(steps) == 40
+    assert steps[-1]["steps"] == 40  # the total, for the job page's progress bar
     assert final["type"] == "final"
     assert set(steps[-1]["bytes"]) == {"intra_node", "inter_node", "cross_rack"}
     assert final["final_accuracy"] > 0.8  # 40 steps of 128 images; chance is 0.1

@@ -408,7 +408,9 @@ def test_a_member_removed_from_a_team_stops_hearing_it_on_the_open_socket(bob, t
         socket = await open_socket(token=key)
         assert (await hello(socket))["groups"] == ["cluster", f"team.{team_a.pk}"]
         await socket.send_json_to({"subscribe": "job", "id": job_id})
-        assert (await socket.receive_json_from())["type"] == "subscribed"
+        # The answer says where the job stands, so that a page rendered before it can catch up.
+        assert await socket.receive_json_from() == {"type": "subscribed",
+                                                    "data": {"job": job_id, "state": "queued", "attempt": 1}}
 
         await database_sync_to_async(lambda: Membership.objects.filter(user=bob, team=team_a).delete())()
         changed = (await until(socket, lambda m: m["type"] == "membership"))[-1]["data"]

@@ -104,3 +104,42 @@ def test_a_static_fp8_runs_input_scales_are_one_row_not_one_per_layer():
     assert rows["quantization.fp8_inputs.input_scales"] == "12 layers (in the artifact's manifest.json)"
     assert not [name for name in rows if ".input_scales." in name]
     assert rows["wall_s"] == 3.0
+
+
+def test_a_training_job_charts_its_loss_from_the_progress_lines_then_from_its_result(alice, team_a, node_a, client):
+    from apps.scheduling.models import JobEvent
+
+    job = Job.objects.create(team=team_a, submitter=alice, name="train", kind=Job.Kind.TRAINING, gpus=2, nodes=1,
+                             spec={"model": "digits-mlp", "steps": 300}, state=Job.State.RUNNING, attempt=2)
+    lines = [(1, {"type": "step", "step": 1, "loss": 2.3}),  # an earlier attempt: not on the chart
+             (2, {"type": "spawned", "pid": 7}),  # no step or loss
+             (2, {"type": "step", "step": 10, "loss": 1.5}),
+             (2, {"type": "step", "step": 20, "loss": 0.9, "lr": 0.001})]
+    for attempt, data in lines:
+        JobEvent.objects.create(job=job, kind=JobEvent.Kind.PROGRESS, attempt=attempt, data=data, message="-")
+    client.force_login(alice)
+    page = client.get(f"/jobs/{job.pk}/").content
+    assert embedded(page, "training-curve") == {"job": job.pk, "steps": 300, "source": "log",
+                                                 "points": [[10, 1.5], [20, 0.9]], "eval_loss": None}
+    assert b"vendor/plotly.min.js" in page
+
+    # Once the run has reported, the chart is the result's curve over the whole run, and the flat
+    # list leaves the curve out.
+    Job.objects.filter(pk=job.pk).update(state=Job.State.SUCCEEDED, result={
+        "loss_curve": [[1, 2.3], [150, 0.4], [300, "bad"], [300, 0.1]], "eval_loss": 0.25, "final_loss": 0.1})
+    page = client.get(f"/jobs/{job.pk}/").content
+    assert embedded(page, "training-curve") == {"job": job.pk, "steps": 300, "source": "result",
+                                                 "points": [[1, 2.3], [150, 0.4], [300, 0.1]], "eval_loss": 0.25}
+    assert b"held-out loss 0.2500 at the end" in page
+    assert b"<dt>final_loss</dt>" in page
+    assert b"<dt>loss_curve</dt>" not in page
+
+
+def test_no_loss_chart_for_a_queued_training_job_or_a_compression_job(alice, team_a, job_of_alice, client):
+    queued = Job.objects.create(team=team_a, submitter=alice, name="train", kind=Job.Kind.TRAINING, gpus=1,
+                                nodes=1, spec={"model": "digits-mlp", "steps": 10})
+    client.force_login(alice)
+    for job in (queued, job_of_alice):
+        page = client.get(f"/jobs/{job.pk}/").content
+        assert b'id="training-curve"' not in page
+        assert b'data-testid="training-curve"' not in page

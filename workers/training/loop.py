@@ -151,7 +151,8 @@ def run_worker(cfg: Config) -> int:
             print(f"error: rank {rank} loss became {loss_value} at step {step}", file=sys.stderr)
             return 1
         losses.append(loss_value)
-        record = {"type": "step", "step": step + 1, "loss": round(loss_value, 6), "step_s": round(t1 - t0, 6),
+        record = {"type": "step", "step": step + 1, "steps": cfg.steps, "loss": round(loss_value, 6),
+                  "step_s": round(t1 - t0, 6),
                   "samples_per_s": round(global_batch / (t1 - t0), 2), "lr": optimizer.param_groups[0]["lr"]}
         if reducer:
             record["compute_s"] = round(t_bwd - t0, 6)

@@ -94,8 +94,8 @@ def compression_summary(result: dict | None) -> list[tuple[str, str, str, str]]:
 @register.filter
 def result_items(result: dict | None, kind: str = "") -> list[tuple[str, object]]:
     """The job result as flat rows, less what the page shows in its own cards (a compression job's
-    per-layer rows and its before/after summary)."""
-    hidden = {"layers", "baseline", "compressed"} if kind == "compression" else set()
+    per-layer rows and its before/after summary, a training job's loss curve)."""
+    hidden = {"compression": {"layers", "baseline", "compressed"}, "training": {"loss_curve"}}.get(kind, set())
     rows = flat_items({k: v for k, v in (result or {}).items() if k not in hidden})
     # A static-FP8 run's input scale per layer (48 for bert-base) is for the artifact, not for reading.
     scales = [name for name, _ in rows if ".input_scales." in name]
