@@ -128,6 +128,32 @@ def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_match
         assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min() > 0.999, key
 
 
+@pytest.mark.parametrize("xload", [0, 1, 2])
+def test_every_int4_input_load_computes_the_dequantized_product_with_the_fusions(xload):
+    """triton_decode's three ways of reading an int4 product's input (INT4_XLOAD), with the RMSNorm prologue
+    and the SiLU(gate) * up epilogue, against the same products computed in fp32 from the dequantized weights."""
+    from workers.compression import triton_decode as td
+    from workers.compression.decode import PackedLinear
+    from workers.compression.quantize import fake_quant
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, k = 192, 1024
+    w = torch.randn(2 * n, k, device="cuda", generator=g) * 0.05
+    x = torch.randn(k, device="cuda", generator=g, dtype=torch.bfloat16)
+    norm = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    layer = PackedLinear(w, "int4_g128", torch.bfloat16, backend="triton")
+    xf = x.float()
+    xn = xf / torch.sqrt(xf.pow(2).mean() + 1e-6) * norm.float()
+    y = fake_quant(w, "int4_g128").float() @ xn
+    want = torch.nn.functional.silu(y[:n].bfloat16().float()) * y[n:].bfloat16().float()
+    for bn, bk in ((4, 256), (8, 1024), (2, 512)):
+        got = td.gemv(x, layer.q, n, td.W4_GROUP, torch.bfloat16, layer.scale, layer.zero, layer.group,
+                      prologue=td.RMSNORM, norm_weight=norm, epilogue=td.SILU_PAIR, config=(bn, bk, 4, 3, xload))
+        got = got.float()
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.9999, (bn, bk)
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), (bn, bk)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs Hopper or newer"
 )
