@@ -244,3 +244,21 @@ def test_the_fp8_groups_kept_are_the_candidate_with_the_best_measured_times(monk
     assert info["chosen"] == "MLP Linears only"
     assert groups == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2"]
     assert info["ratio_to_bf16"]["MLP Linears only"]["b64x16"] < 1 < info["ratio_to_bf16"]["every fp8 Linear"]["b64x16"]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_cpu_product_of_a_static_fp8_linear_is_what_torchs_scaled_mm_computes(with_bias):
+    """On CPU the layer multiplies the e4m3 operands in fp32 (torch's CPU _scaled_mm can take seconds):
+    bit for bit the bf16 result of torch._scaled_mm on the same operands and scales."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(48, 96, generator=g) * 0.1
+    bias = torch.randn(48, generator=g) if with_bias else None
+    layer = StaticFp8Linear(weight, bias, input_scale=3.0 / FP8_MAX)
+    x = torch.randn(2, 8, 96, generator=g)
+    xq = layer.quantize_input(x.reshape(-1, 96))
+    want = torch._scaled_mm(xq, layer.qweight.t(), scale_a=layer.input_scale, scale_b=layer.weight_scale,
+                            bias=layer.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+    got = layer(x)
+    assert got.shape == (2, 8, 48)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.reshape(-1, 48), want)
