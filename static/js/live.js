@@ -13,6 +13,9 @@
   var BACKOFF_MAX_MS = 15000;
   var LOG_LINES_KEPT = 1000;
   var CLOSE_UNAUTHENTICATED = 4401;
+  // How the progress card names a runner's numbers (others: their key, underscores as spaces).
+  var METRIC_LABELS = { step_s: "step time (s)", samples_per_s: "samples / s", lr: "learning rate",
+                        compute_s: "compute (s)", exposed_comm_s: "exposed communication (s)" };
 
   var listeners = {};
   var socket = null;
@@ -379,7 +382,7 @@
       if (metrics && data.metrics && Object.keys(data.metrics).length) {
         metrics.innerHTML = Object.keys(data.metrics).map(function (key) {
           var value = data.metrics[key];
-          return "<dt>" + esc(key) + "</dt><dd>" + esc(typeof value === "number" ? Number(value.toPrecision(6)) : value) + "</dd>";
+          return "<dt>" + esc(METRIC_LABELS[key] || key.replace(/_/g, " ")) + "</dt><dd>" + esc(typeof value === "number" ? Number(value.toPrecision(6)) : value) + "</dd>";
         }).join("");
       }
       if (log && data.lines && data.lines.length) {
