@@ -57,6 +57,14 @@ def cluster_charts(user) -> list[dict]:  # noqa: ANN001
     return chart_payloads(series, capacity_of={keys[0]: active_capacity()}) if series else []
 
 
+def team_charts(team) -> list[dict]:  # noqa: ANN001
+    """The team page's charts: the team's allocated GPUs and queued demand, where they have points (the
+    roll-up writes them from the team's first minute on; the seeded demo history is the cluster's)."""
+    series = list(Series.objects.filter(scope=Series.Scope.TEAM, team=team, metric__in=[ALLOCATED, QUEUED])
+                  .filter(Exists(SeriesPoint.objects.filter(series=OuterRef("pk")))).order_by("key"))
+    return chart_payloads(series) if series else []
+
+
 def all_charts(user) -> list[dict]:  # noqa: ANN001
     """Every series the user may see that has a forecast or points (the forecasts page)."""
     has_data = (Exists(Forecast.objects.filter(series=OuterRef("pk")))

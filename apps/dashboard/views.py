@@ -28,7 +28,7 @@ from apps.scheduling.usage import team_usage
 
 from . import live_context
 from .forms import FORMAT_PRESETS, NON_FIELD, JobForm
-from .load import load_context
+from .load import load_context, team_charts
 
 JOBS_PER_PAGE = 50
 RECENT_JOBS = 10
@@ -346,6 +346,7 @@ def team_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "nodes": nodes,
         "recent_jobs": Job.objects.filter(team=team).select_related("team", "submitter")[:RECENT_JOBS],
         "can_manage": can_manage_team(request.user, team),
+        "load_charts": team_charts(team),
     })
 
 

@@ -143,3 +143,23 @@ def test_no_loss_chart_for_a_queued_training_job_or_a_compression_job(alice, tea
         page = client.get(f"/jobs/{job.pk}/").content
         assert b'id="training-curve"' not in page
         assert b'data-testid="training-curve"' not in page
+
+
+def test_a_team_page_charts_its_own_load_and_no_other_teams(alice, bob, team_a, team_b, node_a, node_b, client):
+    rollup_minute()
+    rollup_minute(timezone.now() - timedelta(minutes=10))
+    own = Series.objects.get(key=f"team:{team_a.pk}:allocated_gpus")
+    other = Series.objects.get(key=f"team:{team_b.pk}:allocated_gpus")
+    client.force_login(alice)
+    page = client.get(f"/teams/{team_a.pk}/").content
+    assert embedded(page, own.key)["history"]["y"] == [0.0, 0.0]
+    assert embedded(page, f"team:{team_a.pk}:queued_gpus")["label"].startswith("Team ")
+    assert other.key.encode() not in page
+    assert b"vendor/plotly.min.js" in page
+    # A team with no points yet has no chart section and loads no plotly.
+    from apps.forecasting.models import SeriesPoint
+
+    SeriesPoint.objects.filter(series__team=team_a).delete()
+    page = client.get(f"/teams/{team_a.pk}/").content
+    assert b'data-testid="team-load"' not in page
+    assert b"vendor/plotly.min.js" not in page
