@@ -132,13 +132,19 @@ def row(name, rows, cols, fmt, backend, variant, nbytes, ms, **extra) -> dict:
     }
 
 
-def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads: list[int] | None = None) -> None:
+def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads: list[int] | None = None,
+          shapes: list[str] | None = None, grid: dict[str, list[int]] | None = None) -> None:
     """`xloads`: for int4, also each of triton_decode's ways of loading the input (INT4_XLOAD), as a
-    fifth element of the tile."""
+    fifth element of the tile. `shapes`: only these. `grid`: instead of SWEEP's list, every combination
+    of rows per program, inputs per step, warps and stages (keys bn, bk, warps, stages)."""
+    import itertools
+
     from workers.compression import triton_decode as td
 
     best = {}
     for name, rows, cols in SHAPES:
+        if shapes and name not in shapes:
+            continue
         w = torch.randn(rows, cols, device="cuda").mul_(0.02)
         x = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         norm = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
@@ -152,7 +158,8 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
                 layers.append(c)
             res = torch.randn(rows // 2 if name == "gate_up" else rows, device="cuda", dtype=torch.bfloat16)
             tried = set()
-            tiles = SWEEP[fmt]
+            tiles = (list(itertools.product(grid["bn"], grid["bk"], grid["warps"], grid["stages"])) if grid
+                     else SWEEP[fmt])
             if xloads and fmt.startswith("int4"):
                 tiles = [(*t, m) for t in tiles for m in xloads]
             for cfg in tiles:
@@ -207,11 +214,25 @@ def main() -> int:
     p.add_argument("--compiled", action="store_true", help="also inductor's expressions for low-bit formats (slow)")
     p.add_argument("--formats", help=f"with --sweep: a comma-separated subset of {','.join(SWEEP_FORMATS)}")
     p.add_argument("--xloads", help="with --sweep: int4 tiles also with each of these input loads (e.g. 0,1,2)")
+    p.add_argument("--shapes", help="with --sweep: a comma-separated subset of the shapes (qkv,o,gate_up,down,lm_head)")
+    p.add_argument("--grid", help="with --sweep: every tile of a grid, e.g. 'bn=8,16;bk=256,512;warps=4,8;stages=2,3'")
     args = p.parse_args()
     formats = args.formats.split(",") if args.formats else None
     if formats and not set(formats) <= set(SWEEP_FORMATS):
         p.error(f"--formats: choose from {', '.join(SWEEP_FORMATS)}")
     xloads = [int(v) for v in args.xloads.split(",")] if args.xloads else None
+    shapes = args.shapes.split(",") if args.shapes else None
+    if shapes and not set(shapes) <= {name for name, _, _ in SHAPES}:
+        p.error(f"--shapes: choose from {', '.join(name for name, _, _ in SHAPES)}")
+    grid = None
+    if args.grid:
+        try:
+            grid = {key: [int(v) for v in values.split(",")]
+                    for key, values in (part.split("=") for part in args.grid.split(";"))}
+        except ValueError:
+            p.error("--grid: expected bn=8,16;bk=256,512;warps=4,8;stages=2,3")
+        if set(grid) != {"bn", "bk", "warps", "stages"}:
+            p.error("--grid needs bn, bk, warps and stages")
     cuda = not args.smoke
     dev = "cuda" if cuda else "cpu"
     doc = {
@@ -225,7 +246,7 @@ def main() -> int:
         "errors": [],
     }
     if args.sweep:
-        sweep(doc, args.out, formats, xloads)
+        sweep(doc, args.out, formats, xloads, shapes, grid)
         print(json.dumps(doc, indent=1))
         return 0
     for name, rows, cols in SMOKE_SHAPES if args.smoke else SHAPES:
