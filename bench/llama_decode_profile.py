@@ -166,7 +166,6 @@ def main() -> int:
         # which tiles and int4 input load triton_decode used (a sweep's list, when DECODE_GEMV_TUNED names one)
         "decode_gemv_tuned": os.environ.get("DECODE_GEMV_TUNED"),
         "decode_int4_xload": os.environ.get("DECODE_INT4_XLOAD"),
-        "decode_fused_attention": os.environ.get("DECODE_FUSED_ATTENTION"),
         "variants": [],
         "errors": [],
     }

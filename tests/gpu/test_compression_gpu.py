@@ -128,41 +128,6 @@ def test_llama_decode_compiled_with_cuda_graphs_matches_eager_and_tinygemm_match
         assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min() > 0.999, key
 
 
-def test_attention_combined_by_each_heads_last_block_equals_the_two_kernel_form_replay_after_replay():
-    """8 blocks of positions per head: the fused kernel (the last block to finish combines, its counter
-    set back to 0) gives the two-kernel result bit for bit, step after step from one CUDA graph."""
-    from workers.compression import triton_decode as td
-
-    g = torch.Generator(device="cuda").manual_seed(11)
-    heads, kv_heads, d, t = 32, 8, 64, 512
-    k = torch.randn(kv_heads, t, d, device="cuda", generator=g).bfloat16()
-    v = torch.randn(kv_heads, t, d, device="cuda", generator=g).bfloat16()
-    cos = torch.randn(t, d, device="cuda", generator=g).bfloat16()
-    sin = torch.randn(t, d, device="cuda", generator=g).bfloat16()
-    qkv = torch.randn((heads + 2 * kv_heads) * d, device="cuda", generator=g).bfloat16()
-    pos = torch.tensor([300], device="cuda")
-    done = torch.zeros(heads, dtype=torch.int32, device="cuda")
-    k2, v2 = k.clone(), v.clone()
-    want = td.attention(qkv, k2, v2, pos, cos, sin, heads)
-    got = td.attention(qkv, k.clone(), v.clone(), pos, cos, sin, heads, done=done)
-    assert torch.equal(got, want)
-    assert int(done.sum()) == 0  # every head's last block set its counter back
-
-    kc, vc = k.clone(), v.clone()
-    td.attention(qkv, kc, vc, pos, cos, sin, heads, done=done)  # compiled outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = td.attention(qkv, kc, vc, pos, cos, sin, heads, done=done)
-    for p in (300, 301, 57, 511):
-        pos.fill_(p)
-        graph.replay()
-        ref = td.attention(qkv, k2, v2, pos, cos, sin, heads)
-        assert torch.equal(out, ref), p
-    assert int(done.sum()) == 0
-    with pytest.raises(ValueError, match="one counter per head"):
-        td.attention(qkv, kc, vc, pos, cos, sin, heads, done=torch.zeros(4, dtype=torch.int32, device="cuda"))
-
-
 @pytest.mark.parametrize("xload", [0, 1, 2])
 def test_every_int4_input_load_computes_the_dequantized_product_with_the_fusions(xload):
     """triton_decode's three ways of reading an int4 product's input (INT4_XLOAD), with the RMSNorm prologue

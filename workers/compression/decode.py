@@ -314,9 +314,6 @@ class DecodeLlama(nn.Module):
             shape = (self.kv_heads, max_len, self.head_dim)
             layer.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
             layer.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
-            # triton attention: how many position blocks of each head are done (the last one combines)
-            layer.register_buffer("att_done", torch.zeros(self.heads, dtype=torch.int32, device=device),
-                                  persistent=False)
             self.layers.append(layer)
         self.register_buffer("norm", lm.model.norm.weight.detach().to(dtype).clone())
         self.lm_head = packed_linear(["lm_head"], [lm.lm_head.weight])
@@ -341,7 +338,6 @@ class DecodeLlama(nn.Module):
         for layer in self.layers:
             layer.k.zero_()
             layer.v.zero_()
-            layer.att_done.zero_()
 
     def _rope_and_cache(self, layer, qkv, cos, sin, pos):
         h, d = self.heads, self.head_dim
@@ -362,8 +358,7 @@ class DecodeLlama(nn.Module):
         for layer in self.layers:
             qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps, pdl=pdl) for m in layer.qkv])
             # rotary embedding and the cache write happen inside the attention kernel
-            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl,
-                               done=layer.att_done if td.FUSED_ATTENTION else None)
+            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl)
             x = layer.o.fused(att, residual=x, pdl=pdl)
             if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
                 act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)

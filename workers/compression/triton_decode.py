@@ -290,11 +290,6 @@ PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2}
 INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
 
 
-# DecodeLlama's attention: one kernel whose last block per head combines the blocks (True), or a
-# second kernel that does (False).
-FUSED_ATTENTION = os.environ.get("DECODE_FUSED_ATTENTION", "1") == "1"
-
-
 def _launch(pdl: bool) -> dict:
     # only passed when used: a Triton without the option would take it for a kernel argument
     return {"launch_pdl": True} if pdl else {}
@@ -386,23 +381,15 @@ def _attention_partial(
     sin_ptr,
     pos_ptr,
     part_ptr,
-    done_ptr,
-    out_ptr,
     T,
     SCALE: tl.constexpr,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    NB: tl.constexpr,
-    FUSED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One query head x one block of positions: the block's max score, softmax mass and weighted V.
-
-    FUSED: the head's last block to finish (a counter per head in `done_ptr`, counted with an atomic
-    add and set back to 0 by that block) combines the head's blocks itself, so that no second kernel
-    is launched.
 
     The token's query and key get the rotary embedding here; its key and value stand in for the
     cache's row `pos`, which the block holding `pos` writes (once per key/value head). With PDL the
@@ -437,31 +424,10 @@ def _attention_partial(
     m = tl.max(s, axis=0)
     p = tl.where(valid, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
     vb = tl.where(now, v_new.to(tl.float32)[None, :], vb)
-    row = part_ptr + (h * NB + blk) * (D + 2)
-    tl.store(row + d, tl.sum(p[:, None] * vb, axis=0))
-    tl.store(row + D, m)
-    tl.store(row + D + 1, tl.sum(p, axis=0))
-    if FUSED:
-        tl.debug_barrier()  # every thread's stores of this block come before its count
-        done = tl.atomic_add(done_ptr + h, 1, sem="acq_rel", scope="gpu")
-        if done == NB - 1:
-            _combine(part_ptr, out_ptr, h, NB, D)
-            tl.atomic_xchg(done_ptr + h, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _combine(part_ptr, out_ptr, h, NB: tl.constexpr, D: tl.constexpr):
-    """Head h's output from its blocks' partial softmaxes (read past L1: other SMs wrote them)."""
-    b = tl.arange(0, NB)
-    d = tl.arange(0, D)
-    rows = part_ptr + (h * NB + b) * (D + 2)
-    m = tl.load(rows + D, cache_modifier=".cg")
-    mass = tl.load(rows + D + 1, cache_modifier=".cg")
-    acc = tl.load(rows[:, None] + d[None, :], cache_modifier=".cg")
-    top = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * mass, axis=0)
-    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+    out = part_ptr + (h * tl.num_programs(1) + blk) * (D + 2)
+    tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
+    tl.store(out + D, m)
+    tl.store(out + D + 1, tl.sum(p, axis=0))
 
 
 @triton.jit
@@ -469,7 +435,17 @@ def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr, PDL
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    _combine(part_ptr, out_ptr, tl.program_id(0), NB, D)
+    h = tl.program_id(0)
+    b = tl.arange(0, NB)
+    d = tl.arange(0, D)
+    rows = part_ptr + (h * NB + b) * (D + 2)
+    m = tl.load(rows + D)
+    mass = tl.load(rows + D + 1)
+    acc = tl.load(rows[:, None] + d[None, :])
+    top = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * mass, axis=0)
+    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 def attention(
@@ -481,7 +457,6 @@ def attention(
     sin: torch.Tensor,
     heads: int,
     pdl: bool = False,
-    done: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv: the token's (heads + 2 kv_heads) * d projections, before the rotary embedding; caches:
     (kv_heads, T, d); cos, sin: (T, d) tables. Applies the rotary embedding to q and k, writes k and
@@ -489,22 +464,16 @@ def attention(
     (heads * d,).
 
     Split over blocks of 64 positions (one program per head and block), then one program per head
-    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions. With `done`
-    (int32, one zero per head, kept by the caller between calls) the last block of each head combines
-    them in the same kernel instead of a second one.
+    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions.
     """
     kv_heads, t, d = k_cache.shape
     block = min(64, t)
     blocks = t // block
     part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty(heads * d, dtype=qkv.dtype, device=qkv.device)
-    if done is not None and (done.dtype != torch.int32 or done.numel() < heads):
-        raise ValueError(f"done must be int32 with one counter per head ({heads}), got {done.dtype} x {done.numel()}")
     _attention_partial[(heads, blocks)](
-        qkv, k_cache, v_cache, cos, sin, pos, part, done if done is not None else part, out, t,
-        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, NB=blocks, FUSED=done is not None,
-        PDL=pdl, **_launch(pdl),
+        qkv, k_cache, v_cache, cos, sin, pos, part, t,
+        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, PDL=pdl, **_launch(pdl),
     )
-    if done is None:
-        _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
+    _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
     return out
