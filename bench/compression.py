@@ -658,9 +658,9 @@ def llama(bench: Bench) -> None:
     if not bf16:
         return
     base = min(bf16, key=best_ms)
-    one = best_ms(base) < base["latency_ms_per_token"]
+    replayed = best_ms(base) < base["latency_ms_per_token"]
     out["best_bf16"] = {"backend": base["backend"], "latency_ms_per_token": best_ms(base),
-                        "how": base["one_graph"] if one else f"compiled, mode {LLAMA_COMPILE_MODE}"}
+                        "how": base["one_graph"] if replayed else f"compiled, mode {LLAMA_COMPILE_MODE}"}
     for label, row in out["variants"].items():
         if not label.startswith("sensitivity mix"):
             continue

@@ -93,7 +93,6 @@ def _w4_step(
     One dot product per row and group, then its scale and minimum."""
     HG: tl.constexpr = G // 2
     gi = k0 // G + tl.arange(0, BLOCK_K // G)
-    b = tl.arange(0, HG)
     if EVEN_K:
         km = gi < NG + 1  # all true, constant along the tile
     else:
@@ -103,7 +102,7 @@ def _w4_step(
     hi = _nibble_float((q >> 4) & 15)
     if XLOAD == 0:
         # the even and odd inputs as two strided gathers
-        ie = gi[:, None] * G + 2 * b[None, :]
+        ie = gi[:, None] * G + 2 * tl.arange(0, HG)[None, :]
         xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
         xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
         if PRO == 1:
