@@ -49,13 +49,19 @@ SHAPES = [
 ]
 SMOKE_SHAPES = [("qkv", 96, 128), ("gate_up", 128, 128), ("down", 64, 256)]
 FORMATS = ["bf16", "int8", "fp8_e4m3", "int4_g128"]
-SWEEP_FORMATS = ["int4_g128", "int8", "bf16"]
+SWEEP_FORMATS = ["int4_g128", "int4_g128_words", "int8", "bf16"]
 # (rows per program, inputs per step, warps, stages)
 SWEEP = {
     "int4_g128": [
         (2, 2048, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 2048, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3),
         (8, 1024, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3),
         (32, 512, 8, 3), (4, 2048, 8, 3), (8, 2048, 8, 3), (16, 1024, 8, 3),
+    ],
+    # int4 over interleaved words (triton_decode.int4_words, _w4w_kernel); stages do not apply
+    "int4_g128_words": [
+        (2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (4, 2048, 2, 1), (8, 512, 4, 1), (8, 1024, 4, 1),
+        (8, 2048, 4, 1), (8, 1024, 8, 1), (8, 2048, 8, 1), (16, 512, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
+        (16, 2048, 8, 1), (32, 1024, 8, 1),
     ],
     "int8": [
         (2, 2048, 4, 1), (2, 2048, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3),
@@ -133,10 +139,11 @@ def row(name, rows, cols, fmt, backend, variant, nbytes, ms, **extra) -> dict:
 
 
 def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads: list[int] | None = None,
-          shapes: list[str] | None = None, grid: dict[str, list[int]] | None = None) -> None:
+          shapes: list[str] | None = None, grid: dict[str, list[int]] | None = None, tuned: bool = False) -> None:
     """`xloads`: for int4, also each of triton_decode's ways of loading the input (INT4_XLOAD), as a
     fifth element of the tile. `shapes`: only these. `grid`: instead of SWEEP's list, every combination
-    of rows per program, inputs per step, warps and stages (keys bn, bk, warps, stages)."""
+    of rows per program, inputs per step, warps and stages (keys bn, bk, warps, stages). `tuned`: only
+    the tile triton_decode takes now (TUNED), as a baseline in the same run."""
     import itertools
 
     from workers.compression import triton_decode as td
@@ -149,7 +156,11 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
         x = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
         norm = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
         for fmt in formats or SWEEP_FORMATS:
-            base = PackedLinear(w, fmt, torch.bfloat16, backend="triton")
+            words, td.INT4_WORDS = td.INT4_WORDS, fmt.endswith("_words")
+            try:
+                base = PackedLinear(w, fmt.removesuffix("_words"), torch.bfloat16, backend="triton")
+            finally:
+                td.INT4_WORDS = words
             layers = [base]
             for _ in range(copies_for(base.nbytes()) - 1):
                 c = PackedLinear.__new__(PackedLinear)
@@ -160,7 +171,12 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
             tried = set()
             tiles = (list(itertools.product(grid["bn"], grid["bk"], grid["warps"], grid["stages"])) if grid
                      else SWEEP[fmt])
-            if xloads and fmt.startswith("int4"):
+            if tuned:
+                codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW}
+                code = codes.get(fmt, td.W16)
+                n_out = rows // 2 if name == "gate_up" else rows
+                tiles = [td.gemv_config(code, n_out, cols, td.SILU_PAIR if name == "gate_up" else 0)]
+            if xloads and fmt == "int4_g128":
                 tiles = [(*t, m) for t in tiles for m in xloads]
             for cfg in tiles:
                 k = cols
@@ -187,7 +203,7 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
             torch.cuda.empty_cache()
             if out:
                 out.write_text(json.dumps(doc, indent=1))
-    codes = {"int4_g128": td.W4_GROUP, "int8": td.W8_ROW, "bf16": td.W16}
+    codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW, "bf16": td.W16}
     doc["best"] = [
         {
             "shape": v["shape"],
@@ -215,6 +231,7 @@ def main() -> int:
     p.add_argument("--formats", help=f"with --sweep: a comma-separated subset of {','.join(SWEEP_FORMATS)}")
     p.add_argument("--xloads", help="with --sweep: int4 tiles also with each of these input loads (e.g. 0,1,2)")
     p.add_argument("--shapes", help="with --sweep: a comma-separated subset of the shapes (qkv,o,gate_up,down,lm_head)")
+    p.add_argument("--tuned", action="store_true", help="with --sweep: only the tile triton_decode takes now")
     p.add_argument("--grid", help="with --sweep: every tile of a grid, e.g. 'bn=8,16;bk=256,512;warps=4,8;stages=2,3'")
     args = p.parse_args()
     formats = args.formats.split(",") if args.formats else None
@@ -246,7 +263,7 @@ def main() -> int:
         "errors": [],
     }
     if args.sweep:
-        sweep(doc, args.out, formats, xloads, shapes, grid)
+        sweep(doc, args.out, formats, xloads, shapes, grid, args.tuned)
         print(json.dumps(doc, indent=1))
         return 0
     for name, rows, cols in SMOKE_SHAPES if args.smoke else SHAPES:

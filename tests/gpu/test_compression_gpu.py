@@ -146,12 +146,83 @@ def test_every_int4_input_load_computes_the_dequantized_product_with_the_fusions
     xn = xf / torch.sqrt(xf.pow(2).mean() + 1e-6) * norm.float()
     y = fake_quant(w, "int4_g128").float() @ xn
     want = torch.nn.functional.silu(y[:n].bfloat16().float()) * y[n:].bfloat16().float()
+    q = td.int4_bytes(layer.q, layer.group) if layer.words else layer.q
     for bn, bk in ((4, 256), (8, 1024), (2, 512)):
-        got = td.gemv(x, layer.q, n, td.W4_GROUP, torch.bfloat16, layer.scale, layer.zero, layer.group,
+        got = td.gemv(x, q, n, td.W4_GROUP, torch.bfloat16, layer.scale, layer.zero, layer.group,
                       prologue=td.RMSNORM, norm_weight=norm, epilogue=td.SILU_PAIR, config=(bn, bk, 4, 3, xload))
         got = got.float()
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.9999, (bn, bk)
         assert (got - want).abs().max() < 0.02 * want.abs().max(), (bn, bk)
+
+
+@pytest.mark.parametrize("case", ["rmsnorm+silu_pair", "residual", "silu_mul", "plain_g64"])
+def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(case):
+    """triton_decode's kernel over interleaved int4 words (td.int4_words), compiled, against the products
+    computed in fp32 from the dequantized weights, over several tiles; and the byte kernel alongside."""
+    from workers.compression import triton_decode as td
+    from workers.compression.quantize import fake_quant, pack
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    fmt, group = ("int4_g64", 64) if case == "plain_g64" else ("int4_g128", 128)
+    n, k = 320, 2048
+    rows = 2 * n if case == "rmsnorm+silu_pair" else n
+    w = torch.randn(rows, k, device="cuda", generator=g) * 0.05
+    packed = pack(w, fmt)
+    q = packed["q"].reshape(rows, k // group, group // 2)
+    words = td.int4_words(q, group)
+    assert torch.equal(td.int4_bytes(words, group), q)
+    wd = fake_quant(w, fmt).float()
+    x = torch.randn(2 * k if case == "silu_mul" else k, device="cuda", generator=g, dtype=torch.bfloat16)
+    norm = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    res = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)
+    kw, xf = {}, x.float()
+    if case == "rmsnorm+silu_pair":
+        kw = dict(prologue=td.RMSNORM, norm_weight=norm, epilogue=td.SILU_PAIR)
+        y = wd @ (xf / torch.sqrt(xf.pow(2).mean() + 1e-6) * norm.float())
+        want = torch.nn.functional.silu(y[:n].bfloat16().float()) * y[n:].bfloat16().float()
+    elif case == "residual":
+        kw = dict(residual=res)
+        want = wd @ xf + res.float()
+    elif case == "silu_mul":
+        kw = dict(prologue=td.SILU_MUL)
+        want = wd @ (torch.nn.functional.silu(xf[:k]) * xf[k:])
+    else:
+        want = wd @ xf
+    for tile in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (2, 512, 2, 1)):
+        got = td.gemv(x, words, n, td.W4_WORDS, torch.bfloat16, packed["scale"], packed["zero"], group,
+                      config=tile, **kw).float()
+        old = td.gemv(x, q, n, td.W4_GROUP, torch.bfloat16, packed["scale"], packed["zero"], group, **kw).float()
+        # the same to bf16 rounding: both accumulate in fp32, in other orders
+        tol = 0.01 * want.abs().max()
+        assert (got - want).abs().max() < tol, (case, tile)
+        assert (got - old).abs().max() < tol, (case, tile)
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99999, (case, tile)
+
+
+def test_llama_decode_over_int4_words_gives_the_tokens_of_the_byte_kernel():
+    """The whole int4 step with PackedLinear holding words (td.INT4_WORDS) against the same weights as
+    bytes: the same greedy tokens and logits within bf16 rounding."""
+    from workers.compression import triton_decode as td
+    from workers.compression.decode import DecodeLlama
+    from workers.compression.models import _build_llama
+    from workers.compression.quantize import quantizable_layers
+
+    lm = _build_llama(False, smoke=True).lm.to("cuda", torch.bfloat16).eval()
+    assignment = dict.fromkeys(quantizable_layers(lm), "int4_g128")
+    ids = torch.randint(0, 1024, (10,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    outs = {}
+    for words in (False, True):
+        saved, td.INT4_WORDS = td.INT4_WORDS, words
+        try:
+            dec = DecodeLlama(lm, assignment, max_len=16, backend="triton")
+        finally:
+            td.INT4_WORDS = saved
+        assert all(m.words == words for m in dec.modules() if getattr(m, "kind", None) == "int4"), words
+        with torch.no_grad():
+            outs[words] = torch.stack([dec(ids[i : i + 1], torch.tensor([i], device="cuda")) for i in range(10)])
+    a, b = outs[False], outs[True]
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).min() > 0.9999
 
 
 @pytest.mark.skipif(

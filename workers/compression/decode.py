@@ -61,6 +61,7 @@ class PackedLinear(nn.Module):
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
         kind, group = parse_format(fmt)
         self.fmt, self.kind, self.dtype = fmt, kind, dtype
+        self.words = False  # int4 as td.int4_words (triton backend)
         self.out_features, self.in_features = weight.shape
         if packed is None:
             packed = pack(weight, fmt)
@@ -92,6 +93,13 @@ class PackedLinear(nn.Module):
                 self.register_buffer("tiny", tiny)
                 self.register_buffer("tiny_sz", tiny_sz)
             else:
+                if backend == "triton":
+                    from . import triton_decode as td
+
+                    # the triton kernel's own order of the same bytes (td.int4_words), where it applies
+                    self.words = td.INT4_WORDS and group % 32 == 0 and group // 2 == q.shape[-1]
+                    if self.words:
+                        q = td.int4_words(q, group)
                 self.register_buffer("q", q.contiguous())
                 self.register_buffer("scale", scale.contiguous())
                 self.register_buffer("zero", zero.contiguous())
@@ -107,10 +115,15 @@ class PackedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16)[None], self.tiny, self.group, self.tiny_sz)
             return y[0].to(self.dtype)
         # One reduction over the packed bytes: byte j of group g holds inputs 2j (low nibble) and 2j+1.
+        q = self.q
+        if self.words:
+            from .triton_decode import int4_bytes
+
+            q = int4_bytes(q, self.group)
         xs = x.float().reshape(1, -1, self.group // 2, 2)
         s, z = self.scale.float()[..., None], self.zero.float()[..., None]
-        lo = (self.q & 0x0F).float() * s + z
-        hi = (self.q >> 4).float() * s + z
+        lo = (q & 0x0F).float() * s + z
+        hi = (q >> 4).float() * s + z
         return (lo * xs[..., 0] + hi * xs[..., 1]).sum(dim=(-1, -2)).to(self.dtype)
 
     def fused(
@@ -136,7 +149,8 @@ class PackedLinear(nn.Module):
             return td.gemv(x, self.w, n, td.W16, self.dtype, **common)
         if self.kind in ("int8", "fp8_e4m3"):
             return td.gemv(x, self.q, n, td.W8_ROW, self.dtype, scale=self.scale, **common)
-        return td.gemv(x, self.q, n, td.W4_GROUP, self.dtype, self.scale, self.zero, self.group, **common)
+        fmt = td.W4_WORDS if self.words else td.W4_GROUP
+        return td.gemv(x, self.q, n, fmt, self.dtype, self.scale, self.zero, self.group, **common)
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) fp32 weight this layer multiplies by (for tests and inspection)."""

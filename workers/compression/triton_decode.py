@@ -38,6 +38,8 @@ import triton.language as tl
 
 # gemv weight layouts
 W16, W8_ROW, W4_GROUP = 0, 1, 2
+# int4 over interleaved 32-bit words (`int4_words`, `_w4w_kernel`); the same bytes as W4_GROUP
+W4_WORDS = 3
 # gemv prologues
 NONE, RMSNORM, SILU_MUL = 0, 1, 2
 # gemv epilogue: out[i] = silu(W[i] x) * (W[i + n] x) for the stacked gate/up weight (2n rows)
@@ -239,6 +241,138 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
+@triton.jit
+def _word_nibble(w, magic, NIB: tl.constexpr):
+    """Nibble NIB (bits 4 NIB .. 4 NIB + 3) of each int32 word as the float 1 + q / 256 (NIB even: the nibble
+    moved to bits 15-18 of an fp32 1.0) or 1 + q / 16 (NIB odd: bits 19-22): one shift per pair of nibbles (the
+    caller's CSE keeps one), then one LOP3 that masks and ORs the exponent (`magic` is a runtime
+    0x3F800000 so that the mask and the OR stay one instruction)."""
+    S: tl.constexpr = 15 - 8 * (NIB // 2)
+    if S >= 0:
+        t = w << S
+    else:
+        t = w >> (-S)
+    P: tl.constexpr = 15 + 4 * (NIB % 2)
+    return ((t & (15 << P)) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4w_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    nw_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_w,
+    magic,
+    EPS: tl.constexpr,
+    G: tl.constexpr,
+    PRO: tl.constexpr,
+    EPI: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The int4 product over interleaved words (`int4_words`): word j of a group holds the group's
+    inputs j, j + G/8, ..., j + 7 G/8 in its nibbles 0..7, so one contiguous load of G/8 inputs feeds
+    one nibble of G/8 words, and each thread runs along the inputs (its inputs loaded once for all its
+    rows). With f = 1 + q 2^-P (P = 8 or 4) and x' = x 2^P, sum x w = sum_g s_g (sum x' f - sum x') +
+    z_g sum x: the loop only multiplies and adds (about 2.5 instructions a weight against 6.9 for the
+    byte kernel, in the SASS), one scale per 4 words, and the group constants come in a short pass
+    over the input at the end, with the RMSNorm's sum of squares. K must be a multiple of BLOCK_K."""
+    GW: tl.constexpr = G // 8
+    BKW: tl.constexpr = BLOCK_K // 8
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if EPI == 1:
+        # rows interleaved: 2i is gate row n0 + i, 2i + 1 is up row N + n0 + i
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + r // 2 + (r % 2) * N
+        rmask = (tl.program_id(0) * BLOCK_N + r // 2) < N
+        R: tl.constexpr = 2 * BLOCK_N
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        R: tl.constexpr = BLOCK_N
+    rows64 = rows.to(tl.int64)
+    NG = K // G
+    jw = tl.arange(0, BKW)
+    j4 = tl.arange(0, BKW // 4)
+    wptr = w_ptr + rows64[:, None] * stride_w + jw[None, :]
+    xoff = (jw // GW) * G + jw % GW  # nibble 0's input of each word of the step
+    acc = tl.zeros([R, BKW // 4], dtype=tl.float32)
+    w = tl.load(wptr, mask=rmask[:, None], other=0)
+    if PDL != 0:
+        tl.extra.cuda.gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
+        sptr = s_ptr + rows64[:, None] * NG + (k0 // G + j4 // (GW // 4))[None, :]
+        sc = tl.load(sptr, mask=rmask[:, None], other=0.0)
+        part = tl.zeros([R, BKW], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi, _sq = _input(x_ptr, nw_ptr, k0 + xoff + i * GW, xoff < K, K, PRO)
+            part += (xi * (256.0 if i % 2 == 0 else 16.0))[None, :] * _word_nibble(w, magic, i)
+        acc += sc.to(tl.float32) * tl.sum(tl.reshape(part, (R, BKW // 4, 4)), axis=2)
+        if k0 + BLOCK_K < K:
+            w = tl.load(wptr + (k0 + BLOCK_K) // 8, mask=rmask[:, None], other=0)
+    y = tl.sum(acc, axis=1)
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    # per group: z_g * sum x - s_g * sum x' (x' = x * 256 or 16 by nibble), and the RMSNorm's sum of squares
+    NGB: tl.constexpr = BLOCK_K // G
+    gi = tl.arange(0, NGB)
+    kin = tl.arange(0, G)
+    xscale = tl.where(((kin // GW) % 2) == 0, 256.0, 16.0)
+    ss = tl.zeros([NGB, G], dtype=tl.float32)
+    cacc = tl.zeros([R, NGB], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // G + gi
+        xv, sq = _input(x_ptr, nw_ptr, g[:, None] * G + kin[None, :], g[:, None] < NG, K, PRO)
+        if PRO == 1:
+            ss += sq
+        gm = rmask[:, None]
+        zr = tl.load(z_ptr + rows64[:, None] * NG + g[None, :], mask=gm, other=0.0).to(tl.float32)
+        sr = tl.load(s_ptr + rows64[:, None] * NG + g[None, :], mask=gm, other=0.0).to(tl.float32)
+        cacc += zr * tl.sum(xv, axis=1)[None, :] - sr * tl.sum(xv * xscale[None, :], axis=1)[None, :]
+    y += tl.sum(cacc, axis=1)
+    if PRO == 1:
+        y = y / tl.sqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + EPS)
+    if EPI == 1:
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        g2, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+        y = g2 / (1.0 + tl.exp(-g2)) * u
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def int4_words(q: torch.Tensor, group: int) -> torch.Tensor:
+    """int4 codes as quantize.pack() writes them ([rows, groups, G/2] bytes; byte b holds input 2b in
+    its low nibble and 2b + 1 in its high one) -> [rows, K/8] int32 words for `_w4w_kernel`: nibble i of
+    word j of a group holds the group's input i * G/8 + j. Same bytes, another order."""
+    n, ng, hg = q.shape
+    if group % 32 or hg * 2 != group:
+        raise ValueError(f"int4 words need groups of a multiple of 32 inputs, not {group}")
+    gw = group // 8
+    nib = torch.stack([q & 15, q >> 4], dim=-1).reshape(n, ng, 8, gw).transpose(2, 3)  # [n, ng, j, i]
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(n, ng * gw)
+
+
+def int4_bytes(words: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of `int4_words`."""
+    n = words.shape[0]
+    gw = group // 8
+    b = words.contiguous().view(torch.uint8).reshape(n, -1, gw, 4)
+    nib = torch.stack([b & 15, b >> 4], dim=-1).reshape(n, -1, gw, 8).transpose(2, 3).reshape(n, -1, group // 2, 2)
+    return nib[..., 0] | (nib[..., 1] << 4)
+
+
 # Tiles measured on the H200 (bench/decode_gemv.py --sweep, decode-gemv-sweep-2026-11-29-h200.json)
 # per (format, outputs, inputs, epilogue): (rows per program, inputs per step, warps, stages[, int4 input load]).
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
@@ -278,7 +412,7 @@ def pdl_supported() -> bool:
 # kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
 # (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
 # 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
-PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2}
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2}
 
 
 # How an int4 product reads its input (`_w4_step`): 0 as two strided gathers of the even and odd
@@ -288,6 +422,10 @@ PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2}
 # Llama-1B step 0.74 -> 0.64 ms; 1 and 2 are within noise of each other.
 INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
 
+# Whether the triton backend holds int4 weights as interleaved words (`int4_words`, `_w4w_kernel`)
+# rather than in quantize.pack()'s byte order (`_gemv_kernel`).
+INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "0") == "1"
+
 
 def _launch(pdl: bool) -> dict:
     # only passed when used: a Triton without the option would take it for a kernel argument
@@ -295,6 +433,8 @@ def _launch(pdl: bool) -> dict:
 
 
 def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, ...]:
+    if fmt == W4_WORDS:
+        return (16, 1024, 4, 1)
     return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
 
 
@@ -326,6 +466,38 @@ def gemv(
     pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
     bn, bk, warps, stages, *rest = config or gemv_config(fmt, n, k, epilogue)
+    if fmt == W4_WORDS:
+        bk = min(bk, triton.next_power_of_2(k))
+        while bk > group and k % bk:
+            bk //= 2
+        if k % bk or bk % group:
+            raise ValueError(f"int4 words: {k} inputs in steps of whole groups of {group}")
+        out = torch.empty(n, dtype=out_dtype, device=x.device)
+        _w4w_kernel[(triton.cdiv(n, bn),)](
+            x,
+            w,
+            scale,
+            zero,
+            norm_weight if norm_weight is not None else x,
+            residual if residual is not None else x,
+            out,
+            n,
+            k,
+            k // 8,
+            0x3F800000,
+            EPS=eps,
+            G=group,
+            PRO=prologue,
+            EPI=epilogue,
+            HAS_RES=residual is not None,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            PDL=PDL_TRIGGER[fmt] if pdl else 0,
+            num_warps=warps,
+            num_stages=stages,
+            **_launch(pdl),
+        )
+        return out
     xload = rest[0] if rest else INT4_XLOAD
     bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
     out = torch.empty(n, dtype=out_dtype, device=x.device)
