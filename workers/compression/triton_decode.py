@@ -412,7 +412,7 @@ def pdl_supported() -> bool:
 # kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
 # (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
 # 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
-PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2}
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: int(os.environ.get("DECODE_W4W_PDL", "2"))}
 
 
 # How an int4 product reads its input (`_w4_step`): 0 as two strided gathers of the even and odd
