@@ -44,7 +44,7 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, r
     try:
         if how != "pdl":
             td.PDL_TRIGGER.update(dict.fromkeys(td.PDL_TRIGGER, 2 if how == "pdl-late" else 1))
-        names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4"}
+        names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4", td.W4_WORDS: "int4 words"}
         trigger = {names[f]: "start" if t == 1 else "end" for f, t in td.PDL_TRIGGER.items()}
         return {**_profile(lm, backend, weights, smoke, graphs, raw), "pdl_next_kernel_launches_at": trigger}
     finally:

@@ -203,7 +203,7 @@ def test_llama_decode_over_int4_words_gives_the_tokens_of_the_byte_kernel():
     """The whole int4 step with PackedLinear holding words (td.INT4_WORDS) against the same weights as
     bytes: the same greedy tokens and logits within bf16 rounding."""
     from workers.compression import triton_decode as td
-    from workers.compression.decode import DecodeLlama
+    from workers.compression.decode import DecodeLlama, PackedLinear
     from workers.compression.models import _build_llama
     from workers.compression.quantize import quantizable_layers
 
@@ -217,7 +217,9 @@ def test_llama_decode_over_int4_words_gives_the_tokens_of_the_byte_kernel():
             dec = DecodeLlama(lm, assignment, max_len=16, backend="triton")
         finally:
             td.INT4_WORDS = saved
-        assert all(m.words == words for m in dec.modules() if getattr(m, "kind", None) == "int4"), words
+        linears = [m for m in dec.modules() if isinstance(m, PackedLinear) and m.kind == "int4"]
+        assert linears
+        assert all(m.words == words for m in linears), words
         with torch.no_grad():
             outs[words] = torch.stack([dec(ids[i : i + 1], torch.tensor([i], device="cuda")) for i in range(10)])
     a, b = outs[False], outs[True]

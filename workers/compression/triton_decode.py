@@ -306,41 +306,38 @@ def _w4w_kernel(
     wptr = w_ptr + rows64[:, None] * stride_w + jw[None, :]
     xoff = (jw // GW) * G + jw % GW  # nibble 0's input of each word of the step
     acc = tl.zeros([R, BKW // 4], dtype=tl.float32)
+    sqacc = tl.zeros([BKW], dtype=tl.float32)
     w = tl.load(wptr, mask=rmask[:, None], other=0)
     if PDL != 0:
         tl.extra.cuda.gdc_wait()
     for k0 in range(0, K, BLOCK_K):
-        sptr = s_ptr + rows64[:, None] * NG + (k0 // G + j4 // (GW // 4))[None, :]
-        sc = tl.load(sptr, mask=rmask[:, None], other=0.0)
+        # the next step's words are loaded before this step's sums (in flight meanwhile)
+        w_next = tl.load(wptr + (k0 + BLOCK_K) // 8, mask=rmask[:, None] & (k0 + BLOCK_K < K), other=0)
+        cidx = rows64[:, None] * NG + (k0 // G + j4 // (GW // 4))[None, :]  # the group of each 4 words
+        sc = tl.load(s_ptr + cidx, mask=rmask[:, None], other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + cidx, mask=rmask[:, None], other=0.0).to(tl.float32)
         part = tl.zeros([R, BKW], dtype=tl.float32)
+        xsum = tl.zeros([BKW], dtype=tl.float32)
+        xpsum = tl.zeros([BKW], dtype=tl.float32)
         for i in tl.static_range(8):
-            xi, _sq = _input(x_ptr, nw_ptr, k0 + xoff + i * GW, xoff < K, K, PRO)
-            part += (xi * (256.0 if i % 2 == 0 else 16.0))[None, :] * _word_nibble(w, magic, i)
-        acc += sc.to(tl.float32) * tl.sum(tl.reshape(part, (R, BKW // 4, 4)), axis=2)
-        if k0 + BLOCK_K < K:
-            w = tl.load(wptr + (k0 + BLOCK_K) // 8, mask=rmask[:, None], other=0)
+            xi, sq = _input(x_ptr, nw_ptr, k0 + xoff + i * GW, xoff < K, K, PRO)
+            xp = xi * (256.0 if i % 2 == 0 else 16.0)
+            part += xp[None, :] * _word_nibble(w, magic, i)
+            xsum += xi
+            xpsum += xp
+            if PRO == 1:
+                sqacc += sq
+        p4 = tl.sum(tl.reshape(part, (R, BKW // 4, 4)), axis=2)
+        x4 = tl.sum(tl.reshape(xsum, (BKW // 4, 4)), axis=1)
+        xp4 = tl.sum(tl.reshape(xpsum, (BKW // 4, 4)), axis=1)
+        acc += sc * (p4 - xp4[None, :]) + zc * x4[None, :]
+        w = w_next
     y = tl.sum(acc, axis=1)
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
-    # per group: z_g * sum x - s_g * sum x' (x' = x * 256 or 16 by nibble), and the RMSNorm's sum of squares
-    NGB: tl.constexpr = BLOCK_K // G
-    gi = tl.arange(0, NGB)
-    kin = tl.arange(0, G)
-    xscale = tl.where(((kin // GW) % 2) == 0, 256.0, 16.0)
-    ss = tl.zeros([NGB, G], dtype=tl.float32)
-    cacc = tl.zeros([R, NGB], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        g = k0 // G + gi
-        xv, sq = _input(x_ptr, nw_ptr, g[:, None] * G + kin[None, :], g[:, None] < NG, K, PRO)
-        if PRO == 1:
-            ss += sq
-        gm = rmask[:, None]
-        zr = tl.load(z_ptr + rows64[:, None] * NG + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        sr = tl.load(s_ptr + rows64[:, None] * NG + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        cacc += zr * tl.sum(xv, axis=1)[None, :] - sr * tl.sum(xv * xscale[None, :], axis=1)[None, :]
-    y += tl.sum(cacc, axis=1)
+    ss = tl.sum(sqacc, axis=0)
     if PRO == 1:
-        y = y / tl.sqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + EPS)
+        y = y / tl.sqrt(ss / K + EPS)
     if EPI == 1:
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
         g2, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
