@@ -97,7 +97,12 @@ class PackedLinear(nn.Module):
                     from . import triton_decode as td
 
                     # the triton kernel's own order of the same bytes (td.int4_words), where it applies
-                    self.words = td.INT4_WORDS and group % 32 == 0 and group // 2 == q.shape[-1]
+                    self.words = (
+                        td.INT4_WORDS
+                        and self.out_features >= td.INT4_WORDS_MIN_OUT
+                        and group % 32 == 0
+                        and group // 2 == q.shape[-1]
+                    )
                     if self.words:
                         q = td.int4_words(q, group)
                 self.register_buffer("q", q.contiguous())
