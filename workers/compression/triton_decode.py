@@ -421,7 +421,7 @@ INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
 
 # Whether the triton backend holds int4 weights as interleaved words (`int4_words`, `_w4w_kernel`)
 # rather than in quantize.pack()'s byte order (`_gemv_kernel`).
-INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "0") == "1"
+INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "1") == "1"
 # ... for products of at least this many outputs (stacked gate/up counts both)
 INT4_WORDS_MIN_OUT = int(os.environ.get("DECODE_INT4_WORDS_MIN_OUT", "0"))
 
