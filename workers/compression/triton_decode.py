@@ -379,6 +379,12 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (W4_GROUP, 8192, 2048, SILU_PAIR): (32, 512, 8, 3, 1),
     (W4_GROUP, 2048, 8192, 0): (4, 2048, 8, 3, 2),
     (W4_GROUP, 32000, 2048, 0): (16, 512, 4, 3, 1),
+    # int4 words: decode-gemv-sweep-2026-11-29-h200-int4-words.json (stages do not apply)
+    (W4_WORDS, 3072, 2048, 0): (4, 2048, 4, 1),
+    (W4_WORDS, 2048, 2048, 0): (8, 2048, 2, 1),
+    (W4_WORDS, 8192, 2048, SILU_PAIR): (4, 2048, 2, 1),
+    (W4_WORDS, 2048, 8192, 0): (8, 2048, 2, 1),
+    (W4_WORDS, 32000, 2048, 0): (8, 2048, 2, 1),
     (W8_ROW, 3072, 2048, 0): (4, 1024, 4, 3),
     (W8_ROW, 2048, 2048, 0): (2, 2048, 4, 1),
     (W8_ROW, 8192, 2048, SILU_PAIR): (4, 1024, 4, 3),
@@ -433,7 +439,7 @@ def _launch(pdl: bool) -> dict:
 
 def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, ...]:
     if fmt == W4_WORDS:
-        return (16, 1024, 4, 1)
+        return (8, 2048, 2, 1)
     return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
 
 
