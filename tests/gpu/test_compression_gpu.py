@@ -146,7 +146,9 @@ def test_every_int4_input_load_computes_the_dequantized_product_with_the_fusions
     xn = xf / torch.sqrt(xf.pow(2).mean() + 1e-6) * norm.float()
     y = fake_quant(w, "int4_g128").float() @ xn
     want = torch.nn.functional.silu(y[:n].bfloat16().float()) * y[n:].bfloat16().float()
-    q = td.int4_bytes(layer.q, layer.group) if layer.words else layer.q
+    from workers.compression.decode import int4_bytes
+
+    q = int4_bytes(layer.q, layer.group) if layer.words else layer.q
     for bn, bk in ((4, 256), (8, 1024), (2, 512)):
         got = td.gemv(x, q, n, td.W4_GROUP, torch.bfloat16, layer.scale, layer.zero, layer.group,
                       prologue=td.RMSNORM, norm_weight=norm, epilogue=td.SILU_PAIR, config=(bn, bk, 4, 3, xload))
@@ -160,6 +162,7 @@ def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(
     """triton_decode's kernel over interleaved int4 words (td.int4_words), compiled, against the products
     computed in fp32 from the dequantized weights, over several tiles; and the byte kernel alongside."""
     from workers.compression import triton_decode as td
+    from workers.compression.decode import int4_bytes, int4_words
     from workers.compression.quantize import fake_quant, pack
 
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -169,8 +172,8 @@ def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(
     w = torch.randn(rows, k, device="cuda", generator=g) * 0.05
     packed = pack(w, fmt)
     q = packed["q"].reshape(rows, k // group, group // 2)
-    words = td.int4_words(q, group)
-    assert torch.equal(td.int4_bytes(words, group), q)
+    words = int4_words(q, group)
+    assert torch.equal(int4_bytes(words, group), q)
     wd = fake_quant(w, fmt).float()
     x = torch.randn(2 * k if case == "silu_mul" else k, device="cuda", generator=g, dtype=torch.bfloat16)
     norm = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5

@@ -43,6 +43,27 @@ class DecodeError(ValueError):
 BACKENDS = ("torch", "tinygemm", "triton")
 
 
+def int4_words(q: torch.Tensor, group: int) -> torch.Tensor:
+    """int4 codes as quantize.pack() writes them ([rows, groups, G/2] bytes; byte b holds input 2b in
+    its low nibble and 2b + 1 in its high one) -> [rows, K/8] int32 words for triton_decode's `_w4w_kernel`: nibble i of
+    word j of a group holds the group's input i * G/8 + j. Same bytes, another order."""
+    n, ng, hg = q.shape
+    if group % 32 or hg * 2 != group:
+        raise ValueError(f"int4 words need groups of a multiple of 32 inputs, not {group}")
+    gw = group // 8
+    nib = torch.stack([q & 15, q >> 4], dim=-1).reshape(n, ng, 8, gw).transpose(2, 3)  # [n, ng, j, i]
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(n, ng * gw)
+
+
+def int4_bytes(words: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of `int4_words`."""
+    n = words.shape[0]
+    gw = group // 8
+    b = words.contiguous().view(torch.uint8).reshape(n, -1, gw, 4)
+    nib = torch.stack([b & 15, b >> 4], dim=-1).reshape(n, -1, gw, 8).transpose(2, 3).reshape(n, -1, group // 2, 2)
+    return nib[..., 0] | (nib[..., 1] << 4)
+
+
 class PackedLinear(nn.Module):
     """y = W x for one vector x, W held packed in one of quantize's formats."""
 
@@ -104,7 +125,7 @@ class PackedLinear(nn.Module):
                         and group // 2 == q.shape[-1]
                     )
                     if self.words:
-                        q = td.int4_words(q, group)
+                        q = int4_words(q, group)
                 self.register_buffer("q", q.contiguous())
                 self.register_buffer("scale", scale.contiguous())
                 self.register_buffer("zero", zero.contiguous())
@@ -122,8 +143,6 @@ class PackedLinear(nn.Module):
         # One reduction over the packed bytes: byte j of group g holds inputs 2j (low nibble) and 2j+1.
         q = self.q
         if self.words:
-            from .triton_decode import int4_bytes
-
             q = int4_bytes(q, self.group)
         xs = x.float().reshape(1, -1, self.group // 2, 2)
         s, z = self.scale.float()[..., None], self.zero.float()[..., None]

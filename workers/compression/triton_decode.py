@@ -38,7 +38,7 @@ import triton.language as tl
 
 # gemv weight layouts
 W16, W8_ROW, W4_GROUP = 0, 1, 2
-# int4 over interleaved 32-bit words (`int4_words`, `_w4w_kernel`); the same bytes as W4_GROUP
+# int4 over interleaved 32-bit words (`decode.int4_words`, `_w4w_kernel`); the same bytes as W4_GROUP
 W4_WORDS = 3
 # gemv prologues
 NONE, RMSNORM, SILU_MUL = 0, 1, 2
@@ -278,7 +278,7 @@ def _w4w_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """The int4 product over interleaved words (`int4_words`): word j of a group holds the group's
+    """The int4 product over interleaved words (`decode.int4_words`): word j of a group holds the group's
     inputs j, j + G/8, ..., j + 7 G/8 in its nibbles 0..7, so one contiguous load of G/8 inputs feeds
     one nibble of G/8 words, and each thread runs along the inputs (its inputs loaded once for all its
     rows). With f = 1 + q 2^-P (P = 8 or 4) and x' = x 2^P, sum x w = sum_g s_g (sum x' f - sum x') +
@@ -349,27 +349,6 @@ def _w4w_kernel(
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
-def int4_words(q: torch.Tensor, group: int) -> torch.Tensor:
-    """int4 codes as quantize.pack() writes them ([rows, groups, G/2] bytes; byte b holds input 2b in
-    its low nibble and 2b + 1 in its high one) -> [rows, K/8] int32 words for `_w4w_kernel`: nibble i of
-    word j of a group holds the group's input i * G/8 + j. Same bytes, another order."""
-    n, ng, hg = q.shape
-    if group % 32 or hg * 2 != group:
-        raise ValueError(f"int4 words need groups of a multiple of 32 inputs, not {group}")
-    gw = group // 8
-    nib = torch.stack([q & 15, q >> 4], dim=-1).reshape(n, ng, 8, gw).transpose(2, 3)  # [n, ng, j, i]
-    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(n, ng * gw)
-
-
-def int4_bytes(words: torch.Tensor, group: int) -> torch.Tensor:
-    """The inverse of `int4_words`."""
-    n = words.shape[0]
-    gw = group // 8
-    b = words.contiguous().view(torch.uint8).reshape(n, -1, gw, 4)
-    nib = torch.stack([b & 15, b >> 4], dim=-1).reshape(n, -1, gw, 8).transpose(2, 3).reshape(n, -1, group // 2, 2)
-    return nib[..., 0] | (nib[..., 1] << 4)
-
-
 # Tiles measured on the H200 (bench/decode_gemv.py --sweep, decode-gemv-sweep-2026-11-29-h200.json)
 # per (format, outputs, inputs, epilogue): (rows per program, inputs per step, warps, stages[, int4 input load]).
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
@@ -425,7 +404,7 @@ PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: int(os.environ.get("DEC
 # Llama-1B step 0.74 -> 0.64 ms; 1 and 2 are within noise of each other.
 INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
 
-# Whether the triton backend holds int4 weights as interleaved words (`int4_words`, `_w4w_kernel`)
+# Whether the triton backend holds int4 weights as interleaved words (`decode.int4_words`, `_w4w_kernel`)
 # rather than in quantize.pack()'s byte order (`_gemv_kernel`).
 INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "1") == "1"
 # ... for products of at least this many outputs (stacked gate/up counts both)
