@@ -5,7 +5,14 @@ import copy
 import pytest
 import torch
 
-from workers.compression.decode import DecodeError, DecodeLlama, PackedEmbedding, PackedLinear
+from workers.compression.decode import (
+    DecodeError,
+    DecodeLlama,
+    PackedEmbedding,
+    PackedLinear,
+    int4_bytes,
+    int4_words,
+)
 from workers.compression.models import _build_llama
 from workers.compression.quantize import apply_simulated, estimate_bytes, fake_quant, quantizable_layers
 
@@ -33,6 +40,36 @@ def test_packed_linear_multiplies_by_exactly_the_fake_quantized_weight(fmt):
     torch.testing.assert_close(layer.dequantized(), fake_quant(w, fmt), atol=1e-5, rtol=1e-5)
     x = torch.randn(128, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(layer(x), fake_quant(w, fmt) @ x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_words_hold_each_groups_inputs_interleaved_and_convert_back(group):
+    """The triton word kernel's layout: nibble i of word j of a group is the group's input i * G/8 + j."""
+    torch.manual_seed(group)
+    rows, k = 6, 4 * group
+    q = PackedLinear(torch.randn(rows, k), f"int4_g{group}", torch.float32).q
+    codes = torch.stack([q & 15, q >> 4], dim=-1).reshape(rows, k)  # input order
+    words = int4_words(q, group)
+    assert words.dtype == torch.int32
+    assert words.shape == (rows, k // 8)
+    assert words.numel() * 4 == q.numel()  # the same bytes
+    gw = group // 8
+    for r, j, i in [(0, 0, 0), (1, 3, 7), (5, gw - 1, 4), (2, gw + 1, 1), (3, 3 * gw + 2, 6)]:
+        g = j // gw
+        nibble = (words[r, j].item() >> (4 * i)) & 15
+        assert nibble == codes[r, g * group + i * gw + j % gw].item(), (r, j, i)
+    assert torch.equal(int4_bytes(words, group), q)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        int4_words(PackedLinear(torch.randn(2, 64), "int4_g16", torch.float32).q, 16)
+
+
+def test_a_packed_linear_holding_int4_words_multiplies_by_the_same_weight():
+    layer = PackedLinear(torch.randn(12, 256), "int4_g64", torch.float32)
+    x = torch.randn(256)
+    want = layer(x)
+    layer.q = int4_words(layer.q, 64)
+    layer.words = True
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
