@@ -15,12 +15,16 @@ softmaxes (flash-decoding).
 
 The GEMV's tile (rows per program, inputs per step, warps, pipeline stages) is chosen per shape by
 `gemv_config` from a table measured on the H200 (`bench/decode_gemv.py --sweep`), not by Triton's
-autotuner, so that nothing is tuned inside a CUDA-graph capture. int4 is read as a [rows, groups,
-bytes] tile, so that each group's scale and minimum are loaded once and no reshape is needed, and
-its nibbles become floats by bit tricks rather than int-to-float conversions; the input is read
-contiguously and split into the even and odd inputs in registers (`INT4_XLOAD`). (Loading int4 as 32-bit
-words unpacked to a 4-D tile measured 1.5-2x slower on the H200: Triton splits its reductions
-across threads.)
+autotuner, so that nothing is tuned inside a CUDA-graph capture.
+
+int4 has two kernels. By default (`INT4_WORDS`) the decoder holds int4 weights as interleaved 32-bit
+words (`decode.int4_words`: nibble i of word j of a group is the group's input i * G/8 + j) and
+`_w4w_kernel` multiplies them: threads run along the inputs, each input is loaded once for all of a
+thread's rows, and a nibble costs a shift (per pair), a LOP3 and an FFMA — about 4 SASS instructions a
+weight (`bench/triton_sass.py`), 1.6-1.75 TB/s on the large Llama-1B products. `_gemv_kernel` also
+takes quantize.pack()'s byte order (`W4_GROUP`): a [rows, groups, bytes] tile, nibbles made floats by
+bit tricks, the input read contiguously and split into even and odd in registers (`INT4_XLOAD`);
+about 7 instructions a weight, kept as the baseline and for `DECODE_INT4_WORDS=0`.
 
 Import needs Triton (on CUDA machines it comes with PyTorch). On a CPU the kernels run under
 Triton's interpreter (`TRITON_INTERPRET=1`), which is how the unit tests check them without a GPU.
