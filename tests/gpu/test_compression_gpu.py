@@ -159,7 +159,7 @@ def test_every_int4_input_load_computes_the_dequantized_product_with_the_fusions
 
 @pytest.mark.parametrize("case", ["rmsnorm+silu_pair", "residual", "silu_mul", "plain_g64"])
 def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(case):
-    """triton_decode's kernel over interleaved int4 words (td.int4_words), compiled, against the products
+    """triton_decode's kernel over interleaved int4 words (decode.int4_words), compiled, against the products
     computed in fp32 from the dequantized weights, over several tiles; and the byte kernel alongside."""
     from workers.compression import triton_decode as td
     from workers.compression.decode import int4_bytes, int4_words

@@ -82,7 +82,7 @@ class PackedLinear(nn.Module):
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
         kind, group = parse_format(fmt)
         self.fmt, self.kind, self.dtype = fmt, kind, dtype
-        self.words = False  # int4 as td.int4_words (triton backend)
+        self.words = False  # int4 held as int4_words (triton backend)
         self.out_features, self.in_features = weight.shape
         if packed is None:
             packed = pack(weight, fmt)
@@ -117,11 +117,12 @@ class PackedLinear(nn.Module):
                 if backend == "triton":
                     from . import triton_decode as td
 
-                    # the triton kernel's own order of the same bytes (td.int4_words), where it applies
+                    # the triton kernel's own order of the same bytes (int4_words), where it applies
                     self.words = (
                         td.INT4_WORDS
                         and self.out_features >= td.INT4_WORDS_MIN_OUT
                         and group % 32 == 0
+                        and group & (group - 1) == 0  # the kernel's tiles are powers of two
                         and group // 2 == q.shape[-1]
                     )
                     if self.words:

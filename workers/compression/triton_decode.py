@@ -286,9 +286,10 @@ def _w4w_kernel(
     inputs j, j + G/8, ..., j + 7 G/8 in its nibbles 0..7, so one contiguous load of G/8 inputs feeds
     one nibble of G/8 words, and each thread runs along the inputs (its inputs loaded once for all its
     rows). With f = 1 + q 2^-P (P = 8 or 4) and x' = x 2^P, sum x w = sum_g s_g (sum x' f - sum x') +
-    z_g sum x: the loop only multiplies and adds (about 2.5 instructions a weight against 6.9 for the
-    byte kernel, in the SASS), one scale per 4 words, and the group constants come in a short pass
-    over the input at the end, with the RMSNorm's sum of squares. K must be a multiple of BLOCK_K."""
+    z_g sum x: per weight a LOP3 and an FFMA (and a shift per pair), per 4 words the scale, the minimum
+    and the input sums; about 4 SASS instructions a weight against 7-9 for the byte kernel
+    (bench/triton_sass.py). The next step's words load while this step is summed; the RMSNorm's
+    squares accumulate per input and are reduced once. K must be a multiple of BLOCK_K."""
     GW: tl.constexpr = G // 8
     BKW: tl.constexpr = BLOCK_K // 8
     if PDL == 1:
