@@ -142,15 +142,23 @@ from workers.compression.models import _build_llama
 from workers.compression.quantize import quantizable_layers
 
 w, x = torch.randn(40, 256), torch.randn(256)
+
+def close(got, want):
+    # int4 runs as words by default: x * (1 + q / 256) summed, then sum(x) taken off, which costs a
+    # few 1e-6 of the output's range in fp32 (the byte kernel is within 1e-7)
+    torch.testing.assert_close(got, want, atol=max(1e-4, 1e-5 * float(want.abs().max())), rtol=1e-4)
+
+
 for fmt in ["int4_g64", "int8", "fp8_e4m3", "bf16", "fp32"]:
     layer = PackedLinear(w, fmt, torch.float32, backend="triton")
-    torch.testing.assert_close(layer.fused(x), layer(x), atol=1e-4, rtol=1e-4)
+    assert layer.words == fmt.startswith("int4")
+    close(layer.fused(x), layer(x))
     res = torch.randn(40)
-    torch.testing.assert_close(layer.fused(x, residual=res), layer(x) + res, atol=1e-4, rtol=1e-4)
+    close(layer.fused(x, residual=res), layer(x) + res)
     gate_up = PackedLinear(torch.randn(64, 256), fmt, torch.float32, backend="triton")
     y = gate_up(x)
     act = torch.nn.functional.silu(y[:32]) * y[32:]
-    torch.testing.assert_close(gate_up.fused(x, epilogue=1), act, atol=1e-4, rtol=1e-4)  # SILU_PAIR
+    close(gate_up.fused(x, epilogue=1), act)  # SILU_PAIR
 lm = _build_llama(False, smoke=True).lm.float()
 names = list(quantizable_layers(lm))
 ids = torch.randint(0, 1024, (6,), generator=torch.Generator().manual_seed(0))

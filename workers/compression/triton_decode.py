@@ -159,6 +159,38 @@ def _wd_step(acc, ss, w, k0, x_ptr, nw_ptr, K, BLOCK_K: tl.constexpr, PRO: tl.co
 
 
 @triton.jit
+def _weight_rows(N, BLOCK_N: tl.constexpr, EPI: tl.constexpr):
+    """This program's weight rows and their mask: BLOCK_N rows, or with EPI == SILU_PAIR 2 BLOCK_N rows
+    interleaved (2i is gate row n0 + i, 2i + 1 is up row N + n0 + i)."""
+    if EPI == 1:
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + r // 2 + (r % 2) * N
+        rmask = (tl.program_id(0) * BLOCK_N + r // 2) < N
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+    return rows, rmask
+
+
+@triton.jit
+def _store_outputs(y, ss, res_ptr, out_ptr, N, K, EPS: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
+                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The row sums y to outputs: the RMSNorm's 1 / rms (ss: the input's sum of squares), SiLU(gate) * up
+    (the gate and up sums rounded to the output type first, as if stored), the residual, the store."""
+    if PRO == 1:
+        y = y / tl.sqrt(ss / K + EPS)
+    if EPI == 1:
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        g, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+        y = g / (1.0 + tl.exp(-g)) * u
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -190,16 +222,8 @@ def _gemv_kernel(
     products are done (PDL == 2)."""
     if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    if EPI == 1:
-        # rows interleaved: 2i is gate row n0 + i, 2i + 1 is up row N + n0 + i
-        r = tl.arange(0, 2 * BLOCK_N)
-        rows = tl.program_id(0) * BLOCK_N + r // 2 + (r % 2) * N
-        rmask = (tl.program_id(0) * BLOCK_N + r // 2) < N
-        R: tl.constexpr = 2 * BLOCK_N
-    else:
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        R: tl.constexpr = BLOCK_N
+    rows, rmask = _weight_rows(N, BLOCK_N, EPI)
+    R: tl.constexpr = BLOCK_N * (1 + EPI)
     rows64 = rows.to(tl.int64)
     ss = tl.full((), 0.0, tl.float32)
     if FMT == 2:
@@ -231,18 +255,7 @@ def _gemv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     if FMT == 1:
         y = y * tl.load(s_ptr + rows, mask=rmask, other=0.0)
-    if PRO == 1:
-        y = y / tl.sqrt(ss / K + EPS)
-    if EPI == 1:
-        # the gate and up outputs rounded to the output type, as if stored, then SiLU(gate) * up
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-        g, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
-        y = g / (1.0 + tl.exp(-g)) * u
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+    _store_outputs(y, ss, res_ptr, out_ptr, N, K, EPS, PRO, EPI, HAS_RES, BLOCK_N)
 
 
 @triton.jit
@@ -294,16 +307,8 @@ def _w4w_kernel(
     BKW: tl.constexpr = BLOCK_K // 8
     if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    if EPI == 1:
-        # rows interleaved: 2i is gate row n0 + i, 2i + 1 is up row N + n0 + i
-        r = tl.arange(0, 2 * BLOCK_N)
-        rows = tl.program_id(0) * BLOCK_N + r // 2 + (r % 2) * N
-        rmask = (tl.program_id(0) * BLOCK_N + r // 2) < N
-        R: tl.constexpr = 2 * BLOCK_N
-    else:
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        R: tl.constexpr = BLOCK_N
+    rows, rmask = _weight_rows(N, BLOCK_N, EPI)
+    R: tl.constexpr = BLOCK_N * (1 + EPI)
     rows64 = rows.to(tl.int64)
     NG = K // G
     jw = tl.arange(0, BKW)
@@ -341,17 +346,7 @@ def _w4w_kernel(
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     ss = tl.sum(sqacc, axis=0)
-    if PRO == 1:
-        y = y / tl.sqrt(ss / K + EPS)
-    if EPI == 1:
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-        g2, u = tl.split(tl.reshape(y, (BLOCK_N, 2)))
-        y = g2 / (1.0 + tl.exp(-g2)) * u
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+    _store_outputs(y, ss, res_ptr, out_ptr, N, K, EPS, PRO, EPI, HAS_RES, BLOCK_N)
 
 
 # Tiles measured on the H200 (bench/decode_gemv.py --sweep, decode-gemv-sweep-2026-11-29-h200.json)
