@@ -191,7 +191,7 @@ def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(
         want = wd @ (torch.nn.functional.silu(xf[:k]) * xf[k:])
     else:
         want = wd @ xf
-    for tile in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (2, 512, 2, 1)):
+    for tile in ((4, 2048, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (2, 512, 2, 1), (4, 1024, 1, 1)):
         got = td.gemv(x, words, n, td.W4_WORDS, torch.bfloat16, packed["scale"], packed["zero"], group,
                       config=tile, **kw).float()
         old = td.gemv(x, q, n, td.W4_GROUP, torch.bfloat16, packed["scale"], packed["zero"], group, **kw).float()
