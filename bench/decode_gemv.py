@@ -148,6 +148,7 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
 
     from workers.compression import triton_decode as td
 
+    codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW, "bf16": td.W16}
     best = {}
     for name, rows, cols in SHAPES:
         if shapes and name not in shapes:
@@ -172,8 +173,7 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
             tiles = (list(itertools.product(grid["bn"], grid["bk"], grid["warps"], grid["stages"])) if grid
                      else SWEEP[fmt])
             if tuned:
-                codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW}
-                code = codes.get(fmt, td.W16)
+                code = codes[fmt]
                 n_out = rows // 2 if name == "gate_up" else rows
                 tiles = [td.gemv_config(code, n_out, cols, td.SILU_PAIR if name == "gate_up" else 0)]
             if xloads and fmt == "int4_g128":
@@ -203,7 +203,6 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
             torch.cuda.empty_cache()
             if out:
                 out.write_text(json.dumps(doc, indent=1))
-    codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW, "bf16": td.W16}
     doc["best"] = [
         {
             "shape": v["shape"],

@@ -118,13 +118,8 @@ class PackedLinear(nn.Module):
                     from . import triton_decode as td
 
                     # the triton kernel's own order of the same bytes (int4_words), where it applies
-                    self.words = (
-                        td.INT4_WORDS
-                        and self.out_features >= td.INT4_WORDS_MIN_OUT
-                        and group % 32 == 0
-                        and group & (group - 1) == 0  # the kernel's tiles are powers of two
-                        and group // 2 == q.shape[-1]
-                    )
+                    # groups of a power of two from 32 up: the kernel's tiles are powers of two
+                    self.words = td.INT4_WORDS and group >= 32 and group & (group - 1) == 0
                     if self.words:
                         q = int4_words(q, group)
                 self.register_buffer("q", q.contiguous())

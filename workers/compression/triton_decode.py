@@ -395,7 +395,7 @@ def pdl_supported() -> bool:
 # kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
 # (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
 # 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
-PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: int(os.environ.get("DECODE_W4W_PDL", "2"))}
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2}
 
 
 # How an int4 product reads its input (`_w4_step`): 0 as two strided gathers of the even and odd
@@ -408,8 +408,6 @@ INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
 # Whether the triton backend holds int4 weights as interleaved words (`decode.int4_words`, `_w4w_kernel`)
 # rather than in quantize.pack()'s byte order (`_gemv_kernel`).
 INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "1") == "1"
-# ... for products of at least this many outputs (stacked gate/up counts both)
-INT4_WORDS_MIN_OUT = int(os.environ.get("DECODE_INT4_WORDS_MIN_OUT", "0"))
 
 
 def _launch(pdl: bool) -> dict:
@@ -457,37 +455,10 @@ def gemv(
             bk //= 2
         if k % bk or bk % group:
             raise ValueError(f"int4 words: {k} inputs in steps of whole groups of {group}")
-        out = torch.empty(n, dtype=out_dtype, device=x.device)
-        _w4w_kernel[(triton.cdiv(n, bn),)](
-            x,
-            w,
-            scale,
-            zero,
-            norm_weight if norm_weight is not None else x,
-            residual if residual is not None else x,
-            out,
-            n,
-            k,
-            k // 8,
-            0x3F800000,
-            EPS=eps,
-            G=group,
-            PRO=prologue,
-            EPI=epilogue,
-            HAS_RES=residual is not None,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            PDL=PDL_TRIGGER[fmt] if pdl else 0,
-            num_warps=warps,
-            num_stages=stages,
-            **_launch(pdl),
-        )
-        return out
-    xload = rest[0] if rest else INT4_XLOAD
-    bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
+    else:
+        bk = max(min(bk, triton.next_power_of_2(k)), group if fmt == W4_GROUP else 1)
     out = torch.empty(n, dtype=out_dtype, device=x.device)
-    stride = k // 2 if fmt == W4_GROUP else k
-    _gemv_kernel[(triton.cdiv(n, bn),)](
+    args = (
         x,
         w,
         scale if scale is not None else x,
@@ -497,22 +468,30 @@ def gemv(
         out,
         n,
         k,
-        stride,
+    )
+    common = dict(
         EPS=eps,
-        FMT=fmt,
         G=group or 1,
         PRO=prologue,
         EPI=epilogue,
         HAS_RES=residual is not None,
-        EVEN_K=k % bk == 0,
         BLOCK_N=bn,
         BLOCK_K=bk,
         PDL=PDL_TRIGGER[fmt] if pdl else 0,
-        XLOAD=xload if fmt == W4_GROUP else 0,
         num_warps=warps,
         num_stages=stages,
         **_launch(pdl),
     )
+    grid = (triton.cdiv(n, bn),)
+    if fmt == W4_WORDS:
+        # stride in words; the exponent OR-ed into each nibble, as a runtime value (see _word_nibble)
+        _w4w_kernel[grid](*args, k // 8, 0x3F800000, **common)
+    else:
+        xload = rest[0] if rest else INT4_XLOAD
+        stride = k // 2 if fmt == W4_GROUP else k
+        _gemv_kernel[grid](
+            *args, stride, FMT=fmt, EVEN_K=k % bk == 0, XLOAD=xload if fmt == W4_GROUP else 0, **common
+        )
     return out
 
 
