@@ -359,11 +359,13 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (W4_GROUP, 2048, 8192, 0): (4, 2048, 8, 3, 2),
     (W4_GROUP, 32000, 2048, 0): (16, 512, 4, 3, 1),
     # int4 words: decode-gemv-grid-2026-11-29-h200-int4-words.json (stages do not apply); the step with
-    # these tiles 0.515 ms against 0.535 with the sweep's (…-sweep-…-int4-words.json), same session
+    # these tiles 0.515 ms against 0.535 with the sweep's (…-sweep-…-int4-words.json), same session; the
+    # down projection's 4096 inputs a step from a wider grid (…-grid-…-int4-words-wide-steps.json): 8.47 ->
+    # 6.97 us, step 0.512 -> 0.488 ms
     (W4_WORDS, 3072, 2048, 0): (4, 2048, 2, 1),
     (W4_WORDS, 2048, 2048, 0): (8, 2048, 2, 1),
     (W4_WORDS, 8192, 2048, SILU_PAIR): (4, 1024, 1, 1),
-    (W4_WORDS, 2048, 8192, 0): (8, 2048, 2, 1),
+    (W4_WORDS, 2048, 8192, 0): (4, 4096, 4, 1),
     (W4_WORDS, 32000, 2048, 0): (8, 1024, 1, 1),
     (W8_ROW, 3072, 2048, 0): (4, 1024, 4, 3),
     (W8_ROW, 2048, 2048, 0): (2, 2048, 4, 1),
