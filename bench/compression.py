@@ -580,7 +580,8 @@ def llama(bench: Bench) -> None:
             "formats": counts,
             "layers": len(quantizable_layers(model)),
             "assign_s": round(time.perf_counter() - t, 1),
-            **{k: info[k] for k in ("measured_calib_drop", "moves", "moves_kept")},
+            **{k: info[k] for k in ("measured_calib_drop", "moves", "moves_kept", "greedy", "extensions",
+                                    "evaluations")},
         }
         bench.save()
         if assignment not in variants.values():

@@ -146,6 +146,44 @@ def test_auto_assignment_is_verified_by_measurement():
     assert info["measured_calib_drop"] <= sensitivity.auto_assign(task, model, sens, budget)[1]["measured_calib_drop"]
 
 
+class Stack(nn.Module):
+    def __init__(self, n=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(32, 64)
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(n))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+def test_slack_left_by_overestimated_sensitivities_is_spent_and_measured():
+    model = Stack().eval()
+    task = fidelity_task(model)
+    measured = sensitivity.measure(task, model, ["bf16", "int8", "int4_g16"])
+    # summed sensitivities three times too pessimistic: the greedy alone stops far below the budget
+    sens = {name: {fmt: 3 * d for fmt, d in by_fmt.items()} for name, by_fmt in measured.items()}
+    budget = 0.5 * sum(by_fmt["int4_g16"] for by_fmt in measured.values())
+    plain, plain_info = sensitivity.auto_assign(task, model, sens, budget, extend=False)
+    extended, info = sensitivity.auto_assign(task, model, sens, budget)
+    assert plain_info["extensions"] == []
+    assert info["greedy"]["kept"] == plain_info["moves_kept"]
+    assert info["extensions"]
+    assert info["extensions"][0]["taken"]
+    assert sensitivity.assignment_bytes(model, extended) < sensitivity.assignment_bytes(model, plain)
+    assert plain_info["measured_calib_drop"] < info["measured_calib_drop"] <= info["calibration_target"]
+    base = task.calib_score(model)
+    assert sensitivity.measured_drop(task, model, extended, base) == pytest.approx(info["measured_calib_drop"])
+    # with the measured sensitivities the extension may find nothing better, but never something bigger
+    exact, exact_info = sensitivity.auto_assign(task, model, measured, budget)
+    greedy, _ = sensitivity.auto_assign(task, model, measured, budget, extend=False)
+    assert sensitivity.assignment_bytes(model, exact) <= sensitivity.assignment_bytes(model, greedy)
+    assert exact_info["measured_calib_drop"] <= exact_info["calibration_target"]
+
+
 def test_preset_puts_qkv_in_fp8_other_linears_in_int4_and_embeddings_in_full_precision():
     class Attn(nn.Module):
         def __init__(self):

@@ -6,7 +6,8 @@ calibration set is run, the weight is restored). Assignment is greedy: starting 
 move (one layer to a cheaper format) with the most bytes saved per unit of added sensitivity, while
 the summed sensitivity stays within the budget; then the whole assignment is measured on the
 calibration set and, if the layers' drops did not add up as assumed, the latest moves are undone
-(binary search over the move order) until the measured drop fits.
+(binary search over the move order) until the measured drop fits — or, if they added up to less than
+assumed, the greedy is rerun with a budget scaled by the overestimate and cut back the same way.
 """
 
 from __future__ import annotations
@@ -164,6 +165,35 @@ def measured_drop(
     return base - task.calib_score(apply_simulated(copy.deepcopy(model), assignment, rounding))
 
 
+def assignment_bytes(model: nn.Module, assignment: dict[str, str]) -> int:
+    layers = quantizable_layers(model)
+    return sum(estimate_bytes(tuple(layers[name].weight.shape), fmt) for name, fmt in assignment.items())
+
+
+# How far the slack extension may scale the greedy's budget (auto_assign), and how many times it extends.
+MAX_EXTENSION = 4.0
+EXTENSION_ROUNDS = 2
+
+
+def _longest_fitting_prefix(
+    task: Task, model: nn.Module, moves: list[tuple[str, str]], lo: int, base: float, target: float,
+    rounding: Rounding,
+) -> tuple[int, float | None, int]:
+    """The longest prefix of `moves`, at least `lo` long, whose measured drop fits `target` (binary search
+    over the move order, assuming the drop grows along it), its drop (None when only `lo` fits and it was
+    not measured here), and how many assignments were measured."""
+    hi, drop, runs = len(moves), None, 0
+    while lo < hi:
+        mid = math.ceil((lo + hi) / 2)
+        d = measured_drop(task, model, assignment_from(model, moves[:mid]), base, rounding)
+        runs += 1
+        if d <= target:
+            lo, drop = mid, d
+        else:
+            hi = mid - 1
+    return lo, drop, runs
+
+
 def auto_assign(
     task: Task,
     model: nn.Module,
@@ -171,39 +201,80 @@ def auto_assign(
     budget: float,
     margin: float = CALIBRATION_MARGIN,
     rounding: Rounding = RTN,
+    extend: bool = True,
 ) -> tuple[dict[str, str], dict]:
-    """Greedy assignment, then checked against the measured calibration drop and cut back if needed."""
+    """Greedy assignment, then checked against the measured calibration drop: cut back if it does not fit,
+    extended if it leaves slack.
+
+    The greedy adds the layers' sensitivities as if their drops were independent. When the measured drop of
+    the whole assignment is below that sum (layers' errors partly cancel or saturate), the greedy runs again
+    with its budget scaled by predicted / measured (at most MAX_EXTENSION x) and the longest prefix of the
+    longer move list whose measured drop still fits is kept, if it is smaller; at most EXTENSION_ROUNDS
+    times. Every kept assignment's drop is measured, never predicted."""
     given = budget
-    budget = budget * margin
+    target = budget * margin
     base = task.calib_score(model)
-    moves = greedy_moves(model, sens, budget)
-    predicted = 0.0
-    if moves:
+
+    def predicted_of(moves: list[tuple[str, str]]) -> float:
         cost: dict[str, float] = {}
         for name, fmt in moves:
             cost[name] = max(sens[name][fmt], 0.0)
-        predicted = sum(cost.values())
+        return sum(cost.values())
+
+    moves = greedy_moves(model, sens, target)
+    predicted = predicted_of(moves)
     drop = measured_drop(task, model, assignment_from(model, moves), base, rounding)
+    evaluations = 1
     kept = len(moves)
-    if drop > budget and moves:
-        lo, hi = 0, len(moves) - 1  # a prefix of length lo fits (the empty one does); find the longest
-        while lo < hi:
-            mid = math.ceil((lo + hi) / 2)
-            if measured_drop(task, model, assignment_from(model, moves[:mid]), base, rounding) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        kept = lo
-        drop = measured_drop(task, model, assignment_from(model, moves[:kept]), base, rounding)
+    if drop > target and moves:
+        kept, fit_drop, runs = _longest_fitting_prefix(task, model, moves, 0, base, target, rounding)
+        evaluations += runs
+        drop = fit_drop if fit_drop is not None else measured_drop(
+            task, model, assignment_from(model, moves[:kept]), base, rounding
+        )
+        evaluations += fit_drop is None
+    greedy_moves_n, greedy_kept, greedy_drop = len(moves), kept, drop
+    extensions = []
+    scale = 1.0
+    for _ in range(EXTENSION_ROUNDS if extend else 0):
+        used = predicted_of(moves[:kept])
+        if kept < len(moves) or used <= 0 or drop >= target:
+            break  # cut back already, nothing spent, or no slack left
+        # the budget at which the summed sensitivities, overestimating as they did here, would measure `target`
+        wanted = min(MAX_EXTENSION, used / max(drop, used / MAX_EXTENSION))
+        if wanted <= scale * 1.01:
+            break
+        scale = wanted
+        longer = greedy_moves(model, sens, target * scale)
+        if len(longer) <= kept:
+            break
+        # the longer list starts like the kept one until the first move the smaller budget refused
+        same = next((i for i, (a, b) in enumerate(zip(longer, moves[:kept], strict=False)) if a != b), kept)
+        n, fit_drop, runs = _longest_fitting_prefix(task, model, longer, min(same, kept), base, target, rounding)
+        evaluations += runs
+        better = fit_drop is not None and (
+            assignment_bytes(model, assignment_from(model, longer[:n]))
+            < assignment_bytes(model, assignment_from(model, moves[:kept]))
+        )
+        extensions.append({"budget_scale": round(scale, 3), "moves": len(longer), "kept": n,
+                           "measured_calib_drop": fit_drop, "taken": better})
+        if not better:
+            break
+        moves, kept, drop = longer, n, fit_drop
     info = {
         "method": "greedy: most bytes saved per unit of measured sensitivity, within the budget; "
-        "then verified on calibration data with the latest moves undone until it fits",
+        "then verified on calibration data with the latest moves undone until it fits, or, where the "
+        "measured drop leaves slack, the greedy rerun with a larger budget and cut back to fit",
         "budget": given,
-        "calibration_target": budget,
-        "predicted_drop": predicted,
+        "calibration_target": target,
+        "predicted_drop": predicted_of(moves[:kept]),
         "measured_calib_drop": drop,
         "moves": len(moves),
         "moves_kept": kept,
+        "greedy": {"moves": greedy_moves_n, "kept": greedy_kept, "predicted_drop": predicted,
+                   "measured_calib_drop": greedy_drop},
+        "extensions": extensions,
+        "evaluations": evaluations,
     }
     return assignment_from(model, moves[:kept]), info
 

@@ -530,8 +530,8 @@ def _attention_partial(
 
     The token's query and key get the rotary embedding here; its key and value stand in for the
     cache's row `pos`, which the block holding `pos` writes (once per key/value head). With PDL the
-    cache rows before `pos` (written by earlier steps) are read before waiting for the previous
-    kernel, which writes the token's projections."""
+    cache rows before `pos` (written by earlier steps) and the rotary tables are read before waiting for
+    the previous kernel, which writes the token's projections."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0)
@@ -544,10 +544,10 @@ def _attention_partial(
     old = t < pos
     kb = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
     vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     q = _rope(qkv_ptr + h * D, c, sn, d, D).to(tl.float32) * SCALE
     k_new = _rope(qkv_ptr + (HEADS + kvh) * D, c, sn, d, D)
     v_new = tl.load(qkv_ptr + (HEADS + HEADS // GROUP + kvh) * D + d)
