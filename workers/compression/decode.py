@@ -357,8 +357,6 @@ class DecodeLlama(nn.Module):
         self.register_buffer("cos", cos[0].to(dtype))
         self.register_buffer("sin", sin[0].to(dtype))
         self.register_buffer("positions", positions)
-        # the triton attention's per-head arrival counts (td.attention), zero between calls
-        self.register_buffer("att_counts", torch.zeros(self.heads, dtype=torch.int32, device=device))
         self.to(device)
 
     def weight_bytes(self) -> int:
@@ -394,9 +392,7 @@ class DecodeLlama(nn.Module):
         for layer in self.layers:
             qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps, pdl=pdl) for m in layer.qkv])
             # rotary embedding and the cache write happen inside the attention kernel
-            att = td.attention(
-                qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl, counts=self.att_counts
-            )
+            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl)
             x = layer.o.fused(att, residual=x, pdl=pdl)
             if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
                 act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)

@@ -518,28 +518,20 @@ def _attention_partial(
     sin_ptr,
     pos_ptr,
     part_ptr,
-    count_ptr,
-    out_ptr,
     T,
     SCALE: tl.constexpr,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    NB: tl.constexpr,
     PDL: tl.constexpr,
-    COMBINE: tl.constexpr,
 ):
     """One query head x one block of positions: the block's max score, softmax mass and weighted V.
 
     The token's query and key get the rotary embedding here; its key and value stand in for the
     cache's row `pos`, which the block holding `pos` writes (once per key/value head). With PDL the
-    cache rows (written by earlier steps) and the rotary tables are read before waiting for the previous
-    kernel, which writes the token's projections.
-
-    With COMBINE, the head's last block to finish (a per-head arrival count, reset by that block for the
-    next call) combines the head's partial softmaxes itself, in block order, and writes the output: no
-    second kernel. Otherwise `_attention_combine` does."""
+    cache rows before `pos` (written by earlier steps) and the rotary tables are read before waiting for
+    the previous kernel, which writes the token's projections."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0)
@@ -569,31 +561,10 @@ def _attention_partial(
     m = tl.max(s, axis=0)
     p = tl.where(valid, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
     vb = tl.where(now, v_new.to(tl.float32)[None, :], vb)
-    part = part_ptr + (h * NB + blk) * (D + 2)
-    tl.store(part + d, tl.sum(p[:, None] * vb, axis=0))
-    tl.store(part + D, m)
-    tl.store(part + D + 1, tl.sum(p, axis=0))
-    if COMBINE:
-        tl.debug_barrier()  # every thread's stores before the count (released at GPU scope by the atomic)
-        arrived = tl.atomic_add(count_ptr + h, 1, sem="acq_rel", scope="gpu")
-        if arrived == NB - 1:
-            _combine(part_ptr, out_ptr, h, NB, D, ".cg")  # read past L1: the other blocks wrote them
-            tl.atomic_xchg(count_ptr + h, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _combine(part_ptr, out_ptr, h, NB: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr):
-    """One head's output from its NB blocks' (weighted V, max score, softmax mass), in block order."""
-    b = tl.arange(0, NB)
-    d = tl.arange(0, D)
-    rows = part_ptr + (h * NB + b) * (D + 2)
-    m = tl.load(rows + D, cache_modifier=CACHE)
-    mass = tl.load(rows + D + 1, cache_modifier=CACHE)
-    acc = tl.load(rows[:, None] + d[None, :], cache_modifier=CACHE)
-    top = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * mass, axis=0)
-    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+    out = part_ptr + (h * tl.num_programs(1) + blk) * (D + 2)
+    tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
+    tl.store(out + D, m)
+    tl.store(out + D + 1, tl.sum(p, axis=0))
 
 
 @triton.jit
@@ -601,7 +572,17 @@ def _attention_combine(part_ptr, out_ptr, NB: tl.constexpr, D: tl.constexpr, PDL
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    _combine(part_ptr, out_ptr, tl.program_id(0), NB, D, "")
+    h = tl.program_id(0)
+    b = tl.arange(0, NB)
+    d = tl.arange(0, D)
+    rows = part_ptr + (h * NB + b) * (D + 2)
+    m = tl.load(rows + D)
+    mass = tl.load(rows + D + 1)
+    acc = tl.load(rows[:, None] + d[None, :])
+    top = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * mass, axis=0)
+    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 def attention(
@@ -613,32 +594,23 @@ def attention(
     sin: torch.Tensor,
     heads: int,
     pdl: bool = False,
-    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv: the token's (heads + 2 kv_heads) * d projections, before the rotary embedding; caches:
     (kv_heads, T, d); cos, sin: (T, d) tables. Applies the rotary embedding to q and k, writes k and
     v into the caches at `pos`, and returns softmax(q K^T / sqrt(d)) V over positions <= pos,
     (heads * d,).
 
-    Split over blocks of 64 positions (one program per head and block): 256 programs for 32 heads over
-    512 positions. With `counts` (int32, at least `heads`, zero, kept by the caller and left zero by
-    each call) each head's last block combines the blocks' partial softmaxes (one kernel); without, one
-    more kernel with a program per head combines them.
+    Split over blocks of 64 positions (one program per head and block), then one program per head
+    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions.
     """
     kv_heads, t, d = k_cache.shape
     block = min(64, t)
     blocks = t // block
-    if t % block:
-        raise ValueError(f"attention: a cache of {t} positions is not whole blocks of {block}")
-    if counts is not None and (counts.dtype != torch.int32 or counts.numel() < heads):
-        raise ValueError(f"attention: counts must be int32 with at least {heads} elements")
     part = torch.empty(heads * blocks * (d + 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty(heads * d, dtype=qkv.dtype, device=qkv.device)
     _attention_partial[(heads, blocks)](
-        qkv, k_cache, v_cache, cos, sin, pos, part, counts if counts is not None else pos, out, t,
-        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, NB=blocks, PDL=pdl,
-        COMBINE=counts is not None, **_launch(pdl),
+        qkv, k_cache, v_cache, cos, sin, pos, part, t,
+        SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, PDL=pdl, **_launch(pdl),
     )
-    if counts is None:
-        _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
+    _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
     return out
