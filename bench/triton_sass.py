@@ -69,7 +69,7 @@ def main() -> int:
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32" if words else "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_w": "i32"}
     if words:
-        sig["magic"] = "i32"
+        sig["magic_even"] = sig["magic_odd"] = "i32"
     pro = {"none": td.NONE, "rmsnorm": td.RMSNORM, "silu_mul": td.SILU_MUL}[args.prologue]
     epi = td.SILU_PAIR if args.epilogue == "silu_pair" else 0
     consts = {"EPS": 1e-6, "G": args.group, "PRO": pro, "EPI": epi, "HAS_RES": False,
@@ -78,7 +78,7 @@ def main() -> int:
         consts.update(FMT=td.W4_GROUP, EVEN_K=True, XLOAD=args.xload)
     for name in consts:
         sig[name] = "constexpr"
-    div16 = [k for k, t in sig.items() if t != "constexpr" and k != "magic"]
+    div16 = [k for k, t in sig.items() if t != "constexpr" and not k.startswith("magic")]
     src = ASTSource(
         fn=fn,
         signature=sig,

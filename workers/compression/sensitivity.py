@@ -176,13 +176,13 @@ EXTENSION_ROUNDS = 2
 
 
 def _longest_fitting_prefix(
-    task: Task, model: nn.Module, moves: list[tuple[str, str]], lo: int, base: float, target: float,
+    task: Task, model: nn.Module, moves: list[tuple[str, str]], lo: int, hi: int, base: float, target: float,
     rounding: Rounding,
 ) -> tuple[int, float | None, int]:
-    """The longest prefix of `moves`, at least `lo` long, whose measured drop fits `target` (binary search
+    """The longest prefix of `moves`, `lo` to `hi` long, whose measured drop fits `target` (binary search
     over the move order, assuming the drop grows along it), its drop (None when only `lo` fits and it was
     not measured here), and how many assignments were measured."""
-    hi, drop, runs = len(moves), None, 0
+    drop, runs = None, 0
     while lo < hi:
         mid = math.ceil((lo + hi) / 2)
         d = measured_drop(task, model, assignment_from(model, moves[:mid]), base, rounding)
@@ -227,7 +227,8 @@ def auto_assign(
     evaluations = 1
     kept = len(moves)
     if drop > target and moves:
-        kept, fit_drop, runs = _longest_fitting_prefix(task, model, moves, 0, base, target, rounding)
+        # the whole list was measured and does not fit
+        kept, fit_drop, runs = _longest_fitting_prefix(task, model, moves, 0, len(moves) - 1, base, target, rounding)
         evaluations += runs
         drop = fit_drop if fit_drop is not None else measured_drop(
             task, model, assignment_from(model, moves[:kept]), base, rounding
@@ -250,7 +251,9 @@ def auto_assign(
             break
         # the longer list starts like the kept one until the first move the smaller budget refused
         same = next((i for i, (a, b) in enumerate(zip(longer, moves[:kept], strict=False)) if a != b), kept)
-        n, fit_drop, runs = _longest_fitting_prefix(task, model, longer, min(same, kept), base, target, rounding)
+        n, fit_drop, runs = _longest_fitting_prefix(
+            task, model, longer, min(same, kept), len(longer), base, target, rounding
+        )
         evaluations += runs
         better = fit_drop is not None and (
             assignment_bytes(model, assignment_from(model, longer[:n]))

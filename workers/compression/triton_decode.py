@@ -20,8 +20,8 @@ autotuner, so that nothing is tuned inside a CUDA-graph capture.
 int4 has two kernels. By default (`INT4_WORDS`) the decoder holds int4 weights as interleaved 32-bit
 words (`decode.int4_words`: nibble i of word j of a group is the group's input i * G/8 + j) and
 `_w4w_kernel` multiplies them: threads run along the inputs, each input is loaded once for all of a
-thread's rows, and a nibble costs a shift (per pair), a LOP3 and an FFMA — about 4 SASS instructions a
-weight (`bench/triton_sass.py`), 1.6-1.75 TB/s on the large Llama-1B products. `_gemv_kernel` also
+thread's rows, and a nibble costs a shift (per pair), a LOP3 and an FFMA — about 4.2 SASS instructions
+a weight (`bench/triton_sass.py`), 1.7-1.9 TB/s on the large Llama-1B products. `_gemv_kernel` also
 takes quantize.pack()'s byte order (`W4_GROUP`): a [rows, groups, bytes] tile, nibbles made floats by
 bit tricks, the input read contiguously and split into even and odd in registers (`INT4_XLOAD`);
 about 7 instructions a weight, kept as the baseline and for `DECODE_INT4_WORDS=0`.
@@ -260,10 +260,10 @@ def _gemv_kernel(
 
 @triton.jit
 def _word_nibble(w, magic, NIB: tl.constexpr):
-    """Nibble NIB (bits 4 NIB .. 4 NIB + 3) of each int32 word as the float 1 + q / 256 (NIB even: the nibble
-    moved to bits 15-18 of an fp32 1.0) or 1 + q / 16 (NIB odd: bits 19-22): one shift per pair of nibbles (the
-    caller's CSE keeps one), then one LOP3 that masks and ORs the exponent (`magic` is a runtime
-    0x3F800000 so that the mask and the OR stay one instruction)."""
+    """Nibble NIB (bits 4 NIB .. 4 NIB + 3) of each int32 word as the float 256 + q (NIB even: the nibble
+    moved to bits 15-18 of an fp32 256.0) or 16 + q (NIB odd: bits 19-22 of a 16.0): one shift per pair of
+    nibbles (the caller's CSE keeps one), then one LOP3 that masks and ORs the exponent (`magic` is the
+    runtime 0x43800000 or 0x41800000 so that the mask and the OR stay one instruction)."""
     S: tl.constexpr = 15 - 8 * (NIB // 2)
     if S >= 0:
         t = w << S
@@ -285,7 +285,8 @@ def _w4w_kernel(
     N,
     K,
     stride_w,
-    magic,
+    magic_even,
+    magic_odd,
     EPS: tl.constexpr,
     G: tl.constexpr,
     PRO: tl.constexpr,
@@ -298,11 +299,13 @@ def _w4w_kernel(
     """The int4 product over interleaved words (`decode.int4_words`): word j of a group holds the group's
     inputs j, j + G/8, ..., j + 7 G/8 in its nibbles 0..7, so one contiguous load of G/8 inputs feeds
     one nibble of G/8 words, and each thread runs along the inputs (its inputs loaded once for all its
-    rows). With f = 1 + q 2^-P (P = 8 or 4) and x' = x 2^P, sum x w = sum_g s_g (sum x' f - sum x') +
-    z_g sum x: per weight a LOP3 and an FFMA (and a shift per pair), per 4 words the scale, the minimum
-    and the input sums; about 4 SASS instructions a weight against 7-9 for the byte kernel
-    (bench/triton_sass.py). The next step's words load while this step is summed; the RMSNorm's
-    squares accumulate per input and are reduced once. K must be a multiple of BLOCK_K."""
+    rows). A nibble q becomes the float f = 2^P + q (P = 8 for even nibbles, 4 for odd: the exponent of
+    the magic OR-ed in), so sum x w = sum_g s_g (sum x f - 256 E_g - 16 O_g) + z_g (E_g + O_g), with E_g and
+    O_g the sums of the group's inputs under even and odd nibbles: per weight a LOP3 and an FFMA (and a
+    shift per pair), per input one add, per 4 words the scale and the minimum; about 4.2 SASS
+    instructions a weight against 7-9 for the byte kernel (bench/triton_sass.py). The next step's words load
+    while this step is summed; the RMSNorm's squares accumulate per input and are reduced once. K must be a
+    multiple of BLOCK_K."""
     GW: tl.constexpr = G // 8
     BKW: tl.constexpr = BLOCK_K // 8
     if PDL == 1:
@@ -327,20 +330,22 @@ def _w4w_kernel(
         sc = tl.load(s_ptr + cidx, mask=rmask[:, None], other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + cidx, mask=rmask[:, None], other=0.0).to(tl.float32)
         part = tl.zeros([R, BKW], dtype=tl.float32)
-        xsum = tl.zeros([BKW], dtype=tl.float32)
-        xpsum = tl.zeros([BKW], dtype=tl.float32)
+        even = tl.zeros([BKW], dtype=tl.float32)
+        odd = tl.zeros([BKW], dtype=tl.float32)
         for i in tl.static_range(8):
             xi, sq = _input(x_ptr, nw_ptr, k0 + xoff + i * GW, xoff < K, K, PRO)
-            xp = xi * (256.0 if i % 2 == 0 else 16.0)
-            part += xp[None, :] * _word_nibble(w, magic, i)
-            xsum += xi
-            xpsum += xp
+            if i % 2 == 0:
+                part += xi[None, :] * _word_nibble(w, magic_even, i)
+                even += xi
+            else:
+                part += xi[None, :] * _word_nibble(w, magic_odd, i)
+                odd += xi
             if PRO == 1:
                 sqacc += sq
         p4 = tl.sum(tl.reshape(part, (R, BKW // 4, 4)), axis=2)
-        x4 = tl.sum(tl.reshape(xsum, (BKW // 4, 4)), axis=1)
-        xp4 = tl.sum(tl.reshape(xpsum, (BKW // 4, 4)), axis=1)
-        acc += sc * (p4 - xp4[None, :]) + zc * x4[None, :]
+        e4 = tl.sum(tl.reshape(even, (BKW // 4, 4)), axis=1)
+        o4 = tl.sum(tl.reshape(odd, (BKW // 4, 4)), axis=1)
+        acc += sc * (p4 - (256.0 * e4 + 16.0 * o4)[None, :]) + zc * (e4 + o4)[None, :]
         w = w_next
     y = tl.sum(acc, axis=1)
     if PDL == 2:
@@ -487,7 +492,7 @@ def gemv(
     grid = (triton.cdiv(n, bn),)
     if fmt == W4_WORDS:
         # stride in words; the exponent OR-ed into each nibble, as a runtime value (see _word_nibble)
-        _w4w_kernel[grid](*args, k // 8, 0x3F800000, **common)
+        _w4w_kernel[grid](*args, k // 8, 0x43800000, 0x41800000, **common)
     else:
         xload = rest[0] if rest else INT4_XLOAD
         stride = k // 2 if fmt == W4_GROUP else k
