@@ -44,7 +44,7 @@ def main() -> int:
         print(rows[-1], file=sys.stderr, flush=True)
     del dec
     for i in range(4):
-        r = P.profile(lm, "triton+pdl", "int4", False, True, True)
+        r = P.profile(lm, "triton+pdl", "int4", smoke=False, graphs=True, raw=True)
         rows.append({"same_model": False, "i": i, "ms": r["latency_ms_per_token"], "smi": smi()})
         print(rows[-1], file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "graph replay drift", "gpu": torch.cuda.get_device_name(), "query": QUERY,

@@ -45,7 +45,7 @@ def main() -> int:
     for spec in VARIANTS:
         early.clear()
         early.update(s for s in spec.split(",") if s)
-        r = P.profile(lm, "triton+pdl", "int4", False, True, True)
+        r = P.profile(lm, "triton+pdl", "int4", smoke=False, graphs=True, raw=True)
         rows.append({"early": sorted(early), "ms": r["latency_ms_per_token"]})
         print(rows[-1], file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "int4 step: PDL trigger per projection", "gpu": torch.cuda.get_device_name(),

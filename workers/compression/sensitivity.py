@@ -249,11 +249,10 @@ def auto_assign(
         longer = greedy_moves(model, sens, target * scale)
         if len(longer) <= kept:
             break
-        # the longer list starts like the kept one until the first move the smaller budget refused
+        # the longer list starts like the kept one until the first move the smaller budget refused: that
+        # common prefix fits (it is a prefix of the kept one)
         same = next((i for i, (a, b) in enumerate(zip(longer, moves[:kept], strict=False)) if a != b), kept)
-        n, fit_drop, runs = _longest_fitting_prefix(
-            task, model, longer, min(same, kept), len(longer), base, target, rounding
-        )
+        n, fit_drop, runs = _longest_fitting_prefix(task, model, longer, same, len(longer), base, target, rounding)
         evaluations += runs
         better = fit_drop is not None and (
             assignment_bytes(model, assignment_from(model, longer[:n]))
