@@ -61,7 +61,8 @@ ROUNDING = os.environ.get("ROUNDING", "gptq")  # encoders' sensitivity mix: gptq
 LLAMA_TUNE = os.environ.get("LLAMA_TUNE", "1") == "1"
 LLAMA_BUDGETS = [float(b) for b in os.environ.get("LLAMA_BUDGETS", "0.01,0.2").split(",")]
 # torch: inductor-fused torch expressions (cuBLAS for bf16); tinygemm: PyTorch's int4 kernel;
-# triton: workers/compression/triton_decode.py. The best bf16 of all is the baseline of the goal.
+# triton: workers/compression/triton_decode.py; triton-a8: the same, its int4 products rounding their input
+# to int8 per block of 32 (W4A8, dp4a). The best bf16 of all is the baseline of the goal.
 LLAMA_BACKENDS = os.environ.get("LLAMA_BACKENDS", "torch,triton,tinygemm").split(",")
 # Also time each step as one hand-captured CUDA graph (triton: eager, with PDL on Hopper); the goal takes
 # the faster replay of each variant, for bf16 and the mixes alike.
@@ -598,13 +599,15 @@ def llama(bench: Bench) -> None:
     if DEV == "cuda":
         torch.cuda.empty_cache()
 
-    def run(label: str, assignment: dict[str, str], backend: str) -> float:
+    def run(label: str, assignment: dict[str, str], name: str) -> float:
         torch._dynamo.reset()
+        backend, a8 = name.removesuffix("-a8"), name.endswith("-a8")
         # The packs are the ones the mix was chosen with (GPTQ's from the fp32 weights, cached).
         dec = DecodeLlama(
-            lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend, rounding=rounding, rounding_prefix="lm."
+            lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend, rounding=rounding,
+            rounding_prefix="lm.", int8_inputs=a8,
         )
-        row = {"weight_bytes": dec.weight_bytes(), "backend": backend}
+        row = {"weight_bytes": dec.weight_bytes(), "backend": backend, "int8_inputs": a8}
         t = time.perf_counter()
         step_fn = torch.compile(dec, mode=LLAMA_COMPILE_MODE, fullgraph=True, dynamic=False) if COMPILE else dec
         with torch.inference_mode():
@@ -632,7 +635,7 @@ def llama(bench: Bench) -> None:
 
                 pdl = pdl_supported()
                 one = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=backend,
-                                  rounding=rounding, rounding_prefix="lm.", pdl=pdl)
+                                  rounding=rounding, rounding_prefix="lm.", pdl=pdl, int8_inputs=a8)
                 row["one_graph"] = "eager step" + (", programmatic dependent launch" if pdl else "")
             else:
                 one = torch.compile(dec, mode="default", fullgraph=True, dynamic=False)
@@ -646,7 +649,7 @@ def llama(bench: Bench) -> None:
     for label, assignment in variants.items():
         # bf16 always runs on both of its backends: the goal's baseline is the faster of the two.
         for backend in LLAMA_BACKENDS if assignment else ["torch", "triton"]:
-            if backend == "tinygemm" and not any(f.startswith("int4") for f in assignment.values()):
+            if backend in ("tinygemm", "triton-a8") and not any(f.startswith("int4") for f in assignment.values()):
                 continue
             if DEV != "cuda" and backend != "torch":
                 continue

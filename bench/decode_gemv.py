@@ -49,7 +49,7 @@ SHAPES = [
 ]
 SMOKE_SHAPES = [("qkv", 96, 128), ("gate_up", 128, 128), ("down", 64, 256)]
 FORMATS = ["bf16", "int8", "fp8_e4m3", "int4_g128"]
-SWEEP_FORMATS = ["int4_g128", "int4_g128_words", "int8", "bf16"]
+SWEEP_FORMATS = ["int4_g128", "int4_g128_words", "int4_g128_a8", "int8", "bf16"]
 # (rows per program, inputs per step, warps, stages)
 SWEEP = {
     "int4_g128": [
@@ -62,6 +62,12 @@ SWEEP = {
         (4, 2048, 2, 1), (8, 2048, 2, 1), (8, 2048, 4, 1), (4, 2048, 4, 1), (16, 2048, 2, 1), (2, 2048, 2, 1),
         (8, 2048, 1, 1), (4, 2048, 1, 1), (16, 2048, 1, 1), (8, 4096, 2, 1), (4, 4096, 2, 1), (8, 4096, 1, 1),
         (16, 512, 4, 1), (32, 1024, 8, 1),
+    ],
+    # the same words, the input rounded to int8 and multiplied with dp4a (W4A8, _w4a8_kernel)
+    "int4_g128_a8": [
+        (4, 1024, 1, 1), (8, 1024, 1, 1), (8, 2048, 1, 1), (8, 2048, 2, 1), (16, 1024, 1, 1), (16, 1024, 2, 1),
+        (4, 2048, 2, 1), (8, 512, 1, 1), (16, 2048, 2, 1), (4, 4096, 4, 1), (8, 4096, 2, 1), (2, 2048, 1, 1),
+        (32, 1024, 2, 1), (16, 512, 1, 1), (4, 2048, 1, 1), (16, 2048, 4, 1),
     ],
     "int8": [
         (2, 2048, 4, 1), (2, 2048, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3),
@@ -113,7 +119,7 @@ def cpu_ms(fns) -> float:
 
 
 def fused_call(name: str, layer: PackedLinear, x, norm, res):
-    """The projection as DecodeLlama's triton backend calls it."""
+    """The projection as DecodeLlama's triton backend calls it (`norm` None: a norm of ones, not read)."""
     from workers.compression import triton_decode as td
 
     if name in ("qkv", "lm_head"):
@@ -148,18 +154,20 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
 
     from workers.compression import triton_decode as td
 
-    codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int8": td.W8_ROW, "bf16": td.W16}
+    codes = {"int4_g128": td.W4_GROUP, "int4_g128_words": td.W4_WORDS, "int4_g128_a8": td.W4A8_WORDS,
+             "int8": td.W8_ROW, "bf16": td.W16}
     best = {}
     for name, rows, cols in SHAPES:
         if shapes and name not in shapes:
             continue
         w = torch.randn(rows, cols, device="cuda").mul_(0.02)
         x = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
-        norm = torch.ones(cols, device="cuda", dtype=torch.bfloat16)
+        norm = None  # the Llama's norms are ones, which DecodeLlama does not pass (RMSNORM_UNIT)
         for fmt in formats or SWEEP_FORMATS:
-            words, td.INT4_WORDS = td.INT4_WORDS, fmt.endswith("_words")
+            words, td.INT4_WORDS = td.INT4_WORDS, fmt.endswith(("_words", "_a8"))
             try:
-                base = PackedLinear(w, fmt.removesuffix("_words"), torch.bfloat16, backend="triton")
+                base = PackedLinear(w, fmt.removesuffix("_words").removesuffix("_a8"), torch.bfloat16,
+                                    backend="triton", int8_inputs=fmt.endswith("_a8"))
             finally:
                 td.INT4_WORDS = words
             layers = [base]

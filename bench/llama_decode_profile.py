@@ -44,7 +44,8 @@ def profile(lm, backend: str, weights: str, smoke: bool, graphs: bool = False, r
     try:
         if how != "pdl":
             td.PDL_TRIGGER.update(dict.fromkeys(td.PDL_TRIGGER, 2 if how == "pdl-late" else 1))
-        names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4", td.W4_WORDS: "int4 words"}
+        names = {td.W16: "16-bit", td.W8_ROW: "8-bit", td.W4_GROUP: "int4", td.W4_WORDS: "int4 words",
+                 td.W4A8_WORDS: "int4 words, int8 inputs"}
         trigger = {names[f]: "start" if t == 1 else "end" for f, t in td.PDL_TRIGGER.items()}
         return {**_profile(lm, backend, weights, smoke, graphs, raw), "pdl_next_kernel_launches_at": trigger}
     finally:
@@ -56,13 +57,15 @@ def _profile(lm, backend: str, weights: str, smoke: bool, graphs: bool, raw: boo
     captured) or "+pdl" (triton only: eager, every kernel launched with programmatic dependent launch;
     "+pdl-early" / "+pdl-late": every product lets the next kernel launch at its start / once its
     sums are done, instead of triton_decode.PDL_TRIGGER's choice per format). weights: bf16, int4
-    (int4_g128) or any format every projection takes."""
+    (int4_g128), int4a8 (int4_g128 with the products' input rounded to int8: W4A8) or any format every
+    projection takes."""
     torch._dynamo.reset()
-    fmt = "int4_g128" if weights == "int4" else weights
+    fmt = "int4_g128" if weights in ("int4", "int4a8") else weights
     assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), fmt)
     dev = lm.lm_head.weight.device
     name, _, how = backend.partition("+")
-    dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=name, pdl=how.startswith("pdl"))
+    dec = DecodeLlama(lm, assignment, max_len=512, dtype=torch.bfloat16, backend=name, pdl=how.startswith("pdl"),
+                      int8_inputs=weights == "int4a8")
     mode = "reduce-overhead" if graphs and not raw else "default"
     eager = smoke or how in ("eager", "pdl", "pdl-early", "pdl-late")
     step = dec if eager else torch.compile(dec, mode=mode, fullgraph=True, dynamic=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,13 +46,14 @@ def loops(sass: str) -> list[Counter]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--kernel", choices=["bytes", "words"], default="words")
+    p.add_argument("--kernel", choices=["bytes", "words", "a8"], default="words")
     p.add_argument("--bn", type=int, default=8, help="outputs per program (pairs with --epilogue silu_pair)")
     p.add_argument("--bk", type=int, default=2048, help="inputs per step")
     p.add_argument("--warps", type=int, default=2)
     p.add_argument("--stages", type=int, default=1)
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--prologue", choices=["none", "rmsnorm", "silu_mul"], default="rmsnorm")
+    p.add_argument("--prologue", choices=["none", "rmsnorm", "rmsnorm_unit", "silu_mul"], default="rmsnorm",
+                   help="rmsnorm_unit: an RMSNorm whose weight was folded into the product (not read)")
     p.add_argument("--epilogue", choices=["none", "silu_pair"], default="none")
     p.add_argument("--xload", type=int, default=1, help="bytes kernel: how the input is read (INT4_XLOAD)")
     args = p.parse_args()
@@ -64,18 +66,21 @@ def main() -> int:
         return 2
     from workers.compression import triton_decode as td
 
-    words = args.kernel == "words"
-    fn = td._w4w_kernel if words else td._gemv_kernel
+    words = args.kernel in ("words", "a8")
+    fn = {"words": td._w4w_kernel, "a8": td._w4a8_kernel, "bytes": td._gemv_kernel}[args.kernel]
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32" if words else "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_w": "i32"}
-    if words:
+    if args.kernel == "words":
         sig["magic_even"] = sig["magic_odd"] = "i32"
-    pro = {"none": td.NONE, "rmsnorm": td.RMSNORM, "silu_mul": td.SILU_MUL}[args.prologue]
+    pro = {"none": td.NONE, "rmsnorm": td.RMSNORM, "rmsnorm_unit": td.RMSNORM_UNIT,
+           "silu_mul": td.SILU_MUL}[args.prologue]
     epi = td.SILU_PAIR if args.epilogue == "silu_pair" else 0
     consts = {"EPS": 1e-6, "G": args.group, "PRO": pro, "EPI": epi, "HAS_RES": False,
               "BLOCK_N": args.bn, "BLOCK_K": args.bk, "PDL": 2}
     if not words:
         consts.update(FMT=td.W4_GROUP, EVEN_K=True, XLOAD=args.xload)
+    if args.kernel == "a8":
+        consts["ASM"] = True
     for name in consts:
         sig[name] = "constexpr"
     div16 = [k for k, t in sig.items() if t != "constexpr" and not k.startswith("magic")]
@@ -96,6 +101,8 @@ def main() -> int:
         usage = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
+    if os.environ.get("TRITON_SASS_DUMP"):
+        Path(os.environ["TRITON_SASS_DUMP"]).write_text(sass)
     bodies = [b for b in loops(sass) if sum(b.values()) > 8]
     main_loop = max(bodies, key=lambda b: sum(b.values())) if bodies else Counter()
     rows = 2 * args.bn if epi else args.bn

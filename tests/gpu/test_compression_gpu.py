@@ -202,6 +202,81 @@ def test_the_int4_word_kernel_computes_the_dequantized_product_with_the_fusions(
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99999, (case, tile)
 
 
+@pytest.mark.parametrize("case", ["rmsnorm+silu_pair", "rmsnorm_weight", "residual", "silu_mul", "plain_g64"])
+def test_the_w4a8_kernel_computes_the_product_of_its_int8_rounded_input(case):
+    """triton_decode's W4A8 kernel (int8 inputs, dp4a in inline assembly), compiled, against the fp32 product
+    of the dequantized weights with the input rounded as decode.int8_input_blocks rounds it, over several
+    tiles (rows past N included); and how far that rounding moves the product from the unrounded one."""
+    from workers.compression import triton_decode as td
+    from workers.compression.decode import int4_words, int8_input_blocks
+    from workers.compression.quantize import fake_quant, pack
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    fmt, group = ("int4_g64", 64) if case == "plain_g64" else ("int4_g128", 128)
+    n, k = 328, 2048
+    rows = 2 * n if case == "rmsnorm+silu_pair" else n
+    w = torch.randn(rows, k, device="cuda", generator=g) * 0.05
+    packed = pack(w, fmt)
+    words = int4_words(packed["q"].reshape(rows, k // group, group // 2), group)
+    wd = fake_quant(w, fmt).float()
+    x = torch.randn(2 * k if case == "silu_mul" else k, device="cuda", generator=g, dtype=torch.bfloat16)
+    x[17] = 60.0  # an outlier: only its own block of 32 is rounded coarser
+    norm = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    res = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)
+    xf = x.float()
+    inv_rms = 1 / torch.sqrt(xf.pow(2).mean() + 1e-6)
+    kw = {}
+    if case == "rmsnorm+silu_pair":
+        kw = dict(prologue=td.RMSNORM, epilogue=td.SILU_PAIR)
+        y, y0 = (wd @ int8_input_blocks(xf, group)) * inv_rms, (wd @ xf) * inv_rms
+        want = torch.nn.functional.silu(y[:n].bfloat16().float()) * y[n:].bfloat16().float()
+        unrounded = torch.nn.functional.silu(y0[:n].bfloat16().float()) * y0[n:].bfloat16().float()
+    elif case == "rmsnorm_weight":
+        kw = dict(prologue=td.RMSNORM, norm_weight=norm)
+        want = (wd @ int8_input_blocks(xf * norm.float(), group)) * inv_rms
+        unrounded = (wd @ (xf * norm.float())) * inv_rms
+    elif case == "residual":
+        kw = dict(residual=res)
+        want, unrounded = wd @ int8_input_blocks(xf, group) + res.float(), wd @ xf + res.float()
+    elif case == "silu_mul":
+        kw = dict(prologue=td.SILU_MUL)
+        act = torch.nn.functional.silu(xf[:k]) * xf[k:]
+        want, unrounded = wd @ int8_input_blocks(act, group), wd @ act
+    else:
+        want, unrounded = wd @ int8_input_blocks(xf, group), wd @ xf
+    for tile in ((4, 1024, 1, 1), (8, 2048, 2, 1), (16, 1024, 4, 1), (32, 512, 2, 1), (4, 4096, 4, 1)):
+        got = td.gemv(x, words, n, td.W4A8_WORDS, torch.bfloat16, packed["scale"], packed["zero"], group,
+                      config=tile, **kw).float()
+        tol = 0.01 * want.abs().max()  # bf16 output rounding; the sums are exact integers, then fp32
+        assert (got - want).abs().max() < tol, (case, tile)
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99999, (case, tile)
+    # the int8 rounding itself is small next to int4's: the rounded product stays within 1 % of the exact one
+    assert torch.nn.functional.cosine_similarity(want, unrounded, dim=0) > 0.9999, case
+
+
+def test_llama_decode_with_int8_inputs_computes_what_its_torch_expression_computes():
+    """The whole int4 step with W4A8 products (triton, dp4a) against the torch expressions that round the
+    inputs the same way, and against the step without the rounding."""
+    from workers.compression.decode import DecodeLlama, PackedLinear
+    from workers.compression.models import _build_llama
+    from workers.compression.quantize import quantizable_layers
+
+    lm = _build_llama(False, smoke=True).lm.to("cuda", torch.bfloat16).eval()
+    assignment = dict.fromkeys(quantizable_layers(lm), "int4_g128")
+    ids = torch.randint(0, 1024, (10,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    outs = {}
+    for backend, a8 in (("triton", True), ("torch", True), ("triton", False)):
+        dec = DecodeLlama(lm, assignment, max_len=16, backend=backend, int8_inputs=a8)
+        linears = [m for m in dec.modules() if isinstance(m, PackedLinear) and m.kind == "int4"]
+        assert linears
+        assert all(m.a8 == a8 for m in linears), (backend, a8)
+        with torch.no_grad():
+            outs[backend, a8] = torch.stack([dec(ids[i : i + 1], torch.tensor([i], device="cuda")) for i in range(10)])
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(outs["triton", True], outs["torch", True], dim=1).min() > 0.999
+    assert cos(outs["triton", True], outs["triton", False], dim=1).min() > 0.99
+
+
 def test_llama_decode_over_int4_words_gives_the_tokens_of_the_byte_kernel():
     """The whole int4 step with PackedLinear holding words (td.INT4_WORDS) against the same weights as
     bytes: the same greedy tokens and logits within bf16 rounding."""
@@ -233,7 +308,7 @@ def test_llama_decode_over_int4_words_gives_the_tokens_of_the_byte_kernel():
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs Hopper or newer"
 )
-@pytest.mark.parametrize("fmt", ["int4_g128", "int8", "bf16"])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g128+int8_inputs", "int8", "bf16"])
 def test_llama_decode_with_programmatic_dependent_launch_replays_the_same_tokens_from_a_graph(fmt):
     """Every kernel launched with PDL (weights and old cache rows read before the previous kernel
     ends), the step captured as one CUDA graph: the logits of 12 tokens are bit-for-bit those of
@@ -245,10 +320,11 @@ def test_llama_decode_with_programmatic_dependent_launch_replays_the_same_tokens
 
     assert pdl_supported()
     lm = _build_llama(False, smoke=True).lm.to("cuda", torch.bfloat16).eval()
+    fmt, _, a8 = fmt.partition("+")
     assignment = dict.fromkeys(quantizable_layers(lm), fmt)
     ids = torch.randint(0, 1024, (12,), device="cuda")
-    plain = DecodeLlama(lm, assignment, max_len=32, backend="triton")
-    fast = DecodeLlama(lm, assignment, max_len=32, backend="triton", pdl=True)
+    plain = DecodeLlama(lm, assignment, max_len=32, backend="triton", int8_inputs=bool(a8))
+    fast = DecodeLlama(lm, assignment, max_len=32, backend="triton", pdl=True, int8_inputs=bool(a8))
     tok, pos = torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
     with torch.inference_mode():
         stream = torch.cuda.Stream()

@@ -63,6 +63,40 @@ def test_int4_words_hold_each_groups_inputs_interleaved_and_convert_back(group):
         int4_words(PackedLinear(torch.randn(2, 64), "int4_g16", torch.float32).q, 16)
 
 
+def test_int8_input_blocks_round_each_block_of_32_to_its_own_scale():
+    """The W4A8 product's input: per group, the inputs under 4 consecutive words (i * G/8 + 4c + d) share
+    one symmetric int8 scale, their largest magnitude over 127."""
+    from workers.compression.decode import int8_input_blocks
+
+    group = 128
+    x = torch.randn(2 * group, generator=torch.Generator().manual_seed(0))
+    x[group + 16 * 3 + 5] = 50.0  # group 1, i = 3, word 5: block c = 1
+    got = int8_input_blocks(x, group)
+    blocks = x.reshape(2, 8, group // 32, 4)  # [group, i, c, d]
+    scale = blocks.abs().amax(dim=(1, 3)) / 127
+    err = (got - x).reshape(2, 8, group // 32, 4).abs()
+    assert (err <= scale[:, None, :, None] / 2 + 1e-6).all()  # within half a step of its own block
+    assert err[1, :, 1].max() > 0.05  # the outlier's block is coarse ...
+    assert err[1, :, [0, 2, 3]].max() < 0.03  # ... the other blocks of its group are not
+    assert err[0].max() < 0.03
+    # the largest input of a block is kept exactly, a block of zeros stays zero
+    assert got[group + 16 * 3 + 5] == 50.0
+    assert int8_input_blocks(torch.zeros(group), group).abs().sum() == 0
+
+
+def test_a_packed_linear_with_int8_inputs_multiplies_the_rounded_input():
+    from workers.compression.decode import int8_input_blocks
+
+    w, x = torch.randn(16, 256), torch.randn(256)
+    plain = PackedLinear(w, "int4_g64", torch.float32)
+    a8 = PackedLinear(w, "int4_g64", torch.float32, int8_inputs=True)
+    assert a8.a8
+    assert not plain.a8
+    torch.testing.assert_close(a8(x), plain(int8_input_blocks(x, 64)))
+    assert not PackedLinear(w, "int4_g16", torch.float32, int8_inputs=True).a8  # blocks need groups of 32n
+    assert not PackedLinear(w, "int8", torch.float32, int8_inputs=True).a8
+
+
 def test_a_packed_linear_holding_int4_words_multiplies_by_the_same_weight():
     layer = PackedLinear(torch.randn(12, 256), "int4_g64", torch.float32)
     x = torch.randn(256)
@@ -159,6 +193,12 @@ for fmt in ["int4_g64", "int8", "fp8_e4m3", "bf16", "fp32"]:
     y = gate_up(x)
     act = torch.nn.functional.silu(y[:32]) * y[32:]
     close(gate_up.fused(x, epilogue=1), act)  # SILU_PAIR
+a8 = PackedLinear(w, "int4_g64", torch.float32, backend="triton", int8_inputs=True)
+assert a8.a8
+close(a8.fused(x), a8(x))  # W4A8: the interpreter's dp4a written out, against the torch expression
+close(a8.fused(x, residual=res), a8(x) + res)
+rms = torch.sqrt(x.pow(2).mean() + 1e-6)
+close(a8.fused(x, 1), a8(x / rms))  # an RMSNorm without a weight (RMSNORM_UNIT)
 lm = _build_llama(False, smoke=True).lm.float()
 names = list(quantizable_layers(lm))
 ids = torch.randint(0, 1024, (6,), generator=torch.Generator().manual_seed(0))
@@ -170,6 +210,13 @@ for assignment in ({}, mix):
         with torch.no_grad():
             outs.append(torch.stack([dec(ids[i : i + 1], torch.tensor([i])) for i in range(6)]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+outs = []
+for backend in ("torch", "triton"):  # W4A8 on both: the kernel and the torch expression round alike
+    dec = DecodeLlama(lm, mix, max_len=16, dtype=torch.float32, backend=backend, int8_inputs=True)
+    assert sum(m.a8 for m in dec.modules() if isinstance(m, PackedLinear)) > 0
+    with torch.no_grad():
+        outs.append(torch.stack([dec(ids[i : i + 1], torch.tensor([i])) for i in range(6)]))
+torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 print("ok")
 """
 

@@ -55,6 +55,17 @@ def int4_words(q: torch.Tensor, group: int) -> torch.Tensor:
     return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(n, ng * gw)
 
 
+def int8_input_blocks(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as triton_decode's W4A8 product sees it (`_w4a8_kernel`): rounded to int8 per block of 32 inputs,
+    symmetrically to the block's largest magnitude over 127, and scaled back (fp32). Block c of a group
+    is the inputs under words 4c .. 4c + 3 of `int4_words`: the group's inputs i * G/8 + 4c + d (i = 0..7,
+    d = 0..3)."""
+    xf = x.float().reshape(-1, 8, group // 32, 4)  # [groups, i, c, d]
+    amax = xf.abs().amax(dim=(1, 3), keepdim=True).clamp_min(1e-30)
+    q = torch.round(xf * (127.0 / amax))
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
 def int4_bytes(words: torch.Tensor, group: int) -> torch.Tensor:
     """The inverse of `int4_words`."""
     n = words.shape[0]
@@ -74,15 +85,20 @@ class PackedLinear(nn.Module):
         dtype: torch.dtype,
         backend: str = "torch",
         packed: dict[str, torch.Tensor] | None = None,
+        int8_inputs: bool = False,
     ):
         """`packed`: the weight's packed tensors when they come from elsewhere (GPTQ, an artifact);
-        by default the weight is packed here, rounded to nearest."""
+        by default the weight is packed here, rounded to nearest. `int8_inputs` (int4 held as words on
+        the triton backend): the product rounds its input to int8 per block of 32 (`int8_input_blocks`)
+        and multiplies on the integer units (W4A8, `triton_decode._w4a8_kernel`); the torch expression
+        rounds the same way."""
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
         kind, group = parse_format(fmt)
         self.fmt, self.kind, self.dtype = fmt, kind, dtype
         self.words = False  # int4 held as int4_words (triton backend)
+        self.a8 = False  # and its input rounded to int8 (W4A8)
         self.out_features, self.in_features = weight.shape
         if packed is None:
             packed = pack(weight, fmt)
@@ -122,6 +138,8 @@ class PackedLinear(nn.Module):
                     self.words = td.INT4_WORDS and group >= 32 and group & (group - 1) == 0
                     if self.words:
                         q = int4_words(q, group)
+                # W4A8 where the triton kernel runs it (words), and in the torch expression that stands for it
+                self.a8 = int8_inputs and (self.words or (backend == "torch" and group % 32 == 0))
                 self.register_buffer("q", q.contiguous())
                 self.register_buffer("scale", scale.contiguous())
                 self.register_buffer("zero", zero.contiguous())
@@ -140,7 +158,7 @@ class PackedLinear(nn.Module):
         q = self.q
         if self.words:
             q = int4_bytes(q, self.group)
-        xs = x.float().reshape(1, -1, self.group // 2, 2)
+        xs = (int8_input_blocks(x, self.group) if self.a8 else x.float()).reshape(1, -1, self.group // 2, 2)
         s, z = self.scale.float()[..., None], self.zero.float()[..., None]
         lo = (q & 0x0F).float() * s + z
         hi = (q >> 4).float() * s + z
@@ -169,7 +187,7 @@ class PackedLinear(nn.Module):
             return td.gemv(x, self.w, n, td.W16, self.dtype, **common)
         if self.kind in ("int8", "fp8_e4m3"):
             return td.gemv(x, self.q, n, td.W8_ROW, self.dtype, scale=self.scale, **common)
-        fmt = td.W4_WORDS if self.words else td.W4_GROUP
+        fmt = (td.W4A8_WORDS if self.a8 else td.W4_WORDS) if self.words else td.W4_GROUP
         return td.gemv(x, self.q, n, fmt, self.dtype, self.scale, self.zero, self.group, **common)
 
     def dequantized(self) -> torch.Tensor:
@@ -271,19 +289,27 @@ class DecodeLlama(nn.Module):
         rounding: Rounding = RTN,
         rounding_prefix: str = "",
         pdl: bool = False,
+        int8_inputs: bool | None = None,
     ):
         """`rounding` packs the weights (GPTQ where it has a layer's Hessian), its layers named with
         `rounding_prefix` in front (the catalog's engine names them `lm.…`). `pdl` (triton backend,
         Hopper or newer): every kernel of the step is launched with programmatic dependent launch, so
         that it starts, and reads its weights, while the one before it finishes. A step that is
         replayed from a CUDA graph captured from the eager module keeps it; torch.compile's launcher
-        does not pass it on."""
+        does not pass it on. `int8_inputs` (triton backend): the int4 products round their input to int8
+        per block of 32 and multiply on the integer units (W4A8, `PackedLinear`); None takes
+        `triton_decode.INT4_INT8_INPUTS`. RMSNorms whose weights are all ones (the catalog's random
+        Llama; `reparam.fold_rmsnorm_weights` makes them so) are not read by the triton kernels."""
         super().__init__()
         if backend not in BACKENDS:
             raise DecodeError(f"unknown decode backend {backend!r} ({', '.join(BACKENDS)})")
         if pdl and not _pdl_supported(backend):
             raise DecodeError("programmatic dependent launch needs the triton backend on a Hopper or newer GPU")
         self.backend, self.pdl = backend, pdl
+        if int8_inputs is None:
+            int8_inputs = False
+            if backend == "triton":
+                from .triton_decode import INT4_INT8_INPUTS as int8_inputs
         cfg = lm.config
         fmts = _strip(assignment)
         unknown = set(fmts) - {n for n, _ in lm.named_modules()}
@@ -315,7 +341,9 @@ class DecodeLlama(nn.Module):
                 if packs[0][k].dim() == 1:
                     stacked[k] = stacked[k].reshape(-1)
             w = torch.cat([x.detach() for x in weights])
-            return PackedLinear(w, f, dtype, backend, packed={k: v.to(w.device) for k, v in stacked.items()})
+            return PackedLinear(
+                w, f, dtype, backend, packed={k: v.to(w.device) for k, v in stacked.items()}, int8_inputs=int8_inputs
+            )
 
         def linear(names: list[str], weights: list[torch.Tensor]) -> list[PackedLinear]:
             """One PackedLinear per run of consecutive names with the same format."""
@@ -358,6 +386,10 @@ class DecodeLlama(nn.Module):
         self.register_buffer("sin", sin[0].to(dtype))
         self.register_buffer("positions", positions)
         self.to(device)
+        # which RMSNorm weights are all ones (checked once here, not read by the triton kernels)
+        self.norm_unit = bool((self.norm == 1).all())
+        for layer in self.layers:
+            layer.ln1_unit, layer.ln2_unit = bool((layer.ln1 == 1).all()), bool((layer.ln2 == 1).all())
 
     def weight_bytes(self) -> int:
         """Bytes of weights read per token (packed projections, embedding table, norms)."""
@@ -390,17 +422,19 @@ class DecodeLlama(nn.Module):
         pdl = self.pdl
         x = self.embed(token)
         for layer in self.layers:
-            qkv = _cat([m.fused(x, td.RMSNORM, layer.ln1, self.eps, pdl=pdl) for m in layer.qkv])
+            # a norm whose weights are all ones is not read (RMSNORM_UNIT)
+            ln1, ln2 = (None if layer.ln1_unit else layer.ln1), (None if layer.ln2_unit else layer.ln2)
+            qkv = _cat([m.fused(x, td.RMSNORM, ln1, self.eps, pdl=pdl) for m in layer.qkv])
             # rotary embedding and the cache write happen inside the attention kernel
             att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl)
             x = layer.o.fused(att, residual=x, pdl=pdl)
             if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
-                act = layer.gate_up[0].fused(x, td.RMSNORM, layer.ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)
+                act = layer.gate_up[0].fused(x, td.RMSNORM, ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)
                 x = layer.down.fused(act, residual=x, pdl=pdl)
             else:
-                gu = [m.fused(x, td.RMSNORM, layer.ln2, self.eps, pdl=pdl) for m in layer.gate_up]
+                gu = [m.fused(x, td.RMSNORM, ln2, self.eps, pdl=pdl) for m in layer.gate_up]
                 x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x, pdl=pdl)
-        return self.lm_head.fused(x, td.RMSNORM, self.norm, self.eps, pdl=pdl).float()
+        return self.lm_head.fused(x, td.RMSNORM, None if self.norm_unit else self.norm, self.eps, pdl=pdl).float()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":

@@ -44,8 +44,11 @@ import triton.language as tl
 W16, W8_ROW, W4_GROUP = 0, 1, 2
 # int4 over interleaved 32-bit words (`decode.int4_words`, `_w4w_kernel`); the same bytes as W4_GROUP
 W4_WORDS = 3
-# gemv prologues
-NONE, RMSNORM, SILU_MUL = 0, 1, 2
+# the same words with the input rounded to int8 per block of 32 and multiplied by dp4a (`_w4a8_kernel`)
+W4A8_WORDS = 4
+# gemv prologues (RMSNORM without a norm weight runs as RMSNORM_UNIT: the weight was folded into the
+# product's, `reparam.fold_rmsnorm_weights`, or is all ones, and is not read)
+NONE, RMSNORM, SILU_MUL, RMSNORM_UNIT = 0, 1, 2, 3
 # gemv epilogue: out[i] = silu(W[i] x) * (W[i + n] x) for the stacked gate/up weight (2n rows)
 SILU_PAIR = 1
 # int4 groups up to this size (a step of the kernel covers whole groups)
@@ -55,7 +58,10 @@ MAX_INT4_GROUP = 1024
 @triton.jit
 def _input(x_ptr, nw_ptr, idx, m, K, PRO: tl.constexpr):
     """The product's input at `idx` (before the RMSNorm's 1/rms, applied to the sums), and x^2."""
-    if PRO == 2:
+    if PRO == 3:  # an RMSNorm without weights (the norm's weight folded into the product's)
+        v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        sq = v * v
+    elif PRO == 2:
         g = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + idx, mask=m, other=0.0).to(tl.float32)
         v = g / (1.0 + tl.exp(-g)) * u
@@ -111,7 +117,7 @@ def _w4_step(
         ie = gi[:, None] * G + 2 * tl.arange(0, HG)[None, :]
         xe, se = _input(x_ptr, nw_ptr, ie, km[:, None], K, PRO)
         xo, so = _input(x_ptr, nw_ptr, ie + 1, km[:, None], K, PRO)
-        if PRO == 1:
+        if PRO == 1 or PRO == 3:
             ss += tl.sum(tl.sum(se + so, axis=1), axis=0)
         dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
         xsum = tl.sum(xe + xo, axis=1)
@@ -120,7 +126,7 @@ def _w4_step(
         # by splitting the inputs into even and odd (XLOAD 1) or by interleaving the nibbles (XLOAD 2)
         xi = gi[:, None] * G + tl.arange(0, G)[None, :]
         xv, sq = _input(x_ptr, nw_ptr, xi, km[:, None], K, PRO)
-        if PRO == 1:
+        if PRO == 1 or PRO == 3:
             ss += tl.sum(tl.sum(sq, axis=1), axis=0)
         if XLOAD == 1:
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_K // G, HG, 2)))
@@ -152,7 +158,7 @@ def _wd_load(w_ptr, rows64, rmask, stride_w, k0, K, BLOCK_K: tl.constexpr, EVEN_
 def _wd_step(acc, ss, w, k0, x_ptr, nw_ptr, K, BLOCK_K: tl.constexpr, PRO: tl.constexpr):
     kk = k0 + tl.arange(0, BLOCK_K)
     xv, sq = _input(x_ptr, nw_ptr, kk, kk < K, K, PRO)
-    if PRO == 1:
+    if PRO == 1 or PRO == 3:
         ss += tl.sum(sq, axis=0)
     acc += w.to(tl.float32) * xv[None, :]
     return acc, ss
@@ -177,7 +183,7 @@ def _store_outputs(y, ss, res_ptr, out_ptr, N, K, EPS: tl.constexpr, PRO: tl.con
                    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
     """The row sums y to outputs: the RMSNorm's 1 / rms (ss: the input's sum of squares), SiLU(gate) * up
     (the gate and up sums rounded to the output type first, as if stored), the residual, the store."""
-    if PRO == 1:
+    if PRO == 1 or PRO == 3:
         y = y / tl.sqrt(ss / K + EPS)
     if EPI == 1:
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -340,12 +346,148 @@ def _w4w_kernel(
             else:
                 part += xi[None, :] * _word_nibble(w, magic_odd, i)
                 odd += xi
-            if PRO == 1:
+            if PRO == 1 or PRO == 3:
                 sqacc += sq
         p4 = tl.sum(tl.reshape(part, (R, BKW // 4, 4)), axis=2)
         e4 = tl.sum(tl.reshape(even, (BKW // 4, 4)), axis=1)
         o4 = tl.sum(tl.reshape(odd, (BKW // 4, 4)), axis=1)
         acc += sc * (p4 - (256.0 * e4 + 16.0 * o4)[None, :]) + zc * (e4 + o4)[None, :]
+        w = w_next
+    y = tl.sum(acc, axis=1)
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    ss = tl.sum(sqacc, axis=0)
+    _store_outputs(y, ss, res_ptr, out_ptr, N, K, EPS, PRO, EPI, HAS_RES, BLOCK_N)
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes (int32 tensors): one
+    `dp4a.u32.s32` on the GPU, the same sum written out under Triton's interpreter (no inline assembly)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 255) * (((b << (24 - 8 * i)).to(tl.int32)) >> 24)
+        return c
+
+
+@triton.jit
+def _bytes4(a, b, c, d, inv, ASM: tl.constexpr):
+    """The int32 whose bytes 0..3 are round(a * inv), ..., round(d * inv) (each within +-127), two's
+    complement: adding 1.5 * 2^23 rounds a float to an integer (to nearest even, as torch.round) held in
+    its low bits, and three PRMTs gather the four low bytes."""
+    ra = (a * inv + 12582912.0).to(tl.int32, bitcast=True)
+    rb = (b * inv + 12582912.0).to(tl.int32, bitcast=True)
+    rc = (c * inv + 12582912.0).to(tl.int32, bitcast=True)
+    rd = (d * inv + 12582912.0).to(tl.int32, bitcast=True)
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 lo, hi; prmt.b32 lo, $1, $2, 0x0040; prmt.b32 hi, $3, $4, 0x0040;"
+            " prmt.b32 $0, lo, hi, 0x5410; }",
+            "=r,r,r,r,r", [ra, rb, rc, rd], dtype=tl.int32, is_pure=True, pack=1,
+        )
+    else:
+        return (ra & 255) | ((rb & 255) << 8) | ((rc & 255) << 16) | (rd << 24)
+
+
+@triton.jit
+def _w4a8_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    nw_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_w,
+    EPS: tl.constexpr,
+    G: tl.constexpr,
+    PRO: tl.constexpr,
+    EPI: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """The int4 product over interleaved words (`decode.int4_words`, as `_w4w_kernel`) with its input rounded
+    to int8 (W4A8) and multiplied on the integer units: `dp4a` takes four weight nibbles (word & 0x0F0F0F0F
+    holds nibbles 0, 2, 4, 6 as bytes; (word >> 4) & 0x0F0F0F0F nibbles 1, 3, 5, 7) and the four int8 inputs
+    under them, so a word costs a shift, two LOP3 and two dp4a (eight weights), and the sum is exact.
+
+    The input is rounded per block of 32: the inputs under 4 consecutive words of a group (the group's
+    inputs i * G/8 + 4c + d, i = 0..7, d = 0..3, for block c), symmetrically to its largest magnitude over
+    127 (`decode.int8_input_blocks` computes the same in torch). A thread holds whole blocks, so the
+    block's scale needs no exchange between threads. Per block and row: s (scale_x sum q xq) + z scale_x
+    sum xq, with the weight s q + z. The RMSNorm's 1 / rms (of the unrounded input) applies to the sums,
+    as in `_w4w_kernel`, so the rounding sees the input times the norm's weight (if it has one).
+
+    Rows past N and the step after the last are read from valid rows and steps (clamped, not masked), so
+    that no load needs a predicate and a zeroed destination. K must be a multiple of BLOCK_K."""
+    GW: tl.constexpr = G // 8
+    BKW: tl.constexpr = BLOCK_K // 8
+    NB: tl.constexpr = BKW // 4
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    rows, rmask = _weight_rows(N, BLOCK_N, EPI)
+    R: tl.constexpr = BLOCK_N * (1 + EPI)
+    rows64 = tl.where(rmask, rows, 0).to(tl.int64)  # rows past N read row 0; their sums are not stored
+    NG = K // G
+    jw = tl.arange(0, BKW)
+    j4 = tl.arange(0, NB)
+    wptr = w_ptr + rows64[:, None] * stride_w + jw[None, :]
+    xoff = (jw // GW) * G + jw % GW  # nibble 0's input of each word of the step
+    acc = tl.zeros([R, NB], dtype=tl.float32)
+    sqacc = tl.zeros([BKW], dtype=tl.float32)
+    w = tl.load(wptr)
+    if PDL != 0:
+        tl.extra.cuda.gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
+        w_next = tl.load(wptr + tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 8)  # the last step reloads itself
+        cidx = rows64[:, None] * NG + (k0 // G + j4 // (GW // 4))[None, :]  # the group of each block
+        sc = tl.load(s_ptr + cidx).to(tl.float32)
+        zc = tl.load(z_ptr + cidx).to(tl.float32)
+        x0, q0 = _input(x_ptr, nw_ptr, k0 + xoff, jw < BKW, K, PRO)
+        x1, q1 = _input(x_ptr, nw_ptr, k0 + xoff + GW, jw < BKW, K, PRO)
+        x2, q2 = _input(x_ptr, nw_ptr, k0 + xoff + 2 * GW, jw < BKW, K, PRO)
+        x3, q3 = _input(x_ptr, nw_ptr, k0 + xoff + 3 * GW, jw < BKW, K, PRO)
+        x4, q4 = _input(x_ptr, nw_ptr, k0 + xoff + 4 * GW, jw < BKW, K, PRO)
+        x5, q5 = _input(x_ptr, nw_ptr, k0 + xoff + 5 * GW, jw < BKW, K, PRO)
+        x6, q6 = _input(x_ptr, nw_ptr, k0 + xoff + 6 * GW, jw < BKW, K, PRO)
+        x7, q7 = _input(x_ptr, nw_ptr, k0 + xoff + 7 * GW, jw < BKW, K, PRO)
+        if PRO == 1 or PRO == 3:  # one chain, so that each square is an FFMA
+            sqacc += q0
+            sqacc += q1
+            sqacc += q2
+            sqacc += q3
+            sqacc += q4
+            sqacc += q5
+            sqacc += q6
+            sqacc += q7
+        big = tl.maximum(
+            tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+            tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))),
+        )
+        amax = tl.maximum(tl.max(tl.reshape(big, (NB, 4)), axis=1), 1e-30)  # per block of 32 inputs
+        inv4 = 127.0 / amax
+        inv = tl.reshape(tl.broadcast_to(inv4[:, None], (NB, 4)), (BKW,))
+        # the int8 inputs under the even nibbles (0, 2, 4, 6) and the odd ones, as bytes of one word each
+        xa = _bytes4(x0, x2, x4, x6, inv, ASM)
+        xb = _bytes4(x1, x3, x5, x7, inv, ASM)
+        ones = tl.full([BKW], 0x01010101, tl.int32)
+        xs = _dp4a(ones, xb, _dp4a(ones, xa, tl.zeros([BKW], dtype=tl.int32), ASM), ASM)  # sum of xq
+        lo = w & 0x0F0F0F0F
+        hi = (w >> 4) & 0x0F0F0F0F
+        d = _dp4a(hi, xb[None, :], _dp4a(lo, xa[None, :], tl.zeros([R, BKW], dtype=tl.int32), ASM), ASM)
+        p4 = tl.sum(tl.reshape(d, (R, NB, 4)), axis=2).to(tl.float32)
+        xs4 = tl.sum(tl.reshape(xs, (NB, 4)), axis=1).to(tl.float32)
+        scale_x = amax / 127.0
+        acc += (sc * scale_x[None, :]) * p4 + zc * (scale_x * xs4)[None, :]
         w = w_next
     y = tl.sum(acc, axis=1)
     if PDL == 2:
@@ -372,6 +514,13 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (W4_WORDS, 8192, 2048, SILU_PAIR): (4, 1024, 1, 1),
     (W4_WORDS, 2048, 8192, 0): (4, 4096, 4, 1),
     (W4_WORDS, 32000, 2048, 0): (8, 1024, 1, 1),
+    # W4A8 (int8 inputs, dp4a): decode-gemv-sweep-2026-11-30-h200-int4-a8.json (qkv 3.84, o 3.38, gate/up
+    # 8.25, down 6.08, lm_head 12.39 us against 4.21, 3.81, 10.69, 7.92, 18.89 for the word kernel there)
+    (W4A8_WORDS, 3072, 2048, 0): (8, 2048, 2, 1),
+    (W4A8_WORDS, 2048, 2048, 0): (8, 2048, 2, 1),
+    (W4A8_WORDS, 8192, 2048, SILU_PAIR): (8, 1024, 1, 1),
+    (W4A8_WORDS, 2048, 8192, 0): (4, 4096, 4, 1),
+    (W4A8_WORDS, 32000, 2048, 0): (16, 512, 1, 1),
     (W8_ROW, 3072, 2048, 0): (4, 1024, 4, 3),
     (W8_ROW, 2048, 2048, 0): (2, 2048, 4, 1),
     (W8_ROW, 8192, 2048, SILU_PAIR): (4, 1024, 4, 3),
@@ -402,7 +551,7 @@ def pdl_supported() -> bool:
 # kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
 # (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
 # 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
-PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2}
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2, W4A8_WORDS: 2}
 
 
 # How an int4 product reads its input (`_w4_step`): 0 as two strided gathers of the even and odd
@@ -411,6 +560,10 @@ PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2}
 # contiguous load made the int4 products 0-30 % faster (down 13.1 -> 9.3 us, Q/K/V 6.5 -> 4.8) and the
 # Llama-1B step 0.74 -> 0.64 ms; 1 and 2 are within noise of each other.
 INT4_XLOAD = int(os.environ.get("DECODE_INT4_XLOAD", "1"))
+
+# Whether the triton backend's int4 products (over words) round their input to int8 per block of 32 and
+# multiply with dp4a (`_w4a8_kernel`, W4A8) by default; `DecodeLlama(int8_inputs=...)` chooses per model.
+INT4_INT8_INPUTS = os.environ.get("DECODE_INT4_INT8_INPUTS", "0") == "1"
 
 # Whether the triton backend holds int4 weights as interleaved words (`decode.int4_words`, `_w4w_kernel`)
 # rather than in quantize.pack()'s byte order (`_gemv_kernel`).
@@ -423,7 +576,7 @@ def _launch(pdl: bool) -> dict:
 
 
 def _default_config(fmt: int, n: int, k: int, epi: int) -> tuple[int, ...]:
-    if fmt == W4_WORDS:
+    if fmt in (W4_WORDS, W4A8_WORDS):
         return (8, 2048, 2, 1)
     return (8, 1024, 4, 3) if fmt == W4_GROUP else (4, 1024, 4, 3)
 
@@ -455,8 +608,10 @@ def gemv(
     With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x).
     pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
+    if prologue == RMSNORM and norm_weight is None:
+        prologue = RMSNORM_UNIT
     bn, bk, warps, stages, *rest = config or gemv_config(fmt, n, k, epilogue)
-    if fmt == W4_WORDS:
+    if fmt in (W4_WORDS, W4A8_WORDS):
         bk = min(bk, triton.next_power_of_2(k))
         while bk > group and k % bk:
             bk //= 2
@@ -493,6 +648,8 @@ def gemv(
     if fmt == W4_WORDS:
         # stride in words; the exponent OR-ed into each nibble, as a runtime value (see _word_nibble)
         _w4w_kernel[grid](*args, k // 8, 0x43800000, 0x41800000, **common)
+    elif fmt == W4A8_WORDS:
+        _w4a8_kernel[grid](*args, k // 8, ASM=os.environ.get("TRITON_INTERPRET") != "1", **common)
     else:
         xload = rest[0] if rest else INT4_XLOAD
         stride = k // 2 if fmt == W4_GROUP else k
