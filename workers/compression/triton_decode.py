@@ -17,7 +17,7 @@ The GEMV's tile (rows per program, inputs per step, warps, pipeline stages) is c
 `gemv_config` from a table measured on the H200 (`bench/decode_gemv.py --sweep`), not by Triton's
 autotuner, so that nothing is tuned inside a CUDA-graph capture.
 
-int4 has two kernels. By default (`INT4_WORDS`) the decoder holds int4 weights as interleaved 32-bit
+int4 has three kernels. By default (`INT4_WORDS`) the decoder holds int4 weights as interleaved 32-bit
 words (`decode.int4_words`: nibble i of word j of a group is the group's input i * G/8 + j) and
 `_w4w_kernel` multiplies them: threads run along the inputs, each input is loaded once for all of a
 thread's rows, and a nibble costs a shift (per pair), a LOP3 and an FFMA — about 4.2 SASS instructions
@@ -25,6 +25,10 @@ a weight (`bench/triton_sass.py`), 1.7-1.9 TB/s on the large Llama-1B products. 
 takes quantize.pack()'s byte order (`W4_GROUP`): a [rows, groups, bytes] tile, nibbles made floats by
 bit tricks, the input read contiguously and split into even and odd in registers (`INT4_XLOAD`);
 about 7 instructions a weight, kept as the baseline and for `DECODE_INT4_WORDS=0`.
+`_w4a8_kernel` (`W4A8_WORDS`, `PackedLinear(int8_inputs=True)`) takes the same words and rounds the
+input to int8 per block of 32 (W4A8): a word's eight weights cost a shift, two LOP3 and two `dp4a`,
+the sums are exact integers, about 1.5-2.1 instructions a weight and 2.2-2.8 TB/s on the large products.
+An RMSNorm without a weight (`RMSNORM_UNIT`: a norm of ones) reads none.
 
 Import needs Triton (on CUDA machines it comes with PyTorch). On a CPU the kernels run under
 Triton's interpreter (`TRITON_INTERPRET=1`), which is how the unit tests check them without a GPU.
