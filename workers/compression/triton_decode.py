@@ -374,7 +374,7 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
         )
     else:
         for i in tl.static_range(4):
-            c += ((a >> (8 * i)) & 255) * (((b << (24 - 8 * i)).to(tl.int32)) >> 24)
+            c += ((a >> (8 * i)) & 255) * ((b << (24 - 8 * i)) >> 24)  # unsigned byte x signed byte
         return c
 
 
@@ -426,8 +426,10 @@ def _w4a8_kernel(
 
     The input is rounded per block of 32: the inputs under 4 consecutive words of a group (the group's
     inputs i * G/8 + 4c + d, i = 0..7, d = 0..3, for block c), symmetrically to its largest magnitude over
-    127 (`decode.int8_input_blocks` computes the same in torch). A thread holds whole blocks, so the
-    block's scale needs no exchange between threads. Per block and row: s (scale_x sum q xq) + z scale_x
+    127 (`decode.int8_input_blocks` computes the same in torch). Where a thread holds 4 words of a row
+    (most tiles) it holds whole blocks and the scale needs no exchange between threads; with fewer (e.g.
+    16 rows x 512 inputs on one warp) the block maximum is reduced across threads (shuffles).
+    Per block and row: s (scale_x sum q xq) + z scale_x
     sum xq, with the weight s q + z. The RMSNorm's 1 / rms (of the unrounded input) applies to the sums,
     as in `_w4w_kernel`, so the rounding sees the input times the norm's weight (if it has one).
 
