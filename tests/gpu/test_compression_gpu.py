@@ -347,3 +347,51 @@ def test_llama_decode_with_programmatic_dependent_launch_replays_the_same_tokens
     for a, b in zip(plain.layers, fast.layers, strict=True):
         assert torch.equal(a.k, b.k)
         assert torch.equal(a.v, b.v)
+
+
+@pytest.mark.parametrize(("mode", "plan"), [(1, "next"), (2, "next"), (3, "ahead"), (4, "next")])
+def test_the_l2_prefetch_of_the_next_weights_changes_no_bit_of_a_mixed_step(monkeypatch, mode, plan):
+    """Each kernel brings later products' weights into L2 (prefetch lines or bulk prefetches): over a
+    mix whose Q/K/V and gate/up are split by format (so that the first kernel of a split product
+    prefetches), 8 tokens replayed from a PDL graph give bit-for-bit the logits of the plain eager step
+    without prefetch."""
+    from workers.compression import triton_decode as td
+    from workers.compression.decode import DecodeLlama
+    from workers.compression.models import _build_llama
+    from workers.compression.quantize import quantizable_layers
+
+    assert td.pdl_supported()
+    lm = _build_llama(False, smoke=True).lm.to("cuda", torch.bfloat16).eval()
+    assignment = dict.fromkeys(quantizable_layers(lm), "int4_g128")
+    for name in assignment:
+        if name.endswith(("q_proj", "gate_proj")):
+            assignment[name] = "int8"
+        elif name.endswith("o_proj"):
+            assignment[name] = "bf16"
+    ids = torch.randint(0, 1024, (8,), device="cuda")
+    plain = DecodeLlama(lm, assignment, max_len=32, backend="triton", int8_inputs=True)
+    fast = DecodeLlama(lm, assignment, max_len=32, backend="triton", pdl=True, int8_inputs=True)
+    assert len(fast.layers[0].qkv) == 2
+    assert len(fast.layers[0].gate_up) == 2
+    monkeypatch.setattr(td, "L2_PREFETCH", mode)
+    fast.prefetch_plan = plan
+    assert any(len(p) for step in fast._prefetch_plan() for p in step.values())
+    tok, pos = torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fast(tok, pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        fast.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = fast(tok, pos)
+        fast.reset()
+        monkeypatch.setattr(td, "L2_PREFETCH", 0)  # the reference: no prefetch, no PDL, eager
+        for i in range(8):
+            tok.copy_(ids[i : i + 1])
+            pos.fill_(i)
+            graph.replay()
+            want = plain(ids[i : i + 1], torch.tensor([i], device="cuda"))
+            assert torch.equal(logits, want), i
