@@ -56,8 +56,6 @@ def main() -> int:
                    help="rmsnorm_unit: an RMSNorm whose weight was folded into the product (not read)")
     p.add_argument("--epilogue", choices=["none", "silu_pair"], default="none")
     p.add_argument("--xload", type=int, default=1, help="bytes kernel: how the input is read (INT4_XLOAD)")
-    p.add_argument("--prefetch", type=int, choices=[0, 1, 2, 3, 4], default=0,
-                   help="the next product's weights into L2 (triton_decode.L2_PREFETCH: 1 lines, 2 bulk; 3, 4 at the end)")
     args = p.parse_args()
     try:
         import triton
@@ -74,20 +72,18 @@ def main() -> int:
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32", "stride_w": "i32"}
     if args.kernel == "words":
         sig["magic_even"] = sig["magic_odd"] = "i32"
-    for i in range(4):  # the next product's tensors to bring into L2 (--prefetch)
-        sig[f"pf{i}"], sig[f"pn{i}"] = "*i32", "i32"
     pro = {"none": td.NONE, "rmsnorm": td.RMSNORM, "rmsnorm_unit": td.RMSNORM_UNIT,
            "silu_mul": td.SILU_MUL}[args.prologue]
     epi = td.SILU_PAIR if args.epilogue == "silu_pair" else 0
     consts = {"EPS": 1e-6, "G": args.group, "PRO": pro, "EPI": epi, "HAS_RES": False,
-              "BLOCK_N": args.bn, "BLOCK_K": args.bk, "PDL": 2, "PF": args.prefetch, "PF_NT": 32 * args.warps}
+              "BLOCK_N": args.bn, "BLOCK_K": args.bk, "PDL": 2}
     if not words:
         consts.update(FMT=td.W4_GROUP, EVEN_K=True, XLOAD=args.xload)
     if args.kernel == "a8":
         consts["ASM"] = True
     for name in consts:
         sig[name] = "constexpr"
-    div16 = [k for k, t in sig.items() if t != "constexpr" and not k.startswith(("magic", "pn"))]
+    div16 = [k for k, t in sig.items() if t != "constexpr" and not k.startswith("magic")]
     src = ASTSource(
         fn=fn,
         signature=sig,
@@ -116,7 +112,6 @@ def main() -> int:
         "tile": {"bn": args.bn, "bk": args.bk, "warps": args.warps, "stages": args.stages},
         "prologue": args.prologue,
         "epilogue": args.epilogue,
-        "prefetch": args.prefetch,
         "registers": int(regs.group(1)) if regs else None,
         "instructions": len(OP.findall(sass)),
         "main_loop_instructions": sum(main_loop.values()),

@@ -26,8 +26,6 @@ than what the model's own rotary module produces for positions below `max_len`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +41,6 @@ class DecodeError(ValueError):
 # tinygemm: the same, with PyTorch's tinygemm kernel for int4 (CUDA, bf16);
 # triton: triton_decode's kernels for every projection and for attention, norms and residuals fused.
 BACKENDS = ("torch", "tinygemm", "triton")
-# DecodeLlama.prefetch_plan: which weights each triton kernel brings into L2 for a later one
-PREFETCH_PLANS = ("next", "ahead", "off")
 
 
 def int4_words(q: torch.Tensor, group: int) -> torch.Tensor:
@@ -177,17 +173,15 @@ class PackedLinear(nn.Module):
         residual: torch.Tensor | None = None,
         epilogue: int = 0,
         pdl: bool = False,
-        prefetch: list[torch.Tensor] | tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         """The Triton product, with the RMSNorm / SiLU-gate prologue, the SiLU(gate) * up epilogue
         (`td.SILU_PAIR`: this layer is gate and up stacked; returns half as many outputs) and the
-        residual add fused in. `prefetch`: tensors its programs bring into L2 (`td.gemv`)."""
+        residual add fused in."""
         from . import triton_decode as td
 
         n = self.out_features // 2 if epilogue == td.SILU_PAIR else self.out_features
         common = dict(
-            prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual, epilogue=epilogue, pdl=pdl,
-            prefetch=prefetch,
+            prologue=prologue, norm_weight=norm_weight, eps=eps, residual=residual, epilogue=epilogue, pdl=pdl
         )
         if self.kind in (FULL, "bf16"):
             return td.gemv(x, self.w, n, td.W16, self.dtype, **common)
@@ -312,8 +306,6 @@ class DecodeLlama(nn.Module):
         if pdl and not _pdl_supported(backend):
             raise DecodeError("programmatic dependent launch needs the triton backend on a Hopper or newer GPU")
         self.backend, self.pdl = backend, pdl
-        # which kernel brings which weights into L2 when triton_decode.L2_PREFETCH is on (`_prefetch_plan`)
-        self.prefetch_plan = os.environ.get("DECODE_L2_PREFETCH_PLAN", "next")
         if int8_inputs is None:
             int8_inputs = False
             if backend == "triton":
@@ -424,57 +416,25 @@ class DecodeLlama(nn.Module):
         layer.v.index_copy_(1, pos, v.view(self.kv_heads, 1, d))
         return q
 
-    def _prefetch_plan(self) -> list[dict[str, list[torch.Tensor]]]:
-        """Per layer, what each kernel brings into L2 for a later one (`td.L2_PREFETCH`), by
-        `self.prefetch_plan`: "next", each product the next product's weights (down: the next layer's
-        Q/K/V; lm_head: the first layer's, for the next token); "ahead", Q/K/V prefetches o, attention
-        gate/up, o down and gate/up the next layer's Q/K/V (lm_head as for "next"); "off", nothing."""
-        from . import triton_decode as td
-
-        plan = self.prefetch_plan if td.L2_PREFETCH else "off"
-        if plan not in PREFETCH_PLANS:
-            raise DecodeError(f"unknown prefetch plan {plan!r} ({', '.join(PREFETCH_PLANS)})")
-
-        def bufs(mods) -> list[torch.Tensor]:
-            return [] if plan == "off" else [b for m in mods for b in m.buffers()]
-
-        out = []
-        for i, layer in enumerate(self.layers):
-            after = list(self.layers[i + 1].qkv) if i + 1 < len(self.layers) else [self.lm_head]
-            if plan == "ahead":
-                out.append({"qkv": bufs([layer.o]), "att": bufs(layer.gate_up), "o": bufs([layer.down]),
-                            "gate_up": bufs(after), "down": []})
-            else:
-                out.append({"qkv": bufs([layer.o]), "att": [], "o": bufs(layer.gate_up), "gate_up": bufs([layer.down]),
-                            "down": bufs(after)})
-        out.append({"lm_head": bufs(self.layers[0].qkv) if len(self.layers) else []})
-        return out
-
     def _forward_triton(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         from . import triton_decode as td
 
         pdl = self.pdl
-        plan = self._prefetch_plan()
         x = self.embed(token)
-        for layer, pf in zip(self.layers, plan, strict=False):
+        for layer in self.layers:
             # a norm whose weights are all ones is not read (RMSNORM_UNIT)
             ln1, ln2 = (None if layer.ln1_unit else layer.ln1), (None if layer.ln2_unit else layer.ln2)
-            # when a product is split by format, its first kernel prefetches
-            qkv = _cat([m.fused(x, td.RMSNORM, ln1, self.eps, pdl=pdl, prefetch=pf["qkv"] if j == 0 else ())
-                        for j, m in enumerate(layer.qkv)])
+            qkv = _cat([m.fused(x, td.RMSNORM, ln1, self.eps, pdl=pdl) for m in layer.qkv])
             # rotary embedding and the cache write happen inside the attention kernel
-            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl, prefetch=pf["att"])
-            x = layer.o.fused(att, residual=x, pdl=pdl, prefetch=pf["o"])
+            att = td.attention(qkv, layer.k, layer.v, pos, self.cos, self.sin, self.heads, pdl=pdl)
+            x = layer.o.fused(att, residual=x, pdl=pdl)
             if len(layer.gate_up) == 1:  # gate and up stacked: SiLU(gate) * up in the product's epilogue
-                act = layer.gate_up[0].fused(x, td.RMSNORM, ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl,
-                                             prefetch=pf["gate_up"])
-                x = layer.down.fused(act, residual=x, pdl=pdl, prefetch=pf["down"])
+                act = layer.gate_up[0].fused(x, td.RMSNORM, ln2, self.eps, epilogue=td.SILU_PAIR, pdl=pdl)
+                x = layer.down.fused(act, residual=x, pdl=pdl)
             else:
-                gu = [m.fused(x, td.RMSNORM, ln2, self.eps, pdl=pdl, prefetch=pf["gate_up"] if j == 0 else ())
-                      for j, m in enumerate(layer.gate_up)]
-                x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x, pdl=pdl, prefetch=pf["down"])
-        norm = None if self.norm_unit else self.norm
-        return self.lm_head.fused(x, td.RMSNORM, norm, self.eps, pdl=pdl, prefetch=plan[-1]["lm_head"]).float()
+                gu = [m.fused(x, td.RMSNORM, ln2, self.eps, pdl=pdl) for m in layer.gate_up]
+                x = layer.down.fused(_cat(gu), td.SILU_MUL, residual=x, pdl=pdl)
+        return self.lm_head.fused(x, td.RMSNORM, None if self.norm_unit else self.norm, self.eps, pdl=pdl).float()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":

@@ -60,50 +60,6 @@ MAX_INT4_GROUP = 1024
 
 
 @triton.jit
-def _prefetch_l2(p, nbytes, PF: tl.constexpr, NT: tl.constexpr):
-    """This program's share of the `nbytes` at `p` (the next product's weights) brought into L2 without
-    waiting for it: PF == 1 one `prefetch.global.L2` per 128-byte line, a line per thread at a time;
-    PF == 2 one `cp.async.bulk.prefetch.L2` of a 16-byte-aligned chunk per thread. The programs of the
-    grid split the bytes in contiguous shares. Nothing is read into registers; a line that never comes
-    costs the reader a miss, not a wrong value."""
-    if nbytes > 0:
-        npg = tl.num_programs(0) * tl.num_programs(1)
-        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        base = p.to(tl.int64)  # the address as an integer: byte offsets whatever p's element type
-        t = tl.arange(0, NT)
-        if PF == 1:
-            lines = tl.cdiv(nbytes, 128)
-            per = tl.cdiv(lines, npg)
-            for i in range(0, per, NT):
-                line = tl.minimum(pid * per + i + t, lines - 1)  # past the end: the last line again
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [base + line.to(tl.int64) * 128],
-                    dtype=tl.int32, is_pure=False, pack=1,
-                )
-        else:
-            chunk = tl.cdiv(tl.cdiv(nbytes, npg * NT), 16) * 16
-            start = (pid * NT + t).to(tl.int64) * chunk
-            size = (tl.minimum(tl.maximum(nbytes - start, 0), chunk) // 16 * 16).to(tl.int32)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [base + start, size], dtype=tl.int32, is_pure=False, pack=1,
-            )
-
-
-@triton.jit
-def _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF: tl.constexpr, NT: tl.constexpr, AT: tl.constexpr):
-    """Up to four byte ranges (the next product's packed tensors) into L2: see `_prefetch_l2`. PF 1 and 2
-    are issued where a kernel calls this with AT == 0 (after its first weight load), 3 and 4 (the same
-    instructions) where it calls it with AT == 1 (after its last)."""
-    if PF != 0 and (PF > 2) == (AT == 1):
-        M: tl.constexpr = (PF - 1) % 2 + 1
-        _prefetch_l2(pf0, pn0, M, NT)
-        _prefetch_l2(pf1, pn1, M, NT)
-        _prefetch_l2(pf2, pn2, M, NT)
-        _prefetch_l2(pf3, pn3, M, NT)
-
-
-@triton.jit
 def _input(x_ptr, nw_ptr, idx, m, K, PRO: tl.constexpr):
     """The product's input at `idx` (before the RMSNorm's 1/rms, applied to the sums), and x^2."""
     if PRO == 3:  # an RMSNorm without weights (the norm's weight folded into the product's)
@@ -256,14 +212,6 @@ def _gemv_kernel(
     N,
     K,
     stride_w,
-    pf0,
-    pn0,
-    pf1,
-    pn1,
-    pf2,
-    pn2,
-    pf3,
-    pn3,
     EPS: tl.constexpr,
     FMT: tl.constexpr,
     G: tl.constexpr,
@@ -275,8 +223,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     XLOAD: tl.constexpr,
-    PF: tl.constexpr,
-    PF_NT: tl.constexpr,
 ):
     """N outputs; the weight has N rows (2N with EPI == SILU_PAIR: gate rows, then up rows).
 
@@ -294,7 +240,6 @@ def _gemv_kernel(
         NG = K // G
         acc = tl.zeros([R, BLOCK_K // G], dtype=tl.float32)
         q = _w4_load(w_ptr, rows64, rmask, stride_w, 0, NG, G, BLOCK_K, EVEN_K)
-        _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 0)
         if PDL != 0:
             tl.extra.cuda.gdc_wait()
         acc, ss = _w4_step(
@@ -309,7 +254,6 @@ def _gemv_kernel(
     else:
         acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
         w = _wd_load(w_ptr, rows64, rmask, stride_w, 0, K, BLOCK_K, EVEN_K)
-        _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 0)
         if PDL != 0:
             tl.extra.cuda.gdc_wait()
         acc, ss = _wd_step(acc, ss, w, 0, x_ptr, nw_ptr, K, BLOCK_K, PRO)
@@ -317,7 +261,6 @@ def _gemv_kernel(
             w = _wd_load(w_ptr, rows64, rmask, stride_w, k0, K, BLOCK_K, EVEN_K)
             acc, ss = _wd_step(acc, ss, w, k0, x_ptr, nw_ptr, K, BLOCK_K, PRO)
         y = tl.sum(acc, axis=1)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 1)
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     if FMT == 1:
@@ -354,14 +297,6 @@ def _w4w_kernel(
     stride_w,
     magic_even,
     magic_odd,
-    pf0,
-    pn0,
-    pf1,
-    pn1,
-    pf2,
-    pn2,
-    pf3,
-    pn3,
     EPS: tl.constexpr,
     G: tl.constexpr,
     PRO: tl.constexpr,
@@ -370,8 +305,6 @@ def _w4w_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
-    PF: tl.constexpr,
-    PF_NT: tl.constexpr,
 ):
     """The int4 product over interleaved words (`decode.int4_words`): word j of a group holds the group's
     inputs j, j + G/8, ..., j + 7 G/8 in its nibbles 0..7, so one contiguous load of G/8 inputs feeds
@@ -398,7 +331,6 @@ def _w4w_kernel(
     acc = tl.zeros([R, BKW // 4], dtype=tl.float32)
     sqacc = tl.zeros([BKW], dtype=tl.float32)
     w = tl.load(wptr, mask=rmask[:, None], other=0)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 0)
     if PDL != 0:
         tl.extra.cuda.gdc_wait()
     for k0 in range(0, K, BLOCK_K):
@@ -426,7 +358,6 @@ def _w4w_kernel(
         acc += sc * (p4 - (256.0 * e4 + 16.0 * o4)[None, :]) + zc * (e4 + o4)[None, :]
         w = w_next
     y = tl.sum(acc, axis=1)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 1)
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     ss = tl.sum(sqacc, axis=0)
@@ -478,14 +409,6 @@ def _w4a8_kernel(
     N,
     K,
     stride_w,
-    pf0,
-    pn0,
-    pf1,
-    pn1,
-    pf2,
-    pn2,
-    pf3,
-    pn3,
     EPS: tl.constexpr,
     G: tl.constexpr,
     PRO: tl.constexpr,
@@ -495,8 +418,6 @@ def _w4a8_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     ASM: tl.constexpr,
-    PF: tl.constexpr,
-    PF_NT: tl.constexpr,
 ):
     """The int4 product over interleaved words (`decode.int4_words`, as `_w4w_kernel`) with its input rounded
     to int8 (W4A8) and multiplied on the integer units: `dp4a` takes four weight nibbles (word & 0x0F0F0F0F
@@ -530,7 +451,6 @@ def _w4a8_kernel(
     acc = tl.zeros([R, NB], dtype=tl.float32)
     sqacc = tl.zeros([BKW], dtype=tl.float32)
     w = tl.load(wptr)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 0)
     if PDL != 0:
         tl.extra.cuda.gdc_wait()
     for k0 in range(0, K, BLOCK_K):
@@ -576,7 +496,6 @@ def _w4a8_kernel(
         acc += (sc * scale_x[None, :]) * p4 + zc * (scale_x * xs4)[None, :]
         w = w_next
     y = tl.sum(acc, axis=1)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 1)
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     ss = tl.sum(sqacc, axis=0)
@@ -657,29 +576,6 @@ INT4_INT8_INPUTS = os.environ.get("DECODE_INT4_INT8_INPUTS", "0") == "1"
 INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "1") == "1"
 
 
-# Whether each kernel of the decode step brings the next product's packed weights into L2 while it
-# runs (`_prefetch_l2`; DecodeLlama decides which kernel prefetches what): 0 no, 1 one prefetch
-# instruction per 128-byte line, 2 one bulk prefetch (cp.async.bulk.prefetch.L2, sm_90) per thread,
-# both after the kernel's first weight load; 3 and 4 the same after its last. L2_PREFETCH_MAX_MB caps
-# the bytes prefetched of each tensor (its first ones).
-L2_PREFETCH = int(os.environ.get("DECODE_L2_PREFETCH", "0"))
-L2_PREFETCH_MAX_MB = os.environ.get("DECODE_L2_PREFETCH_MAX_MB", "")
-
-
-def _prefetch_args(prefetch, warps: int, like: torch.Tensor) -> dict:
-    """The kernels' prefetch arguments: the four largest of `prefetch`'s tensors as (pointer, bytes); unused
-    slots point at `like` with 0 bytes. No prefetch under the interpreter (it is inline assembly)."""
-    mode = L2_PREFETCH if prefetch and os.environ.get("TRITON_INTERPRET") != "1" else 0
-    cap = int(float(L2_PREFETCH_MAX_MB) * 2**20) if L2_PREFETCH_MAX_MB else None
-    ts = sorted(prefetch or (), key=lambda t: -t.numel() * t.element_size())[:4] if mode else []
-    out: dict = {"PF": mode, "PF_NT": 32 * warps}
-    for i in range(4):
-        t = ts[i] if i < len(ts) else None
-        out[f"pf{i}"] = t if t is not None else like
-        out[f"pn{i}"] = min(t.numel() * t.element_size(), cap or 2**62) if t is not None else 0
-    return out
-
-
 def _launch(pdl: bool) -> dict:
     # only passed when used: a Triton without the option would take it for a kernel argument
     return {"launch_pdl": True} if pdl else {}
@@ -712,14 +608,11 @@ def gemv(
     epilogue: int = 0,
     config: tuple[int, ...] | None = None,
     pdl: bool = False,
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """out[n] = sum_k W[n, k] * f(x)[k] (+ residual[n]); K is x's length (half of it for SILU_MUL).
 
     With epilogue=SILU_PAIR, W has 2n rows and out[i] = silu(W[i] f(x)) * W[n + i] f(x).
-    pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`).
-    prefetch: tensors (the next product's weights) that the programs bring into L2 after their first
-    weight load, when `L2_PREFETCH` is on (up to four, the largest)."""
+    pdl: launch with programmatic dependent launch (`pdl_supported()`; see `_gemv_kernel`)."""
     k = x.numel() // 2 if prologue == SILU_MUL else x.numel()
     if prologue == RMSNORM and norm_weight is None:
         prologue = RMSNORM_UNIT
@@ -756,7 +649,6 @@ def gemv(
         num_warps=warps,
         num_stages=stages,
         **_launch(pdl),
-        **_prefetch_args(prefetch, warps, x),
     )
     grid = (triton.cdiv(n, bn),)
     if fmt == W4_WORDS:
@@ -795,22 +687,12 @@ def _attention_partial(
     pos_ptr,
     part_ptr,
     T,
-    pf0,
-    pn0,
-    pf1,
-    pn1,
-    pf2,
-    pn2,
-    pf3,
-    pn3,
     SCALE: tl.constexpr,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PDL: tl.constexpr,
-    PF: tl.constexpr,
-    PF_NT: tl.constexpr,
 ):
     """One query head x one block of positions: the block's max score, softmax mass and weighted V.
 
@@ -832,7 +714,6 @@ def _attention_partial(
     vb = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=old[:, None], other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 0)
     if PDL:
         tl.extra.cuda.gdc_wait()
     q = _rope(qkv_ptr + h * D, c, sn, d, D).to(tl.float32) * SCALE
@@ -852,7 +733,6 @@ def _attention_partial(
     tl.store(out + d, tl.sum(p[:, None] * vb, axis=0))
     tl.store(out + D, m)
     tl.store(out + D + 1, tl.sum(p, axis=0))
-    _prefetch_next(pf0, pn0, pf1, pn1, pf2, pn2, pf3, pn3, PF, PF_NT, 1)
 
 
 @triton.jit
@@ -882,7 +762,6 @@ def attention(
     sin: torch.Tensor,
     heads: int,
     pdl: bool = False,
-    prefetch: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """qkv: the token's (heads + 2 kv_heads) * d projections, before the rotary embedding; caches:
     (kv_heads, T, d); cos, sin: (T, d) tables. Applies the rotary embedding to q and k, writes k and
@@ -890,8 +769,7 @@ def attention(
     (heads * d,).
 
     Split over blocks of 64 positions (one program per head and block), then one program per head
-    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions. `prefetch`: as
-    `gemv`'s (the first kernel's programs bring them into L2).
+    combines the blocks' partial softmaxes: 256 programs for 32 heads over 512 positions.
     """
     kv_heads, t, d = k_cache.shape
     block = min(64, t)
@@ -901,7 +779,6 @@ def attention(
     _attention_partial[(heads, blocks)](
         qkv, k_cache, v_cache, cos, sin, pos, part, t,
         SCALE=d**-0.5, HEADS=heads, GROUP=heads // kv_heads, D=d, BLOCK_T=block, PDL=pdl, **_launch(pdl),
-        **_prefetch_args(prefetch, 4, qkv),
     )
     _attention_combine[(heads,)](part, out, NB=blocks, D=d, PDL=pdl, **_launch(pdl))
     return out
