@@ -178,8 +178,9 @@ def sweep(doc: dict, out: Path | None, formats: list[str] | None = None, xloads:
                 layers.append(c)
             res = torch.randn(rows // 2 if name == "gate_up" else rows, device="cuda", dtype=torch.bfloat16)
             tried = set()
-            tiles = (list(itertools.product(grid["bn"], grid["bk"], grid["warps"], grid["stages"])) if grid
-                     else SWEEP[fmt])
+            tiles = (list(itertools.product(grid["bn"], grid["bk"], grid["warps"], grid["stages"],
+                                            *([grid["maxnreg"]] if "maxnreg" in grid else [])))
+                     if grid else SWEEP[fmt])
             if tuned:
                 code = codes[fmt]
                 n_out = rows // 2 if name == "gate_up" else rows
@@ -255,8 +256,8 @@ def main() -> int:
                     for key, values in (part.split("=") for part in args.grid.split(";"))}
         except ValueError:
             p.error("--grid: expected bn=8,16;bk=256,512;warps=4,8;stages=2,3")
-        if set(grid) != {"bn", "bk", "warps", "stages"}:
-            p.error("--grid needs bn, bk, warps and stages")
+        if not {"bn", "bk", "warps", "stages"} <= set(grid) <= {"bn", "bk", "warps", "stages", "maxnreg"}:
+            p.error("--grid needs bn, bk, warps and stages (and, for int4 words, maxnreg: 0 for no cap)")
     cuda = not args.smoke
     dev = "cuda" if cuda else "cpu"
     doc = {

@@ -56,6 +56,8 @@ def main() -> int:
                    help="rmsnorm_unit: an RMSNorm whose weight was folded into the product (not read)")
     p.add_argument("--epilogue", choices=["none", "silu_pair"], default="none")
     p.add_argument("--xload", type=int, default=1, help="bytes kernel: how the input is read (INT4_XLOAD)")
+    p.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread (ptxas .maxnreg)")
+    p.add_argument("--one-step", action="store_true", help="a8: K == BLOCK_K (no next step loaded ahead)")
     args = p.parse_args()
     try:
         import triton
@@ -81,6 +83,7 @@ def main() -> int:
         consts.update(FMT=td.W4_GROUP, EVEN_K=True, XLOAD=args.xload)
     if args.kernel == "a8":
         consts["ASM"] = True
+        consts["ONE_STEP"] = args.one_step
     for name in consts:
         sig[name] = "constexpr"
     div16 = [k for k, t in sig.items() if t != "constexpr" and not k.startswith("magic")]
@@ -91,7 +94,7 @@ def main() -> int:
         attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16},
     )
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": args.warps, "num_stages": args.stages})
+                            options={"num_warps": args.warps, "num_stages": args.stages, "maxnreg": args.maxnreg})
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -113,6 +116,8 @@ def main() -> int:
         "prologue": args.prologue,
         "epilogue": args.epilogue,
         "registers": int(regs.group(1)) if regs else None,
+        "maxnreg": args.maxnreg,
+        "spill_instructions": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         "instructions": len(OP.findall(sass)),
         "main_loop_instructions": sum(main_loop.values()),
         "weights_per_thread_per_step": per_thread,

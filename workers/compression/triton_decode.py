@@ -418,6 +418,7 @@ def _w4a8_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     ASM: tl.constexpr,
+    ONE_STEP: tl.constexpr = False,
 ):
     """The int4 product over interleaved words (`decode.int4_words`, as `_w4w_kernel`) with its input rounded
     to int8 (W4A8) and multiplied on the integer units: `dp4a` takes four weight nibbles (word & 0x0F0F0F0F
@@ -453,8 +454,13 @@ def _w4a8_kernel(
     w = tl.load(wptr)
     if PDL != 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 3:  # once the input is there: the next kernel launches while this one computes
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(0, K, BLOCK_K):
-        w_next = tl.load(wptr + tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 8)  # the last step reloads itself
+        if ONE_STEP:  # K == BLOCK_K: nothing to load ahead
+            w_next = w
+        else:
+            w_next = tl.load(wptr + tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 8)  # the last step reloads itself
         cidx = rows64[:, None] * NG + (k0 // G + j4 // (GW // 4))[None, :]  # the group of each block
         sc = tl.load(s_ptr + cidx).to(tl.float32)
         zc = tl.load(z_ptr + cidx).to(tl.float32)
@@ -554,10 +560,12 @@ def pdl_supported() -> bool:
 
 
 # With PDL, when a product lets the next kernel launch, per weight format: 1 at its start (the next
-# kernel's programs wait on the GPU beside it), 2 once its products are summed. Measured on the H200
-# (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16 0.77 ms a token without PDL,
-# 0.71 starting early, 0.73 late; int4 0.81 without, 1.04 early, 0.78 late.
-PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2, W4A8_WORDS: 2}
+# kernel's programs wait on the GPU beside it), 2 once its products are summed, 3 (W4A8 only) once its
+# input is there. Measured on the H200 (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16
+# 0.77 ms a token without PDL, 0.71 starting early, 0.73 late; int4 bytes 0.81 without, 1.04 early,
+# 0.78 late. W4A8 (bench/pdl_trigger_ab.py, alternated in one run): 0.441 ms late, 0.407 early, 0.422
+# once the input is there.
+PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2, W4A8_WORDS: 1}
 
 
 # How an int4 product reads its input (`_w4_step`): 0 as two strided gathers of the even and odd
@@ -574,6 +582,10 @@ INT4_INT8_INPUTS = os.environ.get("DECODE_INT4_INT8_INPUTS", "0") == "1"
 # Whether the triton backend holds int4 weights as interleaved words (`decode.int4_words`, `_w4w_kernel`)
 # rather than in quantize.pack()'s byte order (`_gemv_kernel`).
 INT4_WORDS = os.environ.get("DECODE_INT4_WORDS", "1") == "1"
+
+
+# W4A8 products whose inputs fit in one step (K == BLOCK_K) do not load a next step ahead
+A8_ONE_STEP = os.environ.get("DECODE_A8_ONE_STEP", "1") == "1"
 
 
 def _launch(pdl: bool) -> dict:
@@ -651,11 +663,14 @@ def gemv(
         **_launch(pdl),
     )
     grid = (triton.cdiv(n, bn),)
+    if fmt in (W4_WORDS, W4A8_WORDS) and rest and rest[0]:
+        common["maxnreg"] = rest[0]  # a words tile's fifth element caps the registers per thread
     if fmt == W4_WORDS:
         # stride in words; the exponent OR-ed into each nibble, as a runtime value (see _word_nibble)
         _w4w_kernel[grid](*args, k // 8, 0x43800000, 0x41800000, **common)
     elif fmt == W4A8_WORDS:
-        _w4a8_kernel[grid](*args, k // 8, ASM=os.environ.get("TRITON_INTERPRET") != "1", **common)
+        _w4a8_kernel[grid](*args, k // 8, ASM=os.environ.get("TRITON_INTERPRET") != "1",
+                           ONE_STEP=A8_ONE_STEP and k == bk, **common)
     else:
         xload = rest[0] if rest else INT4_XLOAD
         stride = k // 2 if fmt == W4_GROUP else k
