@@ -1,5 +1,7 @@
 """Deploy-time rewrites that keep a model's function and make it faster on GPUs (like folding BatchNorm).
 
+`fold_rmsnorm_weights`: a Llama's RMSNorm weights folded into the projections after them (norms of ones).
+
 `space_to_depth_stem`: a k x k, stride-2 convolution over few input channels (ResNet's 7x7 stem over RGB)
 is rewritten exactly as pixel_unshuffle(2) followed by a ceil(k/2) x ceil(k/2) stride-1 convolution over 4x
 the channels. Three input channels suit the GPU's convolution kernels badly: on an H200, the kernel that
@@ -67,3 +69,38 @@ def space_to_depth_stem(model: nn.Module, channel_multiple: int = 1) -> int:
                 setattr(module, child_name, SpaceToDepthConv(child, channel_multiple))
                 count += 1
     return count
+
+
+def fold_rmsnorm_weights(lm: nn.Module) -> int:
+    """Fold each RMSNorm's weight of a Llama-architecture decoder (`LlamaForCausalLM`, or a module holding
+    one as `.lm`) into the projections that read the norm's output, and set the norm's weight to ones.
+
+    An RMSNorm computes g * x / rms(x); the Linear after it computes W (g * x / rms(x)) = (W diag g) x / rms(x).
+    So W's columns are scaled by g (Q/K/V by the input norm, gate/up by the post-attention norm, lm_head by
+    the final norm) and g becomes 1: the model computes the same function (up to the rounding of the
+    scaled weights), and a decode kernel need not read the norm (`triton_decode.RMSNORM_UNIT`). Apply it
+    before sensitivity and quantization, so that they see the weights the kernels will multiply by. A
+    tied lm_head gets its own, scaled copy (the embedding is left alone). Returns the number of norms
+    whose weights were not already all ones."""
+    lm = getattr(lm, "lm", lm)
+    model = lm.model
+    folded = 0
+
+    def fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+        nonlocal folded
+        g = norm.weight.detach()
+        if bool((g == 1).all()):
+            return
+        for lin in linears:
+            scaled = lin.weight.detach() * g.to(lin.weight.dtype)[None, :]
+            lin.weight = nn.Parameter(scaled, requires_grad=lin.weight.requires_grad)  # unties a shared weight
+        with torch.no_grad():
+            norm.weight.fill_(1)
+        folded += 1
+
+    for block in model.layers:
+        att, mlp = block.self_attn, block.mlp
+        fold(block.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
+        fold(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    fold(model.norm, [lm.lm_head])
+    return folded
