@@ -435,7 +435,9 @@ def _w4a8_kernel(
     as in `_w4w_kernel`, so the rounding sees the input times the norm's weight (if it has one).
 
     Rows past N and the step after the last are read from valid rows and steps (clamped, not masked), so
-    that no load needs a predicate and a zeroed destination. K must be a multiple of BLOCK_K."""
+    that no load needs a predicate and a zeroed destination; with ONE_STEP (K == BLOCK_K) nothing is
+    loaded ahead. K must be a multiple of BLOCK_K. PDL == 3 lets the next kernel launch once the input is
+    there (after the wait), for bench/pdl_trigger_a8_ab.py."""
     GW: tl.constexpr = G // 8
     BKW: tl.constexpr = BLOCK_K // 8
     NB: tl.constexpr = BKW // 4
@@ -563,7 +565,7 @@ def pdl_supported() -> bool:
 # kernel's programs wait on the GPU beside it), 2 once its products are summed, 3 (W4A8 only) once its
 # input is there. Measured on the H200 (Llama-1B step, bench/llama_decode_profile.py --raw-graph): bf16
 # 0.77 ms a token without PDL, 0.71 starting early, 0.73 late; int4 bytes 0.81 without, 1.04 early,
-# 0.78 late. W4A8 (bench/pdl_trigger_ab.py, alternated in one run): 0.441 ms late, 0.407 early, 0.422
+# 0.78 late. W4A8 (bench/pdl_trigger_a8_ab.py, alternated in one run): 0.439 ms late, 0.405 early, 0.421
 # once the input is there.
 PDL_TRIGGER = {W16: 1, W8_ROW: 1, W4_GROUP: 2, W4_WORDS: 2, W4A8_WORDS: 1}
 
