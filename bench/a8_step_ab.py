@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # gpu_timing (bench/workers.py must not shadow workers/)
 import torch
-from gpu_timing import cuda_median_ms
+from gpu_timing import alternated_ms, capture_graph
 from workers.compression import triton_decode as td
 from workers.compression.decode import DecodeLlama
 from workers.compression.models import _build_llama
@@ -42,19 +42,10 @@ dec = DecodeLlama(lm, assignment, max_len=512, backend="triton", pdl=True, int8_
 graphs = []
 for name, apply in SETTINGS.items():
     apply()
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        dec(tok, pos); dec(tok, pos)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(g):
-        out = dec(tok, pos)
+    g, out = capture_graph(dec, tok, pos)
     g.replay(); torch.cuda.synchronize()
     graphs.append((name, g, out.clone()))
-times = {n: [] for n, *_ in graphs}
-for _ in range(7):
-    for n, g, _o in graphs:
-        times[n].append(round(cuda_median_ms(g.replay, warmup=10, repeats=50), 4))
+times = alternated_ms({n: g for n, g, _o in graphs}, rounds=7)
 ref = graphs[0][2]
 res = [{"setting": n, "ms_median": statistics.median(times[n]), "ms_rounds": times[n],
         "max_abs_diff_vs_first": float((o - ref).abs().max())} for n, g, o in graphs]

@@ -27,10 +27,10 @@ def cuda_median_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def graph_replay_ms(step, *args, warmup: int = 10, repeats: int = 100) -> float:
+def capture_graph(step, *args):
     """`step(*args)` (e.g. one decode step) captured as one torch.cuda.CUDAGraph, after two warm-up calls on
-    a side stream (compilation happens there); the median GPU time of a replay. It costs the GPU's time,
-    not a Python call's."""
+    a side stream (compilation happens there). Returns the graph and what the captured call returned (the
+    tensors each replay writes)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.inference_mode():
@@ -39,8 +39,25 @@ def graph_replay_ms(step, *args, warmup: int = 10, repeats: int = 100) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph):
-        step(*args)
+        out = step(*args)
+    return graph, out
+
+
+def graph_replay_ms(step, *args, warmup: int = 10, repeats: int = 100) -> float:
+    """The median GPU time of a replay of `step(*args)` captured as one CUDA graph (`capture_graph`). It
+    costs the GPU's time, not a Python call's."""
+    graph, _ = capture_graph(step, *args)
     return cuda_median_ms(graph.replay, warmup=warmup, repeats=repeats)
+
+
+def alternated_ms(graphs: dict, rounds: int, warmup: int = 10, repeats: int = 50) -> dict[str, list[float]]:
+    """Per named graph, the median replay time of each of `rounds` rounds; within a round the graphs are timed
+    in turn, so that a drift of the GPU's speed during the run (bench/graph_replay_drift.py) falls on all."""
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            times[name].append(round(cuda_median_ms(graph.replay, warmup=warmup, repeats=repeats), 4))
+    return times
 
 
 def fp8_bench_doc(bench: str, timing: str) -> dict | None:

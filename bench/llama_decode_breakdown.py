@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # gpu_timing (bench/workers.py must not shadow workers/)
 import torch
-from gpu_timing import cuda_median_ms
+from gpu_timing import alternated_ms, capture_graph
 from workers.compression import triton_decode as td
 from workers.compression import decode as D
 from workers.compression.models import _build_llama
@@ -51,21 +51,11 @@ for weights in (sys.argv[1] if len(sys.argv) > 1 else "int4a8,bf16").split(","):
     fmt = "int4_g128" if weights.startswith("int4") else weights
     assignment = {} if weights == "bf16" else dict.fromkeys(quantizable_layers(lm), fmt)
     dec = D.DecodeLlama(lm, assignment, max_len=512, backend="triton", pdl=True, int8_inputs=weights == "int4a8")
-    graphs = []
+    graphs = {}
     for skip in [None, "attention", "combine", "o", "mlp", "lm_head"]:
         mode["skip"] = skip
-        s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.inference_mode():
-            dec(tok, pos); dec(tok, pos)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(g):
-            dec(tok, pos)
-        graphs.append((str(skip), g))
-    times = {n: [] for n, _ in graphs}
-    for _ in range(5):
-        for n, g in graphs:
-            times[n].append(cuda_median_ms(g.replay, warmup=10, repeats=50))
+        graphs[str(skip)], _ = capture_graph(dec, tok, pos)
+    times = alternated_ms(graphs, rounds=5)
     full = statistics.median(times["None"])
     res[weights] = {n: {"ms": round(statistics.median(t), 4),
                         "saved_us": round((full - statistics.median(t)) * 1000, 1)}

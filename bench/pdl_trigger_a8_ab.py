@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # gpu_timing (bench/workers.py must not shadow workers/)
 import torch  # noqa: E402
-from gpu_timing import cuda_median_ms  # noqa: E402
+from gpu_timing import alternated_ms, capture_graph  # noqa: E402
 
 from workers.compression import triton_decode as td  # noqa: E402
 from workers.compression.decode import DecodeLlama  # noqa: E402
@@ -72,22 +72,11 @@ def main() -> int:
     for name, setting in SETTINGS.items():
         trigger.clear()
         trigger.update(setting)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                dec(tok, pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            logits = dec(tok, pos)
+        graph, logits = capture_graph(dec, tok, pos)
         graph.replay()
         torch.cuda.synchronize()
         graphs.append((name, graph, logits.clone()))
-    times: dict[str, list[float]] = {name: [] for name, *_ in graphs}
-    for _ in range(args.rounds):
-        for name, graph, _logits in graphs:
-            times[name].append(round(cuda_median_ms(graph.replay, warmup=10, repeats=50), 4))
+    times = alternated_ms({name: graph for name, graph, _logits in graphs}, args.rounds)
     ref = graphs[0][2]
     rows = [{"setting": name, "trigger": SETTINGS[name], "ms_median": statistics.median(times[name]),
              "ms_rounds": times[name], "same_logits": bool(torch.equal(logits, ref))}
