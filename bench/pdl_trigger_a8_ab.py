@@ -20,15 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # gpu_timing (bench/workers.py must not shadow workers/)
 import torch  # noqa: E402
 from gpu_timing import alternated_ms, capture_graph  # noqa: E402
+from pdl_trigger_ab import by_shape, trigger  # noqa: E402
 
 from workers.compression import triton_decode as td  # noqa: E402
 from workers.compression.decode import DecodeLlama  # noqa: E402
 from workers.compression.models import _build_llama  # noqa: E402
 from workers.compression.quantize import quantizable_layers  # noqa: E402
 
-SHAPES = {
-    (3072, 2048): "qkv", (2048, 2048): "o", (8192, 2048): "gate_up", (2048, 8192): "down", (32000, 2048): "lm_head"
-}
 ALL = ("qkv", "o", "gate_up", "down", "lm_head")
 SETTINGS = {
     "all at the start": dict.fromkeys(ALL, 1),
@@ -40,20 +38,6 @@ SETTINGS = {
     "at the start, o once the input is there": {**dict.fromkeys(ALL, 1), "o": 3},
     "all at the start (again)": dict.fromkeys(ALL, 1),
 }
-orig = td.gemv
-trigger: dict[str, int] = {}
-
-
-def gemv(x, w, n, fmt, *a, **k):
-    """td.gemv with the W4A8 product's trigger chosen by its shape."""
-    kk = x.numel() // 2 if k.get("prologue") == td.SILU_MUL else x.numel()
-    saved = td.PDL_TRIGGER[fmt]
-    if fmt == td.W4A8_WORDS:
-        td.PDL_TRIGGER[fmt] = trigger.get(SHAPES.get((n, kk)), saved)
-    try:
-        return orig(x, w, n, fmt, *a, **k)
-    finally:
-        td.PDL_TRIGGER[fmt] = saved
 
 
 def main() -> int:
@@ -63,7 +47,7 @@ def main() -> int:
     if not td.pdl_supported():
         print("pdl_trigger_a8_ab: needs a Hopper GPU (programmatic dependent launch)", file=sys.stderr)
         return 2
-    td.gemv = gemv
+    by_shape(td.W4A8_WORDS)
     lm = _build_llama(False).lm.to("cuda", torch.bfloat16).eval()
     tok, pos = torch.tensor([123], device="cuda"), torch.tensor([511], device="cuda")
     dec = DecodeLlama(lm, dict.fromkeys(quantizable_layers(lm), "int4_g128"), max_len=512, backend="triton",

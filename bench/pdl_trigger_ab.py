@@ -19,34 +19,40 @@ SHAPES = {
     (3072, 2048): "qkv", (2048, 2048): "o", (8192, 2048): "gate_up", (2048, 8192): "down", (32000, 2048): "lm_head"
 }
 VARIANTS = ["", "qkv", "qkv,o", "o", "down", "qkv,o,down", "gate_up", "lm_head", ""]
-orig = td.gemv
-early: set[str] = set()
+# the trigger of a product by its shape's name (above); products not named keep triton_decode.PDL_TRIGGER's
+trigger: dict[str, int] = {}
 
 
-def gemv(x, w, n, fmt, *a, **k):
-    """td.gemv with the int4 word kernel's trigger chosen by the product's shape."""
-    kk = x.numel() // 2 if k.get("prologue") == td.SILU_MUL else x.numel()
-    saved = td.PDL_TRIGGER[fmt]
-    if fmt == td.W4_WORDS:
-        td.PDL_TRIGGER[fmt] = 1 if SHAPES.get((n, kk)) in early else 2
-    try:
-        return orig(x, w, n, fmt, *a, **k)
-    finally:
-        td.PDL_TRIGGER[fmt] = saved
+def by_shape(fmt: int) -> None:
+    """Wrap td.gemv so that the products of weight format `fmt` take the trigger `trigger` names for their
+    shape (bench/pdl_trigger_a8_ab.py uses it too)."""
+    orig = td.gemv
+
+    def gemv(x, w, n, f, *a, **k):
+        kk = x.numel() // 2 if k.get("prologue") == td.SILU_MUL else x.numel()
+        saved = td.PDL_TRIGGER[f]
+        if f == fmt:
+            td.PDL_TRIGGER[f] = trigger.get(SHAPES.get((n, kk)), saved)
+        try:
+            return orig(x, w, n, f, *a, **k)
+        finally:
+            td.PDL_TRIGGER[f] = saved
+
+    td.gemv = gemv
 
 
 def main() -> int:
     if not td.pdl_supported():
         print("pdl_trigger_ab: needs a Hopper GPU (programmatic dependent launch)", file=sys.stderr)
         return 2
-    td.gemv = gemv
+    by_shape(td.W4_WORDS)
     lm = _build_llama(False).lm.to("cuda", torch.bfloat16).eval()
     rows = []
     for spec in VARIANTS:
-        early.clear()
-        early.update(s for s in spec.split(",") if s)
+        trigger.clear()
+        trigger.update(dict.fromkeys((s for s in spec.split(",") if s), 1))  # the others: 2, PDL_TRIGGER's
         r = P.profile(lm, "triton+pdl", "int4", smoke=False, graphs=True, raw=True)
-        rows.append({"early": sorted(early), "ms": r["latency_ms_per_token"]})
+        rows.append({"early": sorted(trigger), "ms": r["latency_ms_per_token"]})
         print(rows[-1], file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "int4 step: PDL trigger per projection", "gpu": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "rows": rows}, indent=1))
