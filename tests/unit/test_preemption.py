@@ -5,6 +5,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from apps.scheduling.policy import PolicyConfig, QueuedJob, RunningJob, Scheduler, forecast_etas, schedule
 from apps.scheduling.replay import TraceJob, load_trace, metrics, run_trace
 from tests.unit.test_policy import NOW, node, queued, snap, team
@@ -110,6 +112,28 @@ def test_a_job_past_the_mark_goes_after_new_jobs_and_says_why():
     # Without preemption the order is WFQ's: the earlier job goes first.
     decision = schedule(snap([node(1, busy=FULL[1:])], [served, fresh]), config=PolicyConfig(preemption=False))
     assert set(decision.placements) == {5}
+
+
+def test_among_jobs_past_the_mark_the_one_that_would_end_with_the_larger_slowdown_goes_first():
+    # Both ran 5 h. Job 5 (a heavy team's) has 19 h left and was submitted 6 h ago: started now it ends
+    # at (6 + 19) / (5 + 19) = 1.04x its run. Job 6 (a light team's) has 1 h left and was submitted 10 h
+    # ago: (10 + 1) / (5 + 1) = 1.83x. WFQ's tags put job 5 first (19 h / weight 4 < 1 h / weight 0.1).
+    long_one = replace(queued(5, team=1, submit=NOW - 6 * HOUR, walltime_s=24 * HOUR), ran_s=5 * HOUR)
+    short_one = replace(queued(6, team=2, submit=NOW - 10 * HOUR, walltime_s=6 * HOUR), ran_s=5 * HOUR)
+    teams = [replace(team(1), weight=4.0), replace(team(2), weight=0.1)]
+    args = ([node(1, busy=FULL[1:])], [long_one, short_one])
+    decision = schedule(snap(*args, teams=teams))
+    assert set(decision.placements) == {6}
+    assert "would end at 1.0x its run time" in decision.pending[5].reason
+    assert decision.pending[5].position == 1
+    decision = schedule(snap(*args, teams=teams), config=PolicyConfig(served_order="wfq"))
+    assert set(decision.placements) == {5}
+    assert "would end at" not in decision.pending[6].reason
+
+
+def test_an_unknown_served_order_is_refused():
+    with pytest.raises(ValueError, match="served_order must be one of slowdown, wfq"):
+        PolicyConfig(served_order="oldest")
 
 
 def test_a_resumed_job_is_expected_to_run_what_is_left_of_its_estimate():

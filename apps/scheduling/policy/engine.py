@@ -36,7 +36,7 @@ from operator import attrgetter
 from .cluster import ClusterState, Shape
 from .estimator import RuntimeEstimator
 from .fairshare import TeamBook
-from .queue import Entry, Flow, SubQueue
+from .queue import Entry, Flow, SubQueue, served_slowdown
 from .types import Decision, PolicyConfig, QueuedJob, Reservation, RunningJob, Snapshot, TeamSpec
 
 
@@ -375,11 +375,14 @@ class Scheduler:
     # -- ordering -------------------------------------------------------------------------------
     def order_key(self, entry: Entry, now: float, levels: dict[Hashable, float]) -> tuple:
         """(0, 0, seq) for arrival order (fifo, firstfit, and WFQ jobs past the aging bound), else
-        (1, finish tag + fair-share level, seq), and (2, ...) for jobs past the preemption mark;
-        smaller goes first."""
+        (1, finish tag + fair-share level, seq), and for jobs past the preemption mark (2, minus the
+        slowdown each would end with if it started now, seq) (or (2, finish tag + level, seq) with
+        served_order "wfq"); smaller goes first."""
         config = self.config
         if config.policy != "wfq" or (now - entry.submit >= config.aging_s and not entry.served):
             return (0, 0.0, entry.seq)
+        if entry.served and config.served_order == "slowdown":
+            return (2, -served_slowdown(entry, now), entry.seq)
         level = levels.get(entry.team)
         if level is None:
             level = levels[entry.team] = self.teams[entry.team].level(now)

@@ -5,6 +5,7 @@ import time as _time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .queue import served_slowdown
 from .types import Decision, Pending
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ def _memory(shape) -> str:
 def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     """Every queued job as (aged, entry), in the order the next pass would take them: the jobs past
     the aging bound oldest first, then the others by finish tag + fair-share level, then the jobs past
-    the preemption mark the same way (the pass's Scheduler.order_key, for the whole queue at once)."""
+    the preemption mark, the one that would end with the largest slowdown first (the pass's
+    Scheduler.order_key, for the whole queue at once)."""
     config = sched.config
     queued = list(sched.queued.values())  # in arrival order, which the stable sort keeps on ties
     if config.policy != "wfq":
@@ -55,7 +57,10 @@ def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     rest = [e for e in queued if e.submit > aged_before and not e.served]
     served = [e for e in queued if e.served]
     rest.sort(key=lambda e: e.finish_tag + levels[e.team])
-    served.sort(key=lambda e: e.finish_tag + levels[e.team])
+    if config.served_order == "slowdown":
+        served.sort(key=lambda e: -served_slowdown(e, now))
+    else:
+        served.sort(key=lambda e: e.finish_tag + levels[e.team])
     return aged + [(False, e) for e in rest] + [(False, e) for e in served]
 
 
@@ -173,6 +178,9 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
             ran = entry.job.ran_s * entry.gpus / 3600
             reason += (f"; it has run {ran:.1f} GPU-hours already, past the preemption mark of {mark}, "
                        f"so jobs that have run less go first")
+            if sched.config.served_order == "slowdown":
+                reason += (f"; among jobs past the mark, the one that has waited longest for its run goes "
+                           f"first (this one would end at {served_slowdown(entry, now):.1f}x its run time)")
         pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
 
 

@@ -67,3 +67,12 @@ class Flow:
         self.label = label
         self.subs: dict[tuple, SubQueue] = {}
         self.last_finish = 0.0  # finish tag of the flow's latest job
+
+
+def served_slowdown(entry: Entry, now: float) -> float:
+    """The bounded slowdown a job past the preemption mark would end with if it started now: its time
+    since submit plus the run it has left, over its whole expected run. Jobs past the mark wait behind
+    every fresh job, and without this the same fair-share order that made them yield kept the
+    over-share teams' long jobs waiting for days (docs/scheduler.md, "The order among served jobs")."""
+    left = entry.est
+    return (now - entry.submit + left) / max(60.0, entry.job.ran_s + left)

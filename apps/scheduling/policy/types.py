@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 NODE_STATES = ("active", "draining", "standby", "down")
 PRIORITIES = ("low", "normal", "high", "urgent")
 POLICIES = ("wfq", "fifo", "firstfit")
+SERVED_ORDERS = ("slowdown", "wfq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,10 @@ class PolicyConfig:
     preempt_min_run_s: float = 1800.0
     preemptible_kinds: frozenset[str] = frozenset({"training"})
     max_preemptions_per_job: int | None = None
+    # The order among queued jobs past the mark: "slowdown" puts first the one that would end with the
+    # largest slowdown if it started now ((queued so far + run so far + estimate left) / (run so far +
+    # estimate left)); "wfq" keeps the finish tag + fair-share level order of the fresh jobs.
+    served_order: str = "slowdown"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -148,6 +153,8 @@ class PolicyConfig:
             raise ValueError("preempt_threshold_gpu_s and preempt_min_run_s must be >= 0")
         if self.max_preemptions_per_job is not None and self.max_preemptions_per_job < 0:
             raise ValueError("max_preemptions_per_job must be >= 0 or None")
+        if self.served_order not in SERVED_ORDERS:
+            raise ValueError(f"served_order must be one of {', '.join(SERVED_ORDERS)}, not {self.served_order!r}")
         object.__setattr__(self, "preemptible_kinds", frozenset(self.preemptible_kinds))
 
 
