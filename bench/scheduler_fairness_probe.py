@@ -72,7 +72,7 @@ class Probe(Scheduler):
 
     def order_key(self, entry, now, levels):
         base = super().order_key(entry, now, levels)
-        if base[0] == 0 or self.mode in ("base", "oracle-est"):
+        if base[0] != 1 or self.mode in ("base", "oracle-est"):  # the fresh jobs' WFQ order only
             return base
         if self.mode == "oracle":
             run = self.jobs[entry.id].duration
