@@ -262,6 +262,8 @@ DEEPOPT_SCHEDULER: dict = {
     "preempt_threshold_gpu_s": env.float("DEEPOPT_PREEMPT_THRESHOLD_GPU_HOURS", default=4.0) * 3600,
     "preempt_min_run_s": env.float("DEEPOPT_PREEMPT_MIN_RUN_S", default=1800.0),
     "preemptible_kinds": frozenset(env.list("DEEPOPT_PREEMPTIBLE_KINDS", default=["training"])),
+    # Among jobs past the mark: slowdown (the one that has waited longest compared to its run first) or wfq.
+    "served_order": env("DEEPOPT_SERVED_ORDER", default="slowdown"),
 }
 # Queue ETAs (a forward play of the first 1,000 queued jobs) are recomputed by a pass at most this often
 # per worker process; passes in between keep the ETAs already written (apps/scheduling/live.py).
