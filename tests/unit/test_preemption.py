@@ -131,6 +131,20 @@ def test_among_jobs_past_the_mark_the_one_that_would_end_with_the_larger_slowdow
     assert "would end at" not in decision.pending[6].reason
 
 
+def test_served_positions_follow_the_pass_which_takes_each_sub_queue_in_its_own_order():
+    # Jobs 1 and 2 share a flow and shape: job 1 (earlier) heads that served sub-queue although job 2
+    # would end with the larger slowdown; job 3 is another team's. Slowdowns if started now: job 1
+    # (12 + 37) / (11 + 37) = 1.02, job 2 (10 + 1) / (5 + 1) = 1.83, job 3 (8 + 5) / (5 + 5) = 1.3.
+    jobs = [replace(queued(1, team=1, submit=NOW - 12 * HOUR, walltime_s=48 * HOUR), ran_s=11 * HOUR),
+            replace(queued(2, team=1, submit=NOW - 10 * HOUR, walltime_s=6 * HOUR), ran_s=5 * HOUR),
+            replace(queued(3, team=2, submit=NOW - 8 * HOUR, walltime_s=10 * HOUR), ran_s=5 * HOUR)]
+    decision = schedule(snap([node(1, busy=FULL)], jobs))
+    assert sorted(decision.pending, key=lambda j: decision.pending[j].position) == [3, 1, 2]
+    # The pass agrees: with one GPU free it takes job 3, then job 1 (the head of its sub-queue).
+    assert set(schedule(snap([node(1, busy=FULL[1:])], jobs)).placements) == {3}
+    assert set(schedule(snap([node(1, busy=FULL[1:])], jobs[:2])).placements) == {1}
+
+
 def test_an_unknown_served_order_is_refused():
     with pytest.raises(ValueError, match="served_order must be one of slowdown, wfq"):
         PolicyConfig(served_order="oldest")

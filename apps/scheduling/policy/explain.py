@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time as _time
 from collections.abc import Callable
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 from .queue import served_slowdown
@@ -45,8 +46,8 @@ def _memory(shape) -> str:
 def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     """Every queued job as (aged, entry), in the order the next pass would take them: the jobs past
     the aging bound oldest first, then the others by finish tag + fair-share level, then the jobs past
-    the preemption mark, the one that would end with the largest slowdown first (the pass's
-    Scheduler.order_key, for the whole queue at once)."""
+    the preemption mark as the pass merges their sub-queues (the pass's Scheduler.order_key, for the
+    whole queue at once)."""
     config = sched.config
     queued = list(sched.queued.values())  # in arrival order, which the stable sort keeps on ties
     if config.policy != "wfq":
@@ -58,10 +59,29 @@ def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     served = [e for e in queued if e.served]
     rest.sort(key=lambda e: e.finish_tag + levels[e.team])
     if config.served_order == "slowdown":
-        served.sort(key=lambda e: -served_slowdown(e, now))
+        served = _merged_by_slowdown(served, now)
     else:
         served.sort(key=lambda e: e.finish_tag + levels[e.team])
     return aged + [(False, e) for e in rest] + [(False, e) for e in served]
+
+
+def _merged_by_slowdown(served: list[Entry], now: float) -> list[Entry]:
+    """The served jobs as the pass takes them: each sub-queue (flow x shape) in its own order, and at
+    each step the sub-queue whose head would end with the largest slowdown (not a global sort, which
+    would rank a job ahead of an earlier one of its sub-queue that the pass must take first)."""
+    subs: dict = {}
+    for entry in served:
+        subs.setdefault(entry.sub, []).append(entry)
+    heap = [(-served_slowdown(jobs[0], now), jobs[0].seq, 0, jobs) for jobs in subs.values()]
+    heapify(heap)
+    out = []
+    while heap:
+        _, _, i, jobs = heappop(heap)
+        out.append(jobs[i])
+        if i + 1 < len(jobs):
+            nxt = jobs[i + 1]
+            heappush(heap, (-served_slowdown(nxt, now), nxt.seq, i + 1, jobs))
+    return out
 
 
 def _describe(code: str, entry: Entry, book, when: Callable[[float], str], first_hold, now: float) -> str:
@@ -179,8 +199,8 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
             reason += (f"; it has run {ran:.1f} GPU-hours already, past the preemption mark of {mark}, "
                        f"so jobs that have run less go first")
             if sched.config.served_order == "slowdown":
-                reason += (f"; among jobs past the mark, the one that has waited longest for its run goes "
-                           f"first (this one would end at {served_slowdown(entry, now):.1f}x its run time)")
+                reason += (f"; among jobs past the mark, the one that has waited longest compared to its run "
+                           f"goes first (this one would end at {served_slowdown(entry, now):.1f}x its run time)")
         pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
 
 
