@@ -41,6 +41,19 @@ def test_a_new_job_preempts_a_job_past_the_mark_and_waits_for_it_live():
     assert "stopping 1 running job that ran past 4 GPU-hours" in decision.pending[10].reason
 
 
+def test_the_free_gpus_of_a_node_held_for_a_preempting_job_are_not_offered_in_the_reasons():
+    # Node 1: a 7-GPU job past the mark and 1 free GPU. Job 10 (8 GPUs, 8 GPU-hours) goes first, stops
+    # the 7-GPU job and holds the node; job 11 (1 GPU for 100 h, another team) cannot have that free
+    # GPU, and its reason says so.
+    run = [running(1, 1, FULL[:7], ran_for=HOUR)]
+    jobs = [queued(10, gpus=8), queued(11, team=2, gpus=1, walltime_s=100 * HOUR)]
+    decision = schedule(snap([node(1, busy=FULL[:7])], jobs, run=run))
+    assert set(decision.preemptions) == {1}
+    assert decision.placements == {}
+    assert decision.pending[11].code == "capacity"
+    assert decision.pending[11].reason.startswith("no active node has 1 GPU free")
+
+
 def test_jobs_under_the_mark_too_young_or_of_another_kind_are_not_preempted():
     nodes = [node(1, busy=FULL)]
     cases = [

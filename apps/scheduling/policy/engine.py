@@ -89,6 +89,7 @@ class Scheduler:
         # Per pass, by node: its victims in the order to stop them, and their GPUs in all.
         self._victim_order: dict[int, tuple[list[tuple[Hashable, list[Hashable], bool]], int]] = {}
         self.preempting: dict[Hashable, tuple[Hashable, ...]] = {}
+        self.preempt_nodes: set[int] = set()  # nodes held in the last pass for jobs that preempt (live)
         self._seq = 0
         self._shapes: dict[tuple, Shape] = {}
         self._ever: dict[tuple, bool] = {}
@@ -371,6 +372,7 @@ class Scheduler:
         if not self.instant_preemption:
             self.preempting[entry.id] = tuple(stop)
             self.cluster.hide(nodes)
+            self.preempt_nodes.update(nodes)
 
     # -- ordering -------------------------------------------------------------------------------
     def order_key(self, entry: Entry, now: float, levels: dict[Hashable, float]) -> tuple:
@@ -405,6 +407,7 @@ class Scheduler:
         self.now = now
         self.reservations = []
         self.preempting = {}
+        self.preempt_nodes = set()
         self._victim_order = {}
         decision = Decision()
         cluster, config = self.cluster, self.config

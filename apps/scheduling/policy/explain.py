@@ -130,7 +130,6 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
     wfq = config.policy == "wfq"
     holds = {held.entry.id: held for held in sched.reservations}
     first_hold = min(sched.reservations, key=lambda h: h.time, default=None)
-    per_sub: dict = {}
     texts: dict[tuple, str] = {}
     aged_note = f"; queued over {_duration(config.aging_s)}, so it goes before newer jobs"
     mark = f"{config.preempt_threshold_gpu_s / 3600:g} GPU-hours"
@@ -142,66 +141,77 @@ def explain_pass(sched: Scheduler, decision: Decision, now: float,
             found = texts[case] = _describe(code, entry, sched.teams[entry.team], when, first_hold, now)
         return found
 
+    per_sub: dict = {}
     month_blocks: dict[tuple, bool] = {}
-    for position, (aged, entry) in enumerate(ordered(sched, now), start=1):
-        sub = entry.sub
-        static = per_sub.get(sub)
-        if static is None:
-            # (code, text) when the whole sub-queue waits for the same thing, else (None, fits now).
-            book = sched.teams[entry.team]
-            block = book.quota_block(entry.gpus, 0.0, now)
-            if block in ("quota_per_job", "max_gpus"):
-                static = (block, _describe(block, entry, book, when, first_hold, now))
-            elif not sched.can_ever(entry.shape):
-                static = ("never_fits", _describe("never_fits", entry, book, when, first_hold, now))
+    # The free GPUs of nodes held for jobs that preempt are theirs: a job that would fit only there
+    # does not fit now. They stay hidden while explaining, as the pass had them.
+    cluster.hide(sched.preempt_nodes)
+    try:
+        for position, (aged, entry) in enumerate(ordered(sched, now), start=1):
+            sub = entry.sub
+            static = per_sub.get(sub)
+            if static is None:
+                # (code, text) when the whole sub-queue waits for the same thing, else (None, fits now).
+                book = sched.teams[entry.team]
+                block = book.quota_block(entry.gpus, 0.0, now)
+                if block in ("quota_per_job", "max_gpus"):
+                    static = (block, _describe(block, entry, book, when, first_hold, now))
+                elif not sched.can_ever(entry.shape):
+                    static = ("never_fits", _describe("never_fits", entry, book, when, first_hold, now))
+                else:
+                    static = (None, cluster.place(entry.shape) is not None)
+                per_sub[sub] = static
+            code, detail = static
+            if code is not None:
+                reason = detail
             else:
-                static = (None, cluster.place(entry.shape) is not None)
-            per_sub[sub] = static
-        code, detail = static
-        if code is not None:
-            reason = detail
-        else:
-            book = sched.teams[entry.team]
-            over_month = False
-            if book.month_quota_s is not None:
-                month_key = (entry.team, entry.gpus, entry.est)
-                if month_key not in month_blocks:
-                    month_blocks[month_key] = book.quota_block(entry.gpus, entry.est, now) == "month_quota"
-                over_month = month_blocks[month_key]
-            if over_month:
-                code, reason = "month_quota", text(("month_quota", sub, entry.est), "month_quota", entry)
-            elif entry.id in holds:
-                code, reason = "reserved", _reserved(entry, holds[entry.id], cluster, when)
-            elif detail and first_hold is not None and now + entry.est > first_hold.time:
-                code, reason = "reservation", text(("reservation", entry.est), "reservation", entry)
-            elif detail:
-                code = "order"
-                reason = f"behind {_plural(position - 1, 'earlier job')} (strict arrival order, no backfill)"
-            else:
-                code, reason = "capacity", text(("capacity", entry.shape.key), "capacity", entry)
-                if position > 1:
-                    if not wfq:
-                        what = "submitted earlier"
+                book = sched.teams[entry.team]
+                over_month = False
+                if book.month_quota_s is not None:
+                    month_key = (entry.team, entry.gpus, entry.est)
+                    if month_key not in month_blocks:
+                        month_blocks[month_key] = book.quota_block(entry.gpus, entry.est, now) == "month_quota"
+                    over_month = month_blocks[month_key]
+                if over_month:
+                    code, reason = "month_quota", text(("month_quota", sub, entry.est), "month_quota", entry)
+                elif entry.id in holds:
+                    code, reason = "reserved", _reserved(entry, holds[entry.id], cluster, when)
+                elif detail and first_hold is not None and now + entry.est > first_hold.time:
+                    code, reason = "reservation", text(("reservation", entry.est), "reservation", entry)
+                elif detail:
+                    code = "order"
+                    if wfq:  # it would fit, but the first job of its team, kind and shape waits
+                        reason = (f"behind {_plural(position - 1, 'job')}; an earlier job of its team, kind and size "
+                                  f"waits, and those start in order")
                     else:
-                        what = "that waited longer" if aged else "of higher fair-share priority"
-                    jobs = "1 job" if position == 2 else f"{position - 1} jobs"
-                    reason = f"{reason}; behind {jobs} {what}"
-        stopping = sched.preempting.get(entry.id)
-        if stopping is not None:
-            code = "preempting"
-            # The stopped jobs may be other teams': counted, not named.
-            reason = (f"stopping {_plural(len(stopping), 'running job')} that ran past {mark} to make room; it "
-                      f"starts when {'that job has' if len(stopping) == 1 else 'they have'} given the GPUs back")
-        if aged:
-            reason += aged_note
-        if entry.served:
-            ran = entry.job.ran_s * entry.gpus / 3600
-            reason += (f"; it has run {ran:.1f} GPU-hours already, past the preemption mark of {mark}, "
-                       f"so jobs that have run less go first")
-            if sched.config.served_order == "slowdown":
-                reason += (f"; among jobs past the mark, the one that has waited longest compared to its run "
-                           f"goes first (this one would end at {served_slowdown(entry, now):.1f}x its run time)")
-        pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
+                        reason = f"behind {_plural(position - 1, 'earlier job')} (strict arrival order, no backfill)"
+                else:
+                    code, reason = "capacity", text(("capacity", entry.shape.key), "capacity", entry)
+                    if position > 1:
+                        if not wfq:
+                            what = "submitted earlier"
+                        else:
+                            what = "that waited longer" if aged else "of higher fair-share priority"
+                        jobs = "1 job" if position == 2 else f"{position - 1} jobs"
+                        reason = f"{reason}; behind {jobs} {what}"
+            stopping = sched.preempting.get(entry.id)
+            if stopping is not None:
+                code = "preempting"
+                # The stopped jobs may be other teams': counted, not named.
+                reason = (f"stopping {_plural(len(stopping), 'running job')} that ran past {mark} to make room; it "
+                          f"starts when {'that job has' if len(stopping) == 1 else 'they have'} given the GPUs back")
+            if aged:
+                reason += aged_note
+            if entry.served:
+                ran = entry.job.ran_s * entry.gpus / 3600
+                reason += (f"; it has run {ran:.1f} GPU-hours already, past the preemption mark of {mark}, "
+                           f"so jobs that have run less go first")
+                if sched.config.served_order == "slowdown":
+                    reason += (f"; among jobs past the mark, the one that has waited longest compared to its run "
+                               f"goes first (this one would end at {served_slowdown(entry, now):.1f}x its run time)")
+            pending[entry.id] = Pending(position, sub.flow.label, entry.start_tag, entry.finish_tag, reason, code)
+    finally:
+        cluster.unhide()
 
 
 def _reserved(entry: Entry, held, cluster, when: Callable[[float], str]) -> str:
