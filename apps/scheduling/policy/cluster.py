@@ -228,8 +228,10 @@ class ClusterState:
                 if by_free[k]:
                     best = (k, self._pick(by_free[k], end))
                     break
-            for n in self.hidden:
-                if self.active[n] and min(self.free_count[n], caps.get(n, 0)) >= g:
+            # Hidden nodes give only what `caps` allows them (nothing when not in it): look at those in it.
+            hidden = self.hidden
+            for n, cap in caps.items():
+                if n in hidden and self.active[n] and min(self.free_count[n], cap) >= g:
                     if best is None or (self.free_count[n], n) < best:
                         best = (self.free_count[n], n)
             return None if best is None else best[1]
