@@ -2,15 +2,14 @@
 not every scheduling pass later."""
 from __future__ import annotations
 
-from django.conf import settings
 from django.core.checks import Error
 
 
 def check_scheduler_settings(app_configs=None, **kwargs) -> list[Error]:
-    from .policy import PolicyConfig
+    from .live import policy_config
 
     try:
-        PolicyConfig(**getattr(settings, "DEEPOPT_SCHEDULER", {}))
+        policy_config()
     except (TypeError, ValueError) as exc:
         return [Error(f"DEEPOPT_SCHEDULER: {exc}", hint="see docs/scheduler.md, 'Defaults, and why'",
                       id="scheduling.E001")]

@@ -58,29 +58,26 @@ def ordered(sched: Scheduler, now: float) -> list[tuple[bool, Entry]]:
     rest = [e for e in queued if e.submit > aged_before and not e.served]
     served = [e for e in queued if e.served]
     rest.sort(key=lambda e: e.finish_tag + levels[e.team])
-    if config.served_order == "slowdown":
-        served = _merged_by_slowdown(served, now)
-    else:
-        served.sort(key=lambda e: e.finish_tag + levels[e.team])
-    return aged + [(False, e) for e in rest] + [(False, e) for e in served]
+    return aged + [(False, e) for e in rest] + [(False, e) for e in _merged(sched, served, now)]
 
 
-def _merged_by_slowdown(served: list[Entry], now: float) -> list[Entry]:
+def _merged(sched: Scheduler, served: list[Entry], now: float) -> list[Entry]:
     """The served jobs as the pass takes them: each sub-queue (flow x shape) in its own order, and at
-    each step the sub-queue whose head would end with the largest slowdown (not a global sort, which
-    would rank a job ahead of an earlier one of its sub-queue that the pass must take first)."""
+    each step the sub-queue whose head comes first by Scheduler.order_key (with served_order
+    "slowdown" that key changes with the clock, so a global sort would rank a job ahead of an earlier
+    one of its sub-queue that the pass must take first)."""
     subs: dict = {}
     for entry in served:
         subs.setdefault(entry.sub, []).append(entry)
-    heap = [(-served_slowdown(jobs[0], now), jobs[0].seq, 0, jobs) for jobs in subs.values()]
+    levels: dict = {}
+    heap = [(sched.order_key(jobs[0], now, levels), 0, jobs) for jobs in subs.values()]
     heapify(heap)
     out = []
     while heap:
-        _, _, i, jobs = heappop(heap)
+        _, i, jobs = heappop(heap)
         out.append(jobs[i])
         if i + 1 < len(jobs):
-            nxt = jobs[i + 1]
-            heappush(heap, (-served_slowdown(nxt, now), nxt.seq, i + 1, jobs))
+            heappush(heap, (sched.order_key(jobs[i + 1], now, levels), i + 1, jobs))
     return out
 
 
