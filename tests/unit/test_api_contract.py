@@ -55,6 +55,14 @@ def test_a_wrong_password_gets_no_token(dana):
     assert response.json()["non_field_errors"]
 
 
+def test_a_username_longer_than_any_user_can_have_is_a_400_not_a_server_error(dana):
+    # Found by the schema fuzz on PostgreSQL: django-axes could not record the failure (varchar 255).
+    response = APIClient().post("/api/v1/auth/token/", {"username": "d" * 300, "password": "nope"}, format="json")
+    assert response.status_code == 400
+    assert "150" in response.json()["username"][0]
+    assert "token" not in response.json()
+
+
 def test_the_same_user_gets_the_same_token_twice(dana):
     assert token_for("dana", "dana-pass-123") == token_for("dana", "dana-pass-123")
 

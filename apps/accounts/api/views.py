@@ -23,14 +23,27 @@ from apps.accounts.permissions import can_manage_team
 User = get_user_model()
 
 
+class TokenSerializer(AuthTokenSerializer):
+    """DRF's serializer with the model's length limits: a username longer than any user's is a 400
+    before the password check, as on the login form, instead of a failure django-axes cannot record
+    (its username column is 255 characters; PostgreSQL refuses longer ones)."""
+
+    username = serializers.CharField(label="Username", write_only=True,
+                                     max_length=User._meta.get_field(User.USERNAME_FIELD).max_length)
+    password = serializers.CharField(label="Password", style={"input_type": "password"}, trim_whitespace=False,
+                                     write_only=True, max_length=4096)
+
+
 class TokenView(ObtainAuthToken):
     """Exchange a username and password for an API token (the same token every time). After too many
     failures for one username from one address, 429 (django-axes; settings AXES_*)."""
 
+    serializer_class = TokenSerializer
+
     @extend_schema(
-        request=AuthTokenSerializer,
+        request=TokenSerializer,
         responses={
-            200: AuthTokenSerializer,
+            200: TokenSerializer,
             400: OpenApiResponse(description="Wrong username or password, or a field missing."),
             429: OpenApiResponse(
                 response=inline_serializer("LockedOut", {"detail": serializers.CharField()}),
