@@ -32,27 +32,54 @@ from apps.forecasting import forecaster as forecaster_module  # noqa: E402
 from apps.forecasting.backtest import backtest, load_series, parse_horizons  # noqa: E402
 
 CHOSEN = [list(c) for c in forecaster_module.DEFAULT_OPTIONS["candidates"]]
+# The defaults until 2026-11-30, which the rows of bench/results/forecast-ablation-2026-11-28-cpu2.json
+# vary: Prophet's seasons, latest and yesterday, without and then with reversion.
+PREVIOUS = [["seasonal", "latest", "yesterday"], ["seasonal", "reversion", "latest", "yesterday"]]
 FOUR = ["seasonal", "latest", "yesterday", "reversion"]
+NO_PROPHET = ["latest", "reversion", "day_profile"]
 
 
-def without(name: str) -> list[list[str]]:
-    return [[f for f in c if f != name] for c in CHOSEN]
+def without(name: str, sets: list[list[str]] = CHOSEN) -> list[list[str]]:
+    return [[f for f in c if f != name] for c in sets]
+
+
+def plus(name: str, sets: list[list[str]] = PREVIOUS) -> list[list[str]]:
+    return [[*c, name] for c in sets]
 
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "chosen (defaults)": {},
     "persistence (no correction)": {"candidates": []},
-    "one set: seasonal, latest, yesterday, reversion": {"candidates": [FOUR]},
-    "one set: seasonal, latest, yesterday": {"candidates": [CHOSEN[0]]},
-    "one set: seasonal": {"candidates": [["seasonal"]]},
+    # Variations of the current defaults (2026-11-30).
+    "previous defaults (no day_profile)": {"candidates": PREVIOUS},
+    "without the set without Prophet": {"candidates": plus("day_profile")},
+    "without day_profile in the Prophet sets": {"candidates": [*PREVIOUS, NO_PROPHET]},
+    "day_profile as a mean at the same time of day only": {"profile_stat": "mean", "profile_spread": "0min"},
+    "day_profile as a median at the same time of day only": {"profile_spread": "0min"},
+    "day_profile over 14 days": {"profile_days": 14},
+    "day_profile over 3 days": {"profile_days": 3},
     "without latest": {"candidates": without("latest")},
     "without yesterday": {"candidates": without("yesterday")},
-    "without seasonal": {"candidates": without("seasonal")},
-    "plus last_week": {"candidates": [[*c, "last_week"] for c in CHOSEN]},
-    "plus a set with reversion_long (3 days)": {"candidates": [*CHOSEN, [*FOUR, "reversion_long"]]},
-    "reversion toward the last 6 h (not the last day)": {"reversion_window": "6h"},
-    "plus a set with reversion_long toward the last 6 h": {"candidates": [*CHOSEN, [*FOUR, "reversion_long"]],
-                                                           "long_reversion_window": "6h"},
+    "only the set without Prophet": {"candidates": [NO_PROPHET]},
+    # Variations of the previous defaults (the 2026-11-28 table in docs/forecasting.md).
+    "previous: one set: seasonal, latest, yesterday, reversion": {"candidates": [FOUR]},
+    "previous: one set: seasonal, latest, yesterday": {"candidates": [PREVIOUS[0]]},
+    "previous: one set: seasonal": {"candidates": [["seasonal"]]},
+    "previous: without latest": {"candidates": without("latest", PREVIOUS)},
+    "previous: without yesterday": {"candidates": without("yesterday", PREVIOUS)},
+    "previous: without seasonal": {"candidates": without("seasonal", PREVIOUS)},
+    "previous: plus last_week": {"candidates": plus("last_week")},
+    "previous: plus a set with reversion_long (3 days)": {"candidates": [*PREVIOUS, [*FOUR, "reversion_long"]]},
+    "previous: reversion toward the last 6 h (not the last day)": {"candidates": PREVIOUS, "reversion_window": "6h"},
+    "previous: plus a set with reversion_long toward the last 6 h": {
+        "candidates": [*PREVIOUS, [*FOUR, "reversion_long"]], "long_reversion_window": "6h"},
+    "previous: plus a set with day_profile": {"candidates": [*PREVIOUS, [*FOUR, "day_profile"]]},
+    "previous: day_profile instead of yesterday": {"candidates": plus("day_profile", without("yesterday", PREVIOUS))},
+    "previous: no Prophet, day_profile for seasonal": {
+        "candidates": [["latest", "yesterday", "day_profile"], ["latest", "reversion", "yesterday", "day_profile"]]},
+    "previous: pooled folds only (fold_wins 0)": {"candidates": PREVIOUS, "fold_wins": 0.0},
+    "previous: bands without finite-sample widening": {"candidates": PREVIOUS, "finite_sample": False},
+    "previous: least squares instead of LAD": {"candidates": PREVIOUS, "loss": "ls"},
     "pooled folds only (fold_wins 0)": {"fold_wins": 0.0},
     "bands without finite-sample widening": {"finite_sample": False},
     "least squares instead of LAD": {"loss": "ls"},

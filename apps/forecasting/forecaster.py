@@ -42,15 +42,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-STATE_VERSION = 2  # 2: six features in FEATURES order
+STATE_VERSION = 3  # 2: six features in FEATURES order; 3: seven (day_profile)
 REFIT_EVERY = pd.Timedelta("1D")
 MAX_HISTORY = pd.Timedelta("28D")
-FEATURES = ("seasonal", "latest", "yesterday", "reversion", "reversion_long", "last_week")
+FEATURES = ("seasonal", "latest", "yesterday", "reversion", "reversion_long", "last_week", "day_profile")
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     # The correction's candidate inputs (of FEATURES), simplest first; each horizon uses the best on the folds.
-    "candidates": (("seasonal", "latest", "yesterday"), ("seasonal", "reversion", "latest", "yesterday")),
+    "candidates": (("seasonal", "latest", "yesterday", "day_profile"),
+                   ("seasonal", "reversion", "latest", "yesterday", "day_profile"),
+                   ("latest", "reversion", "day_profile")),
     "calibration_window": "14D",   # origins used to fit the per-horizon correction and its bands
     "fold_length": "2D",           # length of each rolling out-of-sample fold
     "folds": 4,                    # at most this many folds (fewer on short history)
@@ -64,6 +66,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "min_weekly_history": "14D",   # and its weekly season this much
     "reversion_window": "1D",      # the level the reversion feature pulls toward
     "long_reversion_window": "3D",  # and the optional long one
+    "profile_days": 7,             # day_profile: the same change over this many past days,
+    "profile_spread": "30min",     # at origins up to this far either side of the same time of day,
+    "profile_stat": "median",      # summarised by their "median" (or "mean")
     "ladder": 16,                  # horizons calibrated at each refit, log-spaced up to a day
     "nonnegative": None,           # clip at 0; None: when the history has no negative value
 }
@@ -156,6 +161,8 @@ class LoadForecaster:
         if unknown:
             raise TypeError(f"unknown LoadForecaster options: {', '.join(sorted(unknown))}")
         self.options = {**DEFAULT_OPTIONS, **options}
+        if self.options["profile_stat"] not in ("median", "mean"):
+            raise ValueError(f"profile_stat must be 'median' or 'mean', not {self.options['profile_stat']!r}")
         self.fit_seconds = 0.0          # total Prophet fit time so far
         self.calibration_seconds = 0.0  # total time spent fitting the corrections and bands
         self.refits = 0
@@ -203,6 +210,27 @@ class LoadForecaster:
             delta = np.zeros(len(idx))
             delta[ok] = y[idx[ok] + ks[ok] - p] - y[idx[ok] - p]
             out[name] = delta
+        # day_profile: the median of that change over the last `profile_days` days and over origins up to
+        # `profile_spread` either side of the same time of day (those the history holds).
+        p = max(1, int(pd.Timedelta("1D") / self.step))
+        spread = int(_td(self.options["profile_spread"]) / self.step)
+        samples = np.full((len(idx), int(self.options["profile_days"]) * (2 * spread + 1)), np.nan)
+        column = 0
+        for j in range(1, int(self.options["profile_days"]) + 1):
+            for offset in range(-spread, spread + 1):
+                then = idx - j * p + offset
+                ok = (then >= 0) & (ks <= p) & (then + ks <= idx)
+                samples[ok, column] = y[then[ok] + ks[ok]] - y[then[ok]]
+                column += 1
+        missing = np.isnan(samples)
+        full, part = ~missing.any(axis=1), missing.any(axis=1) & ~missing.all(axis=1)
+        median = self.options["profile_stat"] == "median"
+        profile = np.zeros(len(idx))
+        if full.any():  # most origins: every day is there (np.median is several times faster than nanmedian)
+            profile[full] = (np.median if median else np.mean)(samples[full], axis=1)
+        if part.any():
+            profile[part] = (np.nanmedian if median else np.nanmean)(samples[part], axis=1)
+        out["day_profile"] = profile
         return out
 
     def _window(self, option: str) -> int:
@@ -336,6 +364,7 @@ class LoadForecaster:
             "latest": arrays["last"][idx] - y,
             "yesterday": (lags or {}).get("yesterday", 0.0),
             "last_week": (lags or {}).get("last_week", 0.0),
+            "day_profile": (lags or {}).get("day_profile", 0.0),
         }
         shape = np.broadcast(*columns.values()).shape
         return np.column_stack([np.broadcast_to(columns[name], shape) for name in FEATURES])

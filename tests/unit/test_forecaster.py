@@ -186,3 +186,53 @@ def test_a_horizon_between_steps_is_rounded_up_and_bad_input_is_refused():
         forecaster.forecast(series * np.nan, HORIZONS)
     with pytest.raises(TypeError, match="unknown LoadForecaster options: bogus"):
         LoadForecaster(STEP, bogus=1)
+
+
+def test_day_profile_is_the_median_change_at_that_time_of_day_over_the_past_week_and_nothing_later():
+    forecaster = LoadForecaster(STEP)  # 7 days, origins 30 minutes (3 steps) either side
+    day = 144
+    y = np.random.default_rng(3).normal(size=10 * day).cumsum()
+    origin = 9 * day + 17
+    for k in (6, 36):
+        got = forecaster._lags(y, np.array([origin]), np.array([k]))["day_profile"][0]
+        want = np.median([y[origin - j * day + o + k] - y[origin - j * day + o]
+                          for j in range(1, 8) for o in range(-3, 4)])
+        assert got == pytest.approx(want)
+    # A day ahead, yesterday's origins after this one's time of day would need values after the origin:
+    # they are left out, and changing everything after the origin changes nothing.
+    later = y.copy()
+    later[origin + 1:] += 1000
+    a = forecaster._lags(y, np.array([origin]), np.array([day]))["day_profile"][0]
+    assert forecaster._lags(later, np.array([origin]), np.array([day]))["day_profile"][0] == a
+    want = np.median([y[origin - j * day + o + day] - y[origin - j * day + o]
+                      for j in range(1, 8) for o in range(-3, 4) if j > 1 or o <= 0])
+    assert a == pytest.approx(want)
+    # With no day of history there is nothing to summarise: 0, not NaN.
+    assert forecaster._lags(y, np.array([day - 5]), np.array([6]))["day_profile"][0] == 0.0
+    with pytest.raises(ValueError, match="profile_stat must be 'median' or 'mean'"):
+        LoadForecaster(STEP, profile_stat="mode")
+
+
+def square_wave_series(days: int = 8, seed: int = 11) -> pd.Series:
+    """Load that steps from 100 to 260 GPUs at 08:00 and back at 20:00 every day, with AR(1) noise: a
+    daily shape with corners, which the day's past changes carry directly."""
+    rng = np.random.default_rng(seed)
+    index = pd.date_range("2024-03-04", periods=days * 144, freq=STEP)
+    hour = index.hour + index.minute / 60
+    noise = np.zeros(len(index))
+    for i in range(1, len(index)):
+        noise[i] = 0.9 * noise[i - 1] + rng.normal(0, 4)
+    return pd.Series(np.where((hour >= 8) & (hour < 20), 260.0, 100.0) + noise, index=index)
+
+
+def test_the_day_profile_alone_forecasts_a_daily_shape_without_prophet_features():
+    series = square_wave_series()
+    kwargs = {"train_end": series.index[0] + pd.Timedelta("6D"), "test_end": series.index[-1],
+              "horizons": HORIZONS, **FAST}
+    with_profile = backtest(series, candidates=[("latest", "reversion", "day_profile")], **kwargs)
+    without = backtest(series, candidates=[("latest", "reversion")], **kwargs)
+    six = with_profile["horizons"]["6h"]
+    # Persistence is off by the whole 160-GPU step for half of the 6-hour forecasts.
+    assert six["mae_persistence"] > 60
+    assert six["mae"] < 0.35 * six["mae_persistence"]
+    assert without["horizons"]["6h"]["mae"] > 0.8 * six["mae_persistence"]
