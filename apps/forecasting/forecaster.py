@@ -11,17 +11,19 @@ Method (docs/forecasting.md, "Forecaster and backtest", has the measurements beh
   after a fit (a Prophet fitted once and never updated is 4-30x worse than persistence on the Helios
   series), while the seasons stay valid.
 - The level comes from the latest observation y(t). Per horizon h (k steps) the forecast is
-  y(t) + x(t, h) . beta_k, with x drawn from (FEATURES; the defaults use the first four):
-      seasonal   L(t) * (M(t+h) - M(t))    the change Prophet's seasons expect (L: mean of the last day)
-      latest     last raw sample inside the last step - y(t)   (when the caller has finer data)
-      yesterday  y(t+h-1d) - y(t-1d)       the same change a day earlier (h <= 1 day)
-      reversion  L(t) - y(t)               pull toward the last day's mean
+  y(t) + x(t, h) . beta_k, with x drawn from (FEATURES; the defaults use all but the long reversion
+  and last week):
+      seasonal     L(t) * (M(t+h) - M(t))  the change Prophet's seasons expect (L: mean of the last day)
+      latest       last raw sample inside the last step - y(t)   (when the caller has finer data)
+      yesterday    y(t+h-1d) - y(t-1d)     the same change a day earlier (h <= 1 day)
+      reversion    L(t) - y(t)             pull toward the last day's mean
+      day_profile  median of y(s+h) - y(s) over the last 7 days, s within 30 min of t's time of day
   beta_k is a least-absolute-deviation fit on the origins of the last `calibration_window` whose
   targets are observed, shrunk toward persistence (beta = 0) by a weight chosen on rolling
   out-of-sample folds. Per horizon the folds also choose among the `candidates` feature sets
-  (without, then with `reversion`): a set is used only if it beats the best so far on the pooled
-  folds by `margin` and persistence in `fold_wins` of them. Where nothing beats persistence, the
-  forecast is persistence.
+  (Prophet's seasons without, then with `reversion`; then a set without Prophet): a set is used only
+  if it beats the best so far on the pooled folds by `margin` and persistence in `fold_wins` of
+  them. Where nothing beats persistence, the forecast is persistence.
 - The 80 % band is yhat + the 10 % and 90 % quantiles of the out-of-sample fold errors (split
   conformal, widened for the effective number of errors when they overlap), per calibrated horizon;
   other horizons interpolate in log h, longer ones widen with sqrt(h).
