@@ -165,6 +165,8 @@ class LoadForecaster:
         self.options = {**DEFAULT_OPTIONS, **options}
         if self.options["profile_stat"] not in ("median", "mean"):
             raise ValueError(f"profile_stat must be 'median' or 'mean', not {self.options['profile_stat']!r}")
+        if int(self.options["profile_days"]) < 1 or _td(self.options["profile_spread"]) < pd.Timedelta(0):
+            raise ValueError("profile_days must be at least 1 and profile_spread not negative")
         self.fit_seconds = 0.0          # total Prophet fit time so far
         self.calibration_seconds = 0.0  # total time spent fitting the corrections and bands
         self.refits = 0
@@ -204,7 +206,9 @@ class LoadForecaster:
 
     def _lags(self, y: np.ndarray, idx: np.ndarray, ks: np.ndarray) -> dict[str, np.ndarray]:
         """The change the same k steps saw one period earlier: y(t+k-P) - y(t-P), for P a day and a week;
-        0 where the history does not reach back, or where t+k-P would be after the origin (k > P)."""
+        0 where the history does not reach back, or where t+k-P would be after the origin (k > P). And
+        `day_profile`: the median (or mean) of y(s+k) - y(s) over s = t - j days + o, j = 1 ..
+        `profile_days`, |o| <= `profile_spread`, leaving out any s + k after t; 0 where there is none."""
         out = {}
         for name, period in (("yesterday", "1D"), ("last_week", "7D")):
             p = max(1, int(pd.Timedelta(period) / self.step))

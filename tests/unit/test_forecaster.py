@@ -211,6 +211,8 @@ def test_day_profile_is_the_median_change_at_that_time_of_day_over_the_past_week
     assert forecaster._lags(y, np.array([day - 5]), np.array([6]))["day_profile"][0] == 0.0
     with pytest.raises(ValueError, match="profile_stat must be 'median' or 'mean'"):
         LoadForecaster(STEP, profile_stat="mode")
+    with pytest.raises(ValueError, match="profile_days must be at least 1"):
+        LoadForecaster(STEP, profile_days=0)
 
 
 def square_wave_series(days: int = 8, seed: int = 11) -> pd.Series:
