@@ -61,6 +61,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "without latest": {"candidates": without("latest")},
     "without yesterday": {"candidates": without("yesterday")},
     "only the set without Prophet": {"candidates": [NO_PROPHET]},
+    "beat persistence in every fold (fold_wins 1)": {"fold_wins": 1.0},
+    "a 5 % margin": {"margin": 0.05},
     # Variations of the previous defaults (the 2026-11-28 table in docs/forecasting.md).
     "previous: one set: seasonal, latest, yesterday, reversion": {"candidates": [FOUR]},
     "previous: one set: seasonal, latest, yesterday": {"candidates": [PREVIOUS[0]]},
