@@ -75,10 +75,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "previous: reversion toward the last 6 h (not the last day)": {"candidates": PREVIOUS, "reversion_window": "6h"},
     "previous: plus a set with reversion_long toward the last 6 h": {
         "candidates": [*PREVIOUS, [*FOUR, "reversion_long"]], "long_reversion_window": "6h"},
-    "previous: plus a set with day_profile": {"candidates": [*PREVIOUS, [*FOUR, "day_profile"]]},
-    "previous: day_profile instead of yesterday": {"candidates": plus("day_profile", without("yesterday", PREVIOUS))},
-    "previous: no Prophet, day_profile for seasonal": {
-        "candidates": [["latest", "yesterday", "day_profile"], ["latest", "reversion", "yesterday", "day_profile"]]},
     "previous: pooled folds only (fold_wins 0)": {"candidates": PREVIOUS, "fold_wins": 0.0},
     "previous: bands without finite-sample widening": {"candidates": PREVIOUS, "finite_sample": False},
     "previous: least squares instead of LAD": {"candidates": PREVIOUS, "loss": "ls"},

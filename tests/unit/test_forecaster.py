@@ -20,13 +20,18 @@ HORIZONS = [pd.Timedelta("10min"), pd.Timedelta("1h"), pd.Timedelta("6h")]
 
 def seasonal_series(days: int = 8, seed: int = 7) -> pd.Series:
     """A daily cycle of +-60 around 200 with AR(1) noise: the season is predictable, the noise is not."""
-    rng = np.random.default_rng(seed)
     index = pd.date_range("2024-03-04", periods=days * 144, freq=STEP)
     hours = (index - index[0]) / pd.Timedelta("1h")
-    noise = np.zeros(len(index))
-    for i in range(1, len(index)):
+    return pd.Series(200 + 60 * np.sin(2 * np.pi * hours / 24) + ar1_noise(len(index), seed), index=index)
+
+
+def ar1_noise(n: int, seed: int) -> np.ndarray:
+    """AR(1) noise, coefficient 0.9, innovations of sd 4: what no forecaster can predict."""
+    rng = np.random.default_rng(seed)
+    noise = np.zeros(n)
+    for i in range(1, n):
         noise[i] = 0.9 * noise[i - 1] + rng.normal(0, 4)
-    return pd.Series(200 + 60 * np.sin(2 * np.pi * hours / 24) + noise, index=index)
+    return noise
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +223,9 @@ def test_day_profile_is_the_median_change_at_that_time_of_day_over_the_past_week
 def square_wave_series(days: int = 8, seed: int = 11) -> pd.Series:
     """Load that steps from 100 to 260 GPUs at 08:00 and back at 20:00 every day, with AR(1) noise: a
     daily shape with corners, which the day's past changes carry directly."""
-    rng = np.random.default_rng(seed)
     index = pd.date_range("2024-03-04", periods=days * 144, freq=STEP)
     hour = index.hour + index.minute / 60
-    noise = np.zeros(len(index))
-    for i in range(1, len(index)):
-        noise[i] = 0.9 * noise[i - 1] + rng.normal(0, 4)
-    return pd.Series(np.where((hour >= 8) & (hour < 20), 260.0, 100.0) + noise, index=index)
+    return pd.Series(np.where((hour >= 8) & (hour < 20), 260.0, 100.0) + ar1_noise(len(index), seed), index=index)
 
 
 def test_the_day_profile_alone_forecasts_a_daily_shape_without_prophet_features():
