@@ -12,7 +12,12 @@ forecast_backtest`:
 - the same sum with a two-week test (train to 05-17) and with a one-week test (train to 05-15, test
   to 05-21), and the summed pending_gpu_num;
 - individual tenants' running_gpu_num (and one tenant's pending_gpu_num) with the issue's split;
-- the issue's reference: a Prophet fitted once on the training part and never updated.
+- the issue's reference: a Prophet fitted once on the training part and never updated;
+- held out (no default was chosen on it): another cluster, Microsoft's Philly, from
+  ../shared/data/traces/philly-2017-sep-oct/jobs.csv. The trace has jobs, not metrics, so the series
+  is the offered load: the GPUs of the jobs that would be running had each started at its submit time
+  (run times exclude queueing), per minute, for the cluster and for its five largest tenants by
+  GPU-hours; two weeks of test (train to 2017-10-10, test to 10-23). Skipped when the file is missing.
 
 Each series gets the metrics per horizon, ratios to persistence, the goal verdicts, fit_s and wall_s.
 """
@@ -45,7 +50,10 @@ SPLITS = {
     "issue": ("2020-05-22", "2020-05-31"),      # the issue's split: 9 days of training context, 10 days of test
     "two-weeks": ("2020-05-17", "2020-05-31"),  # the judge's test length
     "one-week": ("2020-05-15", "2020-05-21"),
+    "philly-two-weeks": ("2017-10-10", "2017-10-23"),  # held out: the Philly trace's offered load
 }
+PHILLY = ROOT.parent / "shared" / "data" / "traces" / "philly-2017-sep-oct" / "jobs.csv"
+PHILLY_START = pd.Timestamp("2017-09-04")  # submit_s counts from the first submission, on that day
 TENANTS = ["vc6YE", "vcvlY", "vcLJZ", "vcpDC", "vcTJs", "vchbv", "vcMod", "vcJkd"]
 GOALS = {"10min": 1.0, "1h": 0.9, "6h": 0.9}
 COVERAGE = (0.75, 0.85)
@@ -100,6 +108,28 @@ def series_runs(csv: Path, *, quick: bool = False) -> list[tuple[str, Path, str,
     runs += [("tenant/vc6YE/pending/issue", DATA / "vc6YE.csv.gz", "pending_gpu_num", "issue", True),
              ("tenant/vcvlY/running/two-weeks", DATA / "vcvlY.csv.gz", "running_gpu_num", "two-weeks", True),
              ("tenant/vcpDC/running/one-week", DATA / "vcpDC.csv.gz", "running_gpu_num", "one-week", True)]
+    return runs
+
+
+def write_philly_csvs(target: Path, tenants: int = 5) -> list[tuple[str, Path, str, str, bool]]:
+    """The Philly trace's offered load per minute (the GPUs of the jobs that would run had each started at
+    its submit time), for the cluster and its largest tenants by GPU-hours, as CSVs for load_series."""
+    jobs = pd.read_csv(PHILLY)
+    gpu_hours = (jobs.num_gpus * jobs.duration_s).groupby(jobs.tenant).sum().sort_values(ascending=False)
+    grid = pd.date_range(PHILLY_START, PHILLY_START + pd.Timedelta(seconds=int(jobs.submit_s.max())), freq="1min")
+    runs = []
+    for name in ["all", *gpu_hours.index[:tenants]]:
+        part = jobs if name == "all" else jobs[jobs.tenant == name]
+        start = PHILLY_START + pd.to_timedelta(part.submit_s, unit="s")
+        end = start + pd.to_timedelta(part.duration_s, unit="s")
+        events = pd.concat([pd.Series(part.num_gpus.to_numpy(), index=start),
+                            pd.Series(-part.num_gpus.to_numpy(), index=end)])
+        level = events.groupby(level=0).sum().sort_index().cumsum()
+        offered = level.reindex(level.index.union(grid)).ffill().fillna(0.0).reindex(grid)
+        path = target / f"philly-{name}.csv"
+        pd.DataFrame({"time": grid, "offered_gpus": offered.to_numpy()}).to_csv(path, index=False)
+        label = "heldout/philly/offered/cluster" if name == "all" else f"heldout/philly/offered/tenant-{name}"
+        runs.append((label, path, "offered_gpus", "philly-two-weeks", True))
     return runs
 
 
@@ -219,6 +249,11 @@ def main() -> int:
         csv = Path(tmp) / "helios-earth-cluster-sum.csv"
         write_cluster_csv(csv)
         runs = series_runs(csv, quick=args.quick)
+        if not args.quick:
+            if PHILLY.is_file():
+                runs += write_philly_csvs(Path(tmp))
+            else:
+                out["heldout_skipped"] = f"{PHILLY} is missing"
         for name, path, column, split, latest in runs:
             result, wall = run_one(path, column, split, latest=latest, **options)
             out["series"][name] = summarize(name, result, wall)

@@ -78,6 +78,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "previous: pooled folds only (fold_wins 0)": {"candidates": PREVIOUS, "fold_wins": 0.0},
     "previous: bands without finite-sample widening": {"candidates": PREVIOUS, "finite_sample": False},
     "previous: least squares instead of LAD": {"candidates": PREVIOUS, "loss": "ls"},
+    "fixed bands (no band tracking)": {"band_tracking": 0.0},
+    "band tracking 0.01 at every horizon": {"band_tracking": 0.01, "tracking_power": 0.0},
+    "band tracking 0.03 over sqrt(k)": {"band_tracking": 0.03},
+    "band tracking 0.08 over sqrt(k)": {"band_tracking": 0.08},
+    "band tracking 0.2 over k": {"band_tracking": 0.2, "tracking_power": 1.0},
     "pooled folds only (fold_wins 0)": {"fold_wins": 0.0},
     "bands without finite-sample widening": {"finite_sample": False},
     "least squares instead of LAD": {"loss": "ls"},
@@ -141,7 +146,8 @@ def main() -> int:
                                   horizons=parse_horizons(bench.HORIZONS, bench.STEP),
                                   latest=last if latest else None, **options)
                 rows[name] = {"ratios": {h: m["ratio_to_persistence"] for h, m in result["horizons"].items()},
-                              "coverage80": {h: m["coverage80"] for h, m in result["horizons"].items()}}
+                              "coverage80": {h: m["coverage80"] for h, m in result["horizons"].items()},
+                              "band_width": {h: m["band_width"] for h, m in result["horizons"].items()}}
             out["configs"][config] = {"options": options, "series": rows, "summary": _summary(rows)}
             print(f"{config:40s} {json.dumps(out['configs'][config]['summary'])}", file=sys.stderr, flush=True)
     out["prophet_fits"] = memo.fits
@@ -164,6 +170,8 @@ def _summary(rows: dict[str, Any]) -> dict[str, Any]:
         summary[f"{h}_mean_ratio_cluster_splits"] = round(sum(rows[n]["ratios"][h] for n in cluster) / len(cluster), 4)
         covered = [r["coverage80"][h] for r in rows.values()]
         summary[f"{h}_coverage_in_range_share"] = round(sum(0.75 <= c <= 0.85 for c in covered) / len(covered), 3)
+        summary[f"{h}_coverage_mean_abs_error"] = round(sum(abs(c - 0.8) for c in covered) / len(covered), 4)
+        summary[f"{h}_coverage_worst_abs_error"] = round(max(abs(c - 0.8) for c in covered), 4)
     return summary
 
 

@@ -82,6 +82,10 @@ def forecast_series(series: Series, now: datetime | None = None) -> Forecast | N
                 "state": forecaster.dump(include_model=False), "fitted_at": now, "fit_seconds_total": fit_total,
                 "refits": (cached.refits if cached else 0) + int(refitted),
             })
+        elif forecaster.options["band_tracking"] > 0:
+            # The bands' tracked offsets moved with the errors seen since the last forecast: keep them,
+            # so the next forecast scores only the newer ones.
+            ForecasterState.objects.filter(pk=cached.pk).update(state=forecaster.dump(include_model=False))
         forecast = Forecast.objects.create(
             series=series, origin=path.origin.tz_localize("UTC").to_pydatetime(), step_s=int(STEP.total_seconds()),
             method=path.method[:80], points=points, refitted=refitted, compute_s=time.perf_counter() - began,

@@ -44,9 +44,17 @@ def test_a_forecast_covers_5_minutes_to_24_hours_with_bands_and_caches_its_fit(c
     assert state.refits == 1
     assert state.fit_seconds_total > 0
 
-    again = forecast_series(cluster_series, NOW + timedelta(minutes=5))
+    assert state.state["tracking"] == {}   # fitted at this origin: no later error to score yet
+
+    # Ten minutes later, with a new point: the cached fit serves it, and the bands' tracked offsets,
+    # which moved with the errors now observed, are kept for the next forecast.
+    SeriesPoint.objects.create(series=cluster_series, resolution_s=600, ts=NOW, value=20.0)
+    again = forecast_series(cluster_series, NOW + timedelta(minutes=10))
     assert not again.refitted  # refits are daily; the cached fit served this one
-    assert ForecasterState.objects.get(series=cluster_series).refits == 1
+    state = ForecasterState.objects.get(series=cluster_series)
+    assert state.refits == 1
+    assert state.state["tracked_origin"] == again.origin.replace(tzinfo=None).isoformat()
+    assert state.state["tracking"]  # one [lower, upper] offset per calibrated horizon
 
 
 def test_a_state_from_another_forecaster_version_is_refitted_not_an_error(cluster_series):

@@ -239,3 +239,60 @@ def test_the_day_profile_alone_forecasts_a_daily_shape_without_prophet_features(
     assert six["mae_persistence"] > 60
     assert six["mae"] < 0.35 * six["mae_persistence"]
     assert without["horizons"]["6h"]["mae"] > 0.8 * six["mae_persistence"]
+
+
+def noise_shift_series(before_sd: float, after_sd: float, days: int = 6, seed: int = 5) -> pd.Series:
+    """A flat load of 200 GPUs with white noise whose scale changes from `before_sd` to `after_sd` for the
+    last two days: errors after the change are not like those the bands were calibrated on."""
+    rng = np.random.default_rng(seed)
+    index = pd.date_range("2024-03-04", periods=days * 144, freq=STEP)
+    sd = np.where(np.arange(len(index)) < (days - 2) * 144, before_sd, after_sd)
+    return pd.Series(200.0 + sd * rng.normal(size=len(index)), index=index)
+
+
+# No Prophet (its seasons are not what these tests are about) and one fit only, before the change.
+NO_SEASONS_ONE_FIT = {**FAST, "min_daily_history": "30D", "min_weekly_history": "30D",
+                      "refit_every": pd.Timedelta("30D")}
+
+
+def band_coverage(series: pd.Series, tracking: float) -> float:
+    """Coverage of the one-step bands over the last day, forecast from every origin of the last two days
+    by a forecaster fitted once, before the change."""
+    forecaster = LoadForecaster(STEP, band_tracking=tracking, **NO_SEASONS_ONE_FIT)
+    n = len(series)
+    inside = [path.lower[0] <= series.iloc[origin + 1] <= path.upper[0]
+              for origin, path in rolling_forecasts(forecaster, series, range(n - 2 * 144 - 1, n - 1), [STEP])
+              if origin + 1 >= n - 144]
+    assert forecaster.refits == 1
+    assert len(inside) == 144
+    return float(np.mean(inside))
+
+
+def test_tracked_bands_recover_80_percent_coverage_when_the_errors_grow_or_shrink():
+    grows = noise_shift_series(2.0, 6.0)
+    assert band_coverage(grows, tracking=0.0) < 0.5   # the bands of the quiet days cover a third of the noisy ones
+    assert 0.72 <= band_coverage(grows, tracking=0.05) <= 0.88
+    shrinks = noise_shift_series(6.0, 2.0)
+    assert band_coverage(shrinks, tracking=0.0) > 0.97   # bands three times too wide
+    assert 0.72 <= band_coverage(shrinks, tracking=0.05) <= 0.88
+
+
+def test_band_tracking_only_moves_the_bands_and_survives_dump_and_load():
+    series = noise_shift_series(2.0, 6.0)
+    cut = len(series) - 2 * 144
+    fixed = LoadForecaster(STEP, band_tracking=0.0, **NO_SEASONS_ONE_FIT)
+    tracked = LoadForecaster(STEP, band_tracking=0.05, **NO_SEASONS_ONE_FIT)
+    for end in range(cut, len(series) + 1, 6):
+        a = fixed.forecast(series.iloc[:end], HORIZONS)
+        b = tracked.forecast(series.iloc[:end], HORIZONS)
+        np.testing.assert_array_equal(a.yhat, b.yhat)   # the forecast itself does not change
+    # The noise tripled: wider at every horizon (slower the longer the horizon, whose errors come later).
+    assert np.all(b.upper - b.lower > 1.5 * (a.upper - a.lower))
+    assert tracked.tracked_origin == series.index[-1]
+    again = LoadForecaster.load(json.loads(json.dumps(tracked.dump(include_model=False))))
+    assert again.tracking == tracked.tracking
+    np.testing.assert_array_equal(again.forecast(series, HORIZONS).upper, tracked.forecast(series, HORIZONS).upper)
+    # Asked about an earlier origin, it forgets offsets learnt from later errors.
+    tracked.forecast(series.iloc[:cut], HORIZONS)
+    assert tracked.tracked_origin == series.index[cut - 1]
+    assert tracked.tracking == {}
