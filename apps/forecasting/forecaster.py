@@ -528,6 +528,7 @@ class LoadForecaster:
         pairs = [(t - k, k) for k in sorted(self.calibration) for t in range(max(first_target, k), n)]
         if pairs:
             self._score(history, latest, *(np.array(column) for column in zip(*pairs, strict=True)), now - (n - 1))
+        issued = {}
         for k in self.calibration:   # the offsets the forecasts issued now use, for when their errors come
             d = self.tracking.get(k, [0.0, 0.0])
             kept = [e for e in self.issued.get(k, []) if e[0] > now - k]
@@ -535,7 +536,9 @@ class LoadForecaster:
             kept = older[-1:] + kept   # the one in force k steps ago is still to be looked up
             if not kept or max(abs(d[0] - kept[-1][1]), abs(d[1] - kept[-1][2])) > ISSUED_RESOLUTION:
                 kept.append([int(now), round(d[0], 5), round(d[1], 5)])
-            self.issued[k] = kept
+            issued[k] = kept
+        self.issued = issued   # horizons a refit no longer calibrates are dropped
+        self.tracking = {k: d for k, d in self.tracking.items() if k in self.calibration}
 
     def _score(self, history: pd.Series, latest: pd.Series | None, origins: np.ndarray, ks: np.ndarray,
                first_step: int) -> None:
@@ -603,7 +606,8 @@ class LoadForecaster:
     def dump(self, *, include_model: bool = True) -> dict[str, Any]:
         """JSON-serialisable state: options, the fitted Prophet model (prophet.serialize JSON; most of the
         size, about 1.5 MB for 28 days at 5 minutes, and not needed to forecast: `include_model=False`
-        leaves it out), its seasonal table, and the per-horizon corrections and bands."""
+        leaves it out), its seasonal table, the per-horizon corrections and bands, and the bands'
+        tracked offsets (with those issued over the last k steps, whose errors are still to come)."""
         def ts(value: pd.Timestamp | None) -> str | None:
             return None if value is None else value.isoformat()
 

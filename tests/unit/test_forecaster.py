@@ -296,3 +296,18 @@ def test_band_tracking_only_moves_the_bands_and_survives_dump_and_load():
     tracked.forecast(series.iloc[:cut], HORIZONS)
     assert tracked.tracked_origin == series.index[cut - 1]
     assert tracked.tracking == {}
+
+
+def test_each_error_is_scored_against_the_band_issued_with_its_forecast():
+    index = pd.date_range("2024-03-04", periods=10, freq=STEP)
+    history = pd.Series([200.0] * 9 + [202.5], index=index)
+    forecaster = LoadForecaster(STEP)
+    forecaster.calibration = {1: {"beta": [0.0] * 7, "q": [-1.0, 1.0]}}   # persistence, band +-1 (width 2)
+    forecaster.tracking = {1: [1.0, 1.0]}   # today's band: +-3
+    first_step = index[0].value // STEP.value
+    forecaster.issued = {1: [[first_step, 0.0, 0.0]]}   # the band issued with the forecast: +-1
+    # The forecast from the 9th point, 200, missed 202.5 by 2.5: outside the issued band, inside today's.
+    forecaster._score(history, None, np.array([8]), np.array([1]), first_step)
+    low, high = forecaster.tracking[1]
+    assert high == pytest.approx(1.0 + 0.05 * (1 - 0.1))   # a miss on the upper side: out
+    assert low == pytest.approx(1.0 - 0.05 * 0.1)           # no miss below: in a little
