@@ -78,6 +78,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "previous: pooled folds only (fold_wins 0)": {"candidates": PREVIOUS, "fold_wins": 0.0},
     "previous: bands without finite-sample widening": {"candidates": PREVIOUS, "finite_sample": False},
     "previous: least squares instead of LAD": {"candidates": PREVIOUS, "loss": "ls"},
+    "margin growing as sqrt(horizon) past 1 h": {"margin_reference": "1h"},
+    "margin growing as sqrt(horizon) past 10 min": {"margin_reference": "10min"},
     "fixed bands (no band tracking)": {"band_tracking": 0.0},
     "band tracking 0.01 at every horizon": {"band_tracking": 0.01, "tracking_power": 0.0},
     "band tracking 0.03 over sqrt(k)": {"band_tracking": 0.03},

@@ -62,6 +62,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "folds": 4,                    # at most this many folds (fewer on short history)
     "loss": "lad",                 # "lad" (median: what MAE rewards) or "ls" (least squares)
     "margin": 0.02,                # a correction must beat persistence on the pooled folds by 2 %
+    "margin_reference": None,      # if a duration: the margin grows as sqrt(horizon / it) past it
     "fold_wins": 0.75,             # and in at least this share of the folds
     "coverage": 0.8,               # nominal band coverage
     "band_coverage": None,         # quantile level of the bands (None: `coverage`)
@@ -429,6 +430,11 @@ class LoadForecaster:
         persistence_mae = float(np.mean(np.abs(held)))
         fold_persistence = [np.mean(np.abs(held[fold_id == i])) for i in range(len(blocks))]
         margin = float(self.options["margin"])
+        if self.options["margin_reference"] is not None:
+            # Errors k steps ahead overlap over k steps, so the folds hold fewer independent ones the
+            # longer the horizon, and their MAE is noisier in proportion to sqrt(k).
+            reference = _td(self.options["margin_reference"]) / self.step
+            margin *= max(1.0, math.sqrt(k / reference))
         best = {"mae": persistence_mae, "weight": 0.0, "features": (), "pred": np.zeros(len(held))}
         # Candidate feature sets, simplest first: a richer one must beat the best so far by `margin` on
         # the pooled folds, and persistence in `fold_wins` of the folds.

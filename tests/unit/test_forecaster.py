@@ -311,3 +311,15 @@ def test_each_error_is_scored_against_the_band_issued_with_its_forecast():
     low, high = forecaster.tracking[1]
     assert high == pytest.approx(1.0 + 0.05 * (1 - 0.1))   # a miss on the upper side: out
     assert low == pytest.approx(1.0 - 0.05 * 0.1)           # no miss below: in a little
+
+
+def test_a_margin_with_a_reference_horizon_grows_as_the_square_root_of_the_horizon():
+    series = square_wave_series()   # the day profile beats persistence at 6 h by about two thirds
+    six_hours = int(pd.Timedelta("6h") / STEP)
+    flat = LoadForecaster(STEP, margin=0.2, **FAST)
+    flat.update(series, horizons=HORIZONS)
+    assert flat.calibration[six_hours]["features"]   # 20 % is not too much to ask at 6 h
+    growing = LoadForecaster(STEP, margin=0.2, margin_reference="10min", **FAST)
+    growing.update(series, horizons=HORIZONS)
+    assert growing.calibration[six_hours]["features"] == []   # 20 % x sqrt(36) = 120 %: nothing passes
+    assert growing.calibration[1]["features"] == flat.calibration[1]["features"]   # the same at 10 min
