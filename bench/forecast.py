@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from apps.forecasting.backtest import backtest, load_series, parse_horizons, static_prophet_mae  # noqa: E402
 from apps.forecasting.forecaster import LoadForecaster  # noqa: E402
+from apps.scheduling.replay import load_trace  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "metrics" / "helios-earth-2020-05"
 STEP = pd.Timedelta("10min")
@@ -114,7 +115,8 @@ def series_runs(csv: Path, *, quick: bool = False) -> list[tuple[str, Path, str,
 def write_philly_csvs(target: Path, tenants: int = 5) -> list[tuple[str, Path, str, str, bool]]:
     """The Philly trace's offered load per minute (the GPUs of the jobs that would run had each started at
     its submit time), for the cluster and its largest tenants by GPU-hours, as CSVs for load_series."""
-    jobs = pd.read_csv(PHILLY)
+    jobs = pd.DataFrame([(j.submit, j.duration, j.gpus, j.tenant) for j in load_trace(PHILLY)],
+                        columns=["submit_s", "duration_s", "num_gpus", "tenant"])
     gpu_hours = (jobs.num_gpus * jobs.duration_s).groupby(jobs.tenant).sum().sort_values(ascending=False)
     grid = pd.date_range(PHILLY_START, PHILLY_START + pd.Timedelta(seconds=int(jobs.submit_s.max())), freq="1min")
     runs = []
