@@ -525,10 +525,11 @@ class LoadForecaster:
         if self.tracked_origin is not None and origin < self.tracked_origin:
             self.tracking, self.issued = {}, {}   # asked about an earlier time: these saw the future
             self.tracked_origin = None
-        newest = n - 1 - self._window("tracking_window")
+        # Targets after the last pass (at most `tracking_window` back) and after the fit: out of sample.
+        scored_through = n - 1 - self._window("tracking_window")
         if self.tracked_origin is not None:
-            newest = max(newest, n - 1 - int((origin - self.tracked_origin) / self.step))
-        first_target = max(newest, n - 1 - int((origin - self.fit_origin) / self.step)) + 1
+            scored_through = max(scored_through, n - 1 - int((origin - self.tracked_origin) / self.step))
+        first_target = max(scored_through, n - 1 - int((origin - self.fit_origin) / self.step)) + 1
         self.tracked_origin = origin
         now = origin.value // self.step.value   # steps since the epoch: the issued offsets' clock
         pairs = [(t - k, k) for k in sorted(self.calibration) for t in range(max(first_target, k), n)]
@@ -537,9 +538,9 @@ class LoadForecaster:
         issued = {}
         for k in self.calibration:   # the offsets the forecasts issued now use, for when their errors come
             d = self.tracking.get(k, [0.0, 0.0])
-            kept = [e for e in self.issued.get(k, []) if e[0] > now - k]
-            older = [e for e in self.issued.get(k, []) if e[0] <= now - k]
-            kept = older[-1:] + kept   # the one in force k steps ago is still to be looked up
+            entries = self.issued.get(k, [])   # in time order
+            expired = sum(e[0] <= now - k for e in entries)
+            kept = entries[max(0, expired - 1):]   # the one in force k steps ago is still to be looked up
             if not kept or max(abs(d[0] - kept[-1][1]), abs(d[1] - kept[-1][2])) > ISSUED_RESOLUTION:
                 kept.append([int(now), round(d[0], 5), round(d[1], 5)])
             issued[k] = kept
@@ -552,30 +553,28 @@ class LoadForecaster:
         positions in `history`, whose first point is `first_step` steps since the epoch)."""
         arrays = self._arrays(history, latest)
         target = arrays["raw"][origins + ks]
-        times = pd.date_range(history.index[0], periods=len(history), freq=self.step)
-        season = self.seasonal_terms(times)
-        x = self._features(arrays, origins, season[origins], season[origins + ks],
-                           self._lags(arrays["y"], origins, ks))
+        x = self._features(arrays, origins, self.seasonal_terms(history.index[origins]),
+                           self.seasonal_terms(history.index[origins + ks]), self._lags(arrays["y"], origins, ks))
         beta = np.array([self.calibration[k]["beta"] for k in ks])
         error = target - (arrays["y"][origins] + np.sum(x * beta, axis=1))
         alpha = (1 - float(self.options["coverage"])) / 2
-        step = float(self.options["band_tracking"]) / ks.astype(float) ** float(self.options["tracking_power"])
-        for k in np.unique(ks):
+        for k in map(int, np.unique(ks)):
             mine = (ks == k) & ~np.isnan(error)
             if not mine.any():
                 continue
+            step = float(self.options["band_tracking"]) / k ** float(self.options["tracking_power"])
             lo, hi = self.calibration[k]["q"]
             width = hi - lo
-            issued = self.issued.get(int(k), [])
+            issued = self.issued.get(k, [])
             at = np.searchsorted([e[0] for e in issued], origins[mine] + first_step, side="right") - 1
             d_lo = np.array([issued[i][1] if i >= 0 else 0.0 for i in at])
             d_hi = np.array([issued[i][2] if i >= 0 else 0.0 for i in at])
             low_miss = np.sum(error[mine] < lo - d_lo * width)
             high_miss = np.sum(error[mine] > hi + d_hi * width)
-            d = self.tracking.get(int(k), [0.0, 0.0])
+            d = self.tracking.get(k, [0.0, 0.0])
             scored = int(mine.sum())
-            self.tracking[int(k)] = [min(3.0, max(-0.5, d[0] + step[mine][0] * (low_miss - alpha * scored))),
-                                     min(3.0, max(-0.5, d[1] + step[mine][0] * (high_miss - alpha * scored)))]
+            self.tracking[k] = [min(3.0, max(-0.5, d[0] + step * (low_miss - alpha * scored))),
+                                min(3.0, max(-0.5, d[1] + step * (high_miss - alpha * scored)))]
 
     # -- forecasts -----------------------------------------------------------------------------------
     def forecast(self, history: pd.Series, horizons: Sequence[pd.Timedelta],
