@@ -63,6 +63,12 @@ def on_job_changed(sender, job=None, event=None, **kwargs) -> None:  # noqa: ANN
     elif from_state == "queued" and job.state in TERMINAL:
         # Cancelled (or failed) while queued: no pass will speak of the job again, so its team's counts go now.
         data["usage"] = team_usage_data(job.team_id)
+    elif from_state == "" and job.state == "queued":
+        # A new job: only the team's queued count moved (one indexed count, not the month's GPU-hours), so the
+        # pages' counts are right before the pass that follows the submission, or when none does.
+        from apps.scheduling.models import Job
+
+        data["usage"] = {"queued_jobs": Job.objects.filter(team_id=job.team_id, state="queued").count()}
     publish([team_group(job.team_id)], "job.state", data)
 
 
@@ -108,6 +114,10 @@ def on_node_changed(sender, node=None, **kwargs) -> None:  # noqa: ANN001
     """`cluster.signals.node_changed` (after commit): registered, drained, activated, down."""
     if node is not None:
         node_state(node)
+        # Everyone's cluster chart draws the active capacity (a number it already shows to all): keep it true.
+        from apps.dashboard.load import active_capacity
+
+        publish([CLUSTER], "cluster.capacity", {"active_gpus": active_capacity()})
 
 
 def job_progress(job, attempt: int, lines: list[dict], *, rank: int = 0) -> None:  # noqa: ANN001

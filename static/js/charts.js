@@ -29,7 +29,7 @@
     // A series a few minutes old has one or two points: markers, or plotly draws nothing.
     out.push({ x: chart.history.t, y: chart.history.y, mode: chart.history.t.length < 3 ? "lines+markers" : "lines",
                line: { color: COLORS.observed, width: 2 }, name: "observed" });
-    if (chart.capacity) {
+    if (chart.capacity != null) {  // only the allocated-GPUs chart has one; 0 when every node is on standby
       var xs = chart.history.t.concat(f ? f.t : []);
       if (xs.length) {
         out.push({ x: [xs[0], xs[xs.length - 1]], y: [chart.capacity, chart.capacity], mode: "lines",
@@ -60,6 +60,7 @@
     var label = el.querySelector("[data-chart-meta]");
     if (label) label.textContent = meta(chart);
     el.setAttribute("data-forecast-origin", chart.forecast ? chart.forecast.origin : "");
+    if (chart.capacity != null) el.setAttribute("data-capacity", String(chart.capacity));
   }
 
   // The API's series detail -> the embedded shape (one place that knows both).
@@ -87,6 +88,12 @@
           .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
           .then(function (series) { data = fromApi(series, data.capacity); draw(el, data); })
           .catch(function () { /* the next forecast brings another try */ });
+      });
+      // A node activated, put on standby or down: the dotted capacity line moves with it.
+      window.DeepOptLive.on("cluster.capacity", function (event) {
+        if (data.capacity == null || !event || typeof event.active_gpus !== "number" || event.active_gpus === data.capacity) return;
+        data.capacity = event.active_gpus;
+        draw(el, data);
       });
     }
   }

@@ -481,13 +481,17 @@
     meter.querySelector("span").style.width = percent + "%";
   }
 
+  // `usage` may be partial (a new job's event carries only queued_jobs): what it lacks stays as it is.
   function updateUsage(team, usage) {
     all('[data-usage-team="' + team + '"]').forEach(function (box) {
       ["running_jobs", "queued_jobs"].forEach(function (key) {
+        if (usage[key] == null) return;
         all('[data-usage="' + key + '"]', box).forEach(function (el) { el.textContent = usage[key]; });
       });
-      setMeter(box.querySelector('[data-usage-meter="gpus_in_use"]'), usage.gpus_in_use, false);
-      setMeter(box.querySelector('[data-usage-meter="gpu_hours_this_month"]'), usage.gpu_hours_this_month, true);
+      if (usage.gpus_in_use != null) setMeter(box.querySelector('[data-usage-meter="gpus_in_use"]'), usage.gpus_in_use, false);
+      if (usage.gpu_hours_this_month != null) {
+        setMeter(box.querySelector('[data-usage-meter="gpu_hours_this_month"]'), usage.gpu_hours_this_month, true);
+      }
     });
     var queued = document.querySelector('[data-stat="queued"]');
     if (queued) {
@@ -509,12 +513,25 @@
       try { nodeGpus = JSON.parse(stats.getAttribute("data-node-gpus")); } catch (error) { nodeGpus = {}; }
     }
     nodeGpus[node.id] = [node.busy.length, node.gpus, node.state];
-    var used = 0, total = 0, free = 0, count = 0;
+    var used = 0, total = 0, free = 0, count = 0, byState = {};
     Object.keys(nodeGpus).forEach(function (key) {
       var n = nodeGpus[key];
       count += 1; used += n[0]; total += n[1];
+      byState[n[2]] = (byState[n[2]] || 0) + 1;
       if (n[2] === "active") free += n[1] - n[0];
     });
+    // The feet under the numbers: nodes by state, and free GPUs on nodes that take no jobs.
+    all("[data-node-state-count]", stats).forEach(function (el) {
+      var n = byState[el.getAttribute("data-node-state-count")] || 0;
+      el.hidden = !n;
+      var value = el.querySelector("[data-count]");
+      if (value) value.textContent = n;
+    });
+    var unavailable = document.querySelector("[data-stat-unavailable]");
+    if (unavailable) {
+      unavailable.hidden = !(total - used - free);
+      unavailable.querySelector("[data-count]").textContent = total - used - free;
+    }
     var usedEl = document.querySelector('[data-stat="gpus-used"]');
     if (usedEl) {
       usedEl.innerHTML = esc(used) + "<small> / " + esc(total) + "</small>";

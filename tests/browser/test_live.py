@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,89 @@ def test_a_training_jobs_page_catches_up_with_a_start_it_missed_and_draws_its_lo
     tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'succeeded'")
     tab.wait_for_selector("[data-loss-chart][data-source=result][data-points='3']")
     assert "held-out loss 0.0800 at the end" in tab.inner_text("[data-testid=training-curve]")
+
+
+def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live(tabs, alice, team_a, node_a,
+                                                                                 client_for, live_daphne):
+    """The seeded load history (make run's) with a Prophet forecast and its band on the dashboard; a new
+    forecast redraws the chart and a scaling decision enters the autoscaler's table, without a reload."""
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from apps.cluster.services import register_node, set_node_state
+    from apps.forecasting.models import Series
+    from apps.forecasting.series import ALLOCATED, CLUSTER_KEY
+    from apps.forecasting.services import autoscale, forecast_series
+
+    register_node(team=team_a, name="a-node-small", hostname="a2.example", rack="r1",
+                  gpus=[{"index": i, "model": "NVIDIA H200", "memory_mb": 143_771} for i in range(4)])
+    set_node_state(node_a, GpuNode.State.STANDBY)  # 4 GPUs active, 8 on standby
+    call_command("seed_history", gpus=12, stdout=open(os.devnull, "w"))  # noqa: SIM115
+    series = Series.objects.get(key=CLUSTER_KEY.format(metric=ALLOCATED))
+    earlier = forecast_series(series, now=timezone.now() - timedelta(hours=1))
+
+    tab = tabs()
+    sign_in_at(tab, "/", "alice")
+    tab.evaluate("window.__notReloaded = true")
+    chart = f".load-chart[data-series-id='{series.pk}']"
+    plotted = ("(sel) => Object.fromEntries(document.querySelector(sel + ' [data-chart-plot]').data"
+               ".map(t => [t.name, t.x.length]))")
+
+    def origin_drawn() -> datetime:
+        return datetime.fromisoformat(tab.get_attribute(chart, "data-forecast-origin").replace("Z", "+00:00"))
+
+    tab.wait_for_selector(f"{chart}[data-forecast-origin]")
+    assert origin_drawn() == earlier.origin
+    assert tab.get_attribute(chart, "data-capacity") == "4"
+    assert stat_feet(tab) == {"active": "1", "standby": "1", "unavailable": "8"}
+    traces = tab.evaluate(plotted, chart)
+    # The last 24 h observed (10-minute points), the forecast and both edges of its band, the capacity.
+    assert traces["observed"] >= 100
+    assert traces["forecast"] == traces["80% band"] == traces["upper"] == len(earlier.points)
+    assert traces["active GPUs"] == 2
+
+    # A new forecast (the beat's refresh, here called directly) redraws the chart in place.
+    latest = elsewhere(forecast_series, series)
+    assert latest.origin > earlier.origin
+    tab.wait_for_function(f"document.querySelector(\"{chart}\").getAttribute('data-forecast-origin') "
+                          f"!== '{tab.get_attribute(chart, 'data-forecast-origin')}'")
+    assert origin_drawn() == latest.origin
+    assert latest.method in tab.inner_text(f"{chart} [data-chart-meta]")
+
+    # The forecast peak over the next 10 minutes (the seeded load is scaled to 12 GPUs) or, at worst, an
+    # 8-GPU job that cannot run on the 4 active GPUs: the autoscaler brings a-node-1 back, and says why.
+    response = elsewhere(client_for(alice).post, "/api/v1/jobs/",
+                         {**COMPRESSION_JOB, "name": "needs 8", "team": team_a.pk, "resources": {"gpus": 8}},
+                         format="json")
+    assert response.status_code == 201, response.content
+    # The new job is counted at once (no scheduling pass runs in this test).
+    tab.wait_for_function("document.querySelector('[data-stat=queued]').textContent.trim() === '1'")
+    assert tab.inner_text(f"[data-usage-team='{team_a.pk}'] [data-usage=queued_jobs]") == "1"
+    decisions = elsewhere(autoscale)
+    assert [(d.action, d.node_name) for d in decisions] == [("activate", "a-node-1")]
+    row = tab.wait_for_selector("[data-decisions] tr:has-text('a-node-1')")
+    assert "Bring back from standby" in row.inner_text()
+    assert decisions[0].reason in row.inner_text()
+    assert f"{decisions[0].forecast_peak:.1f}" in row.inner_text()
+    # The node's return moves the capacity line and the numbers above, their feet included.
+    tab.wait_for_selector(f"{chart}[data-capacity='12']")
+    assert tab.evaluate(plotted, chart)["active GPUs"] == 2
+    tab.wait_for_function("document.querySelector('[data-stat=gpus-free]').textContent.trim() === '12'")
+    assert stat_feet(tab) == {"active": "2"}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / "dashboard-forecast.png"), full_page=True)
+    assert tab.evaluate("window.__notReloaded") is True
+
+
+def stat_feet(tab) -> dict[str, str]:
+    """The dashboard's visible node counts by state, and the idle GPUs on nodes that take no jobs."""
+    return tab.evaluate("""() => {
+        const out = {};
+        document.querySelectorAll('[data-node-state-count]').forEach(el => {
+            const count = el.querySelector('[data-count]').textContent;
+            if (!el.hidden) out[el.getAttribute('data-node-state-count')] = count;
+        });
+        const idle = document.querySelector('[data-stat-unavailable]');
+        if (idle && !idle.hidden) out.unavailable = idle.querySelector('[data-count]').textContent;
+        return out;
+    }""")

@@ -262,7 +262,12 @@ def test_charlie_never_hears_team_a_while_bob_and_staff_do(alice, bob, charlie, 
         if message["type"] == "queue.changed":
             assert data["scope"] == "cluster", message
             assert set(data) <= CLUSTER_KEYS, message
-    assert {m["type"] for m in charlie} <= {"queue.changed", "node.state", "test.sentinel", "error"}
+        if message["type"] == "cluster.capacity":  # the cluster's active GPUs, which every chart shows
+            assert set(data) == {"active_gpus"}, message
+    assert {m["type"] for m in charlie} <= {"queue.changed", "node.state", "cluster.capacity", "test.sentinel", "error"}
+    # node_b drained: every socket hears the cluster's new active capacity (node_a's 8 GPUs).
+    assert [m["data"] for m in of_type(charlie, "cluster.capacity")] == [{"active_gpus": 8}]
+    assert [m["data"] for m in of_type(bob, "cluster.capacity")] == [{"active_gpus": 8}]
 
     dana_types = {(m["type"], m["data"].get("team")) for m in dana_heard}
     assert {("job.progress", team_a.pk), ("node.telemetry", team_a.pk), ("node.state", team_b.pk)} <= dana_types
@@ -393,7 +398,8 @@ def test_a_job_cancelled_in_the_queue_brings_its_teams_counts_with_it(alice, bob
 
     job_id, heard = run(scenario)
     submitted, cancelled = (m["data"] for m in heard if m["type"] == "job.state")
-    assert (submitted["id"], submitted["state"], "usage" in submitted) == (job_id, "queued", False)
+    # A new job carries only its team's queued count (the month's GPU-hours are not recomputed per submission).
+    assert (submitted["id"], submitted["state"], submitted["usage"]) == (job_id, "queued", {"queued_jobs": 1})
     assert cancelled["usage"] == {"gpus_in_use": 0, "gpu_hours_this_month": 0.0, "queued_jobs": 0, "running_jobs": 0}
 
 
