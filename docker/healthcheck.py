@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project r
 
 def web() -> bool:
     # Any answer below 500 means Django is serving (a redirect to HTTPS or a 400 for the Host is fine).
-    connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=5)
+    # The port is compose's 8000; HEALTHCHECK_PORT lets tests/integration/test_compose_services.py run it.
+    port = int(os.environ.get("HEALTHCHECK_PORT", "8000"))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     connection.request("GET", "/login/", headers={"Host": "localhost"})
     return connection.getresponse().status < 500
 
