@@ -184,10 +184,15 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
     big = elsewhere(api.post, "/api/v1/jobs/", {**COMPRESSION_JOB, "name": "waits for 8", "team": team_a.pk,
                                                 "resources": {"gpus": 8}}, format="json").json()["id"]
     queue_tab.wait_for_selector(f"[data-queue-row='{big}']")
-    assert elsewhere(run_pass).placed == [job.pk]
+    assert elsewhere(run_pass, with_etas=True).placed == [job.pk]
     queue_tab.wait_for_selector(f"[data-queue-row='{job.pk}']", state="detached")
     queue_tab.wait_for_function(
         f"document.querySelector(\"[data-queue-row='{big}'] [data-field=position]\").textContent.trim() === '1'")
+    # Its ETA: when the 1-GPU job's 30-minute walltime is up, the node is free for the 8-GPU job.
+    queue_tab.wait_for_function(
+        f"!document.querySelector(\"[data-queue-row='{big}'] [data-field=eta]\").textContent.includes('unknown')")
+    assert re.fullmatch(r"\d\d:\d\d \(in (29|30) min\)",
+                        queue_tab.inner_text(f"[data-queue-row='{big}'] [data-field=eta]").strip())
     reason = Job.objects.select_related("queue_entry").get(pk=big).waiting_reason
     assert reason
     assert reason[:40] in queue_tab.inner_text(f"[data-queue-row='{big}'] [data-field=reason]")
@@ -381,3 +386,25 @@ def stat_feet(tab) -> dict[str, str]:
         if (idle && !idle.hidden) out.unavailable = idle.querySelector('[data-count]').textContent;
         return out;
     }""")
+
+
+def test_the_node_grid_shows_each_gpus_utilization_and_state_live(tabs, alice, team_a, node_a, live_daphne):
+    """A heartbeat's per-GPU readings fill the node grid's cells, and a drain changes the node's badge,
+    on the open page."""
+    from apps.cluster.agent import record_heartbeat
+    from apps.cluster.services import set_node_state
+
+    tab = tabs()
+    sign_in_at(tab, "/nodes/", "alice")
+    tab.evaluate("window.__notReloaded = true")
+    row = f"[data-node-row='{node_a.pk}']"
+    assert tab.get_attribute(f"{row} [data-gpu='3']", "style") in (None, "")
+    elsewhere(record_heartbeat, GpuNode.objects.get(pk=node_a.pk), host={"cpu_percent": 10.0},
+              gpus=[{"index": i, "utilization": 10.0 * i, "memory_used_mb": 1024 * i, "memory_total_mb": 143_771}
+                    for i in range(8)])
+    cell = f"document.querySelector(\"{row} [data-gpu='3']\")"
+    tab.wait_for_function(f"{cell}.style.getPropertyValue('--util') === '30%'")
+    assert tab.get_attribute(f"{row} [data-gpu='7']", "title") == "GPU 7: 70 %, 7 GB used"
+    elsewhere(set_node_state, GpuNode.objects.get(pk=node_a.pk), GpuNode.State.DRAINING)
+    tab.wait_for_function(f"document.querySelector(\"{row} [data-field=state]\").innerText.trim() === 'draining'")
+    assert tab.evaluate("window.__notReloaded") is True
