@@ -8,6 +8,7 @@ PostgreSQL (DATABASE_URL, as in .ci/run); on the in-memory SQLite test database 
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from apps.scheduling import reports
 from apps.scheduling.live import run_pass
 from apps.scheduling.models import Job
 from tests.conftest import COMPRESSION_JOB
+from tests.net import free_port
 from tests.threads import in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -49,12 +51,6 @@ def database_url() -> str:
     password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
     auth = f"{user}{password}@" if user else ""
     return f"postgres://{auth}{settings.get('HOST') or '127.0.0.1'}:{settings.get('PORT') or 5432}/{settings['NAME']}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daphne:
@@ -317,7 +313,7 @@ def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live
     register_node(team=team_a, name="a-node-small", hostname="a2.example", rack="r1",
                   gpus=[{"index": i, "model": "NVIDIA H200", "memory_mb": 143_771} for i in range(4)])
     set_node_state(node_a, GpuNode.State.STANDBY)  # 4 GPUs active, 8 on standby
-    call_command("seed_history", gpus=12, stdout=open(os.devnull, "w"))  # noqa: SIM115
+    call_command("seed_history", gpus=12, stdout=io.StringIO())
     series = Series.objects.get(key=CLUSTER_KEY.format(metric=ALLOCATED))
     earlier = forecast_series(series, now=timezone.now() - timedelta(hours=1))
 

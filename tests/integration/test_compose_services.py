@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
+
+from tests.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +62,6 @@ def resolve(value: str, variables: dict[str, str]) -> str:
         return current
 
     return VARIABLE.sub(one, value)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RunningDeepOpt:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from apps.scheduling import pass_stats
 from apps.scheduling.live import run_pass
 from apps.scheduling.models import Allocation
 from tests.conftest import COMPRESSION_JOB
+from tests.net import free_port
 from tests.unit.test_metrics import dashboard_exprs
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -46,12 +46,6 @@ TOKEN = "prometheus-integration-token-0123456789"  # noqa: S105 - a test value
 WRONG_TOKEN = "not-the-token"  # noqa: S105 - a test value
 REDIS_DB = 11  # the pass-stats tests' database
 DEADLINE_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def binary(name: str) -> str:
