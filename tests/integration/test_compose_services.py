@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from tests.net import free_port
+from tests.unit.test_compose import VARIABLE
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 REDIS_DB = 13
-VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 SECRETS = {  # what docker/env.example asks for; test values
     "SECRET_KEY": "compose-test-" + "k" * 40,
     "POSTGRES_PASSWORD": "unused",  # the test's PostgreSQL trusts local connections
