@@ -16,14 +16,43 @@ def rollup() -> dict:
     return {"points": written, "downsampled": downsample()}
 
 
-@shared_task(name="forecasting.refresh", time_limit=600, soft_time_limit=540, acks_late=False, ignore_result=True)
+REFRESH_LOCK = "deepopt:forecasting:refresh"
+REFRESH_TIME_LIMIT_S = 600
+
+
+@shared_task(name="forecasting.refresh", time_limit=REFRESH_TIME_LIMIT_S, soft_time_limit=540, acks_late=False,
+             ignore_result=True)
 def refresh() -> dict:
+    """New forecasts, then the autoscaler. One at a time: a refresh that outlasts the beat interval (the
+    daily refits of many series) must not be joined by the next tick's, which would fit the same models
+    twice and take the worker's other slot from the scheduling passes. The lock expires with the task's
+    time limit, so a killed worker cannot hold it."""
+    import redis
+    from django.conf import settings
+
     from .services import autoscale, refresh_forecasts
 
-    report = refresh_forecasts()
-    # The cost of each series' forecast, a refit included: the bound the issue asks to print.
-    log.info("forecasts refreshed: %s", report)
-    decisions = autoscale()
+    lock = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2).lock(
+        REFRESH_LOCK, timeout=REFRESH_TIME_LIMIT_S)
+    try:
+        held = lock.acquire(blocking=False)
+    except redis.RedisError:
+        held = None  # no Redis to ask: forecast anyway (an overlap is rarer and cheaper than no forecasts)
+        log.warning("could not take the forecast-refresh lock in Redis; refreshing without it", exc_info=True)
+    if held is False:
+        log.info("a forecast refresh is still running; this tick's is skipped")
+        return {"skipped": "another refresh is running"}
+    try:
+        report = refresh_forecasts()
+        # The cost of each series' forecast, a refit included: the bound the issue asks to print.
+        log.info("forecasts refreshed: %s", report)
+        decisions = autoscale()
+    finally:
+        if held:
+            try:
+                lock.release()
+            except redis.RedisError:  # expired or Redis gone: it lapses by itself
+                log.warning("could not release the forecast-refresh lock", exc_info=True)
     return {"forecasts": report, "decisions": [d.pk for d in decisions]}
 
 

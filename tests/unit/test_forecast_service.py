@@ -70,3 +70,66 @@ def test_a_series_with_less_than_an_hour_of_data_gets_no_forecast(cluster_series
     assert forecast_series(cluster_series, NOW) is None
     assert refresh_forecasts(NOW) == {}
     assert not Forecast.objects.exists()
+
+
+# --- the beat's refresh task: one at a time ---------------------------------------------------------
+
+REDIS_DB11 = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture
+def refresh_redis(settings):
+    import redis
+
+    from apps.forecasting.tasks import REFRESH_LOCK
+
+    client = redis.Redis.from_url(REDIS_DB11, socket_connect_timeout=0.5)
+    try:
+        client.delete(REFRESH_LOCK)
+    except redis.RedisError:
+        pytest.skip("Redis does not answer on 127.0.0.1:6379; the refresh lock lives there (db 11)")
+    settings.REDIS_URL = REDIS_DB11
+    yield client
+    client.delete(REFRESH_LOCK)
+
+
+def recent_day(series: Series) -> None:
+    """A day of 10-minute points up to now: too short for Prophet, enough for a forecast."""
+    from django.utils import timezone
+
+    end = timezone.now().replace(second=0, microsecond=0)
+    SeriesPoint.objects.bulk_create(
+        SeriesPoint(series=series, resolution_s=600, ts=end - timedelta(minutes=10 * k), value=10.0 + k % 3)
+        for k in range(144))
+
+
+def test_a_refresh_takes_the_lock_forecasts_and_gives_the_lock_back(cluster_series, refresh_redis):
+    from apps.forecasting.tasks import REFRESH_LOCK, refresh
+
+    recent_day(cluster_series)
+    result = refresh()
+    assert set(result["forecasts"]) == {cluster_series.key}
+    assert Forecast.objects.filter(series=cluster_series).count() == 1
+    assert not refresh_redis.exists(REFRESH_LOCK)
+
+
+def test_a_refresh_while_another_runs_is_skipped(cluster_series, refresh_redis):
+    from apps.forecasting.tasks import REFRESH_LOCK, refresh
+
+    recent_day(cluster_series)
+    running = refresh_redis.lock(REFRESH_LOCK, timeout=60)
+    assert running.acquire(blocking=False)
+    assert refresh() == {"skipped": "another refresh is running"}
+    assert not Forecast.objects.filter(series=cluster_series).exists()
+    assert refresh_redis.exists(REFRESH_LOCK)  # still the other one's
+    running.release()
+    assert set(refresh()["forecasts"]) == {cluster_series.key}
+
+
+def test_without_redis_the_refresh_still_forecasts(cluster_series, settings, caplog):
+    from apps.forecasting.tasks import refresh
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # port 1: refused at once
+    recent_day(cluster_series)
+    assert set(refresh()["forecasts"]) == {cluster_series.key}
+    assert "refreshing without it" in caplog.text
