@@ -39,6 +39,7 @@ def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None
         payload["forecast"] = {
             "origin": forecast.origin.isoformat(), "method": forecast.method,
             "compute_s": round(forecast.compute_s, 3), "refitted": forecast.refitted,
+            "track_record": forecast.track_record,
             "t": [p[0] for p in forecast.points], "yhat": [p[1] for p in forecast.points],
             "lower": [p[2] for p in forecast.points], "upper": [p[3] for p in forecast.points],
         }

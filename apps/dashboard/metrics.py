@@ -44,6 +44,8 @@ FORECAST_SERIES = "cluster:all:allocated_gpus"
 FORECAST_HORIZONS: dict[str, timedelta] = {
     "10m": timedelta(minutes=10), "1h": timedelta(hours=1), "6h": timedelta(hours=6),
 }
+# The forecaster's track-record labels (its record_horizons option) -> this exporter's horizon label.
+RECORD_LABELS = {"10min": "10m", "1h": "1h", "6h": "6h"}
 NodeState = GpuNode.State
 
 
@@ -114,6 +116,11 @@ class DeepOptCollector(Collector):
             "forecast_upper": _gauge("deepopt_forecast_allocated_gpus_upper",
                                      "Upper edge of the forecast's 80% band.", ["horizon"]),
             "forecast_age": _gauge("deepopt_forecast_age_seconds", "Seconds since the latest forecast's origin."),
+            "forecast_ratio": _gauge("deepopt_forecast_mae_ratio",
+                                     "The forecasts' MAE over persistence's, on the targets of the last days.",
+                                     ["horizon"]),
+            "forecast_coverage": _gauge("deepopt_forecast_band_coverage",
+                                        "Share of the last days' targets inside the forecasts' 80% band.", ["horizon"]),
             "scaling": CounterMetricFamily("deepopt_scaling_decisions", "Autoscaler decisions by action.",
                                            labels=["action"]),
         }
@@ -188,10 +195,17 @@ class DeepOptCollector(Collector):
     @staticmethod
     def _forecast(families: dict[str, Metric], now: datetime) -> None:
         latest = (Forecast.objects.filter(series__key=FORECAST_SERIES).order_by("-origin")
-                  .values_list("origin", "step_s", "points").first())
+                  .values_list("origin", "step_s", "points", "track_record").first())
         if latest is None:
             return
-        origin, step_s, points = latest
+        origin, step_s, points, record = latest
+        for label, scores in (record or {}).items():
+            horizon = RECORD_LABELS.get(label)
+            if horizon is None:
+                continue
+            if scores.get("ratio_to_persistence") is not None:
+                families["forecast_ratio"].add_metric([horizon], scores["ratio_to_persistence"])
+            families["forecast_coverage"].add_metric([horizon], scores["coverage"])
         families["forecast_age"].add_metric([], max(0.0, (now - origin).total_seconds()))
         for horizon, delta in FORECAST_HORIZONS.items():
             point = _point_at(points, origin + delta, timedelta(seconds=step_s or 0))

@@ -50,6 +50,7 @@ REFIT_EVERY = pd.Timedelta("1D")
 MAX_HISTORY = pd.Timedelta("28D")
 FEATURES = ("seasonal", "latest", "yesterday", "reversion", "reversion_long", "last_week", "day_profile")
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+DAY_NS = pd.Timedelta("1D").value
 ISSUED_RESOLUTION = 0.01   # the issued band offsets are kept when they move by more than this (band widths)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -70,6 +71,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "band_tracking": 0.05,         # adaptive conformal step at one step ahead, in band widths (0: fixed bands)
     "tracking_power": 0.5,         # k steps ahead, the step is band_tracking / k ** tracking_power
     "tracking_window": "7D",       # at most this much history is scored when tracking starts or resumes
+    "record_horizons": ("10min", "1h", "6h"),  # the track record: MAE against persistence and coverage,
+    "record_days": 7,              # over the targets of this many days (UTC), scored as they arrive
     "min_daily_history": "2D",     # Prophet's daily season needs this much data
     "min_weekly_history": "14D",   # and its weekly season this much
     "reversion_window": "1D",      # the level the reversion feature pulls toward
@@ -171,6 +174,8 @@ class LoadForecaster:
         self.options = {**DEFAULT_OPTIONS, **options}
         if self.options["profile_stat"] not in ("median", "mean"):
             raise ValueError(f"profile_stat must be 'median' or 'mean', not {self.options['profile_stat']!r}")
+        if int(self.options["record_days"]) < 1:
+            raise ValueError("record_days must be at least 1")
         if int(self.options["profile_days"]) < 1 or _td(self.options["profile_spread"]) < pd.Timedelta(0):
             raise ValueError("profile_days must be at least 1 and profile_spread not negative")
         self.fit_seconds = 0.0          # total Prophet fit time so far
@@ -186,6 +191,8 @@ class LoadForecaster:
         self.tracking: dict[int, list[float]] = {}   # steps ahead -> [lower, upper] band offsets, in band widths
         self.tracked_origin: pd.Timestamp | None = None   # the origin of the last tracking pass
         self.issued: dict[int, list[list]] = {}   # steps ahead -> [[steps since the epoch, lower, upper], ...]
+        # steps ahead -> [[day since the epoch, scored, sum |error|, sum |persistence error|, covered], ...]
+        self.record: dict[int, list[list]] = {}
         self.nonnegative = bool(self.options["nonnegative"])
 
     # -- history handling ------------------------------------------------------------------------
@@ -359,7 +366,9 @@ class LoadForecaster:
         asked = sorted({self._steps(h) for h in horizons or ()})
         top = max([day, *asked])
         ladder = np.unique(np.rint(np.geomspace(1, top, int(self.options["ladder"]))).astype(int))
-        return sorted({*ladder.tolist(), *asked})
+        # The track record's horizons too: only calibrated horizons are scored (and the record then says
+        # how the served forecast did at 1 h, not at an interpolation between two other horizons).
+        return sorted({*ladder.tolist(), *asked, *self._record_steps().values()})
 
     def _steps(self, horizon: pd.Timedelta) -> int:
         horizon = _td(horizon)
@@ -523,7 +532,7 @@ class LoadForecaster:
             return
         origin, n = history.index[-1], len(history)
         if self.tracked_origin is not None and origin < self.tracked_origin:
-            self.tracking, self.issued = {}, {}   # asked about an earlier time: these saw the future
+            self.tracking, self.issued, self.record = {}, {}, {}   # asked about an earlier time: these saw the future
             self.tracked_origin = None
         # Targets after the last pass (at most `tracking_window` back) and after the fit: out of sample.
         scored_through = n - 1 - self._window("tracking_window")
@@ -558,6 +567,7 @@ class LoadForecaster:
         beta = np.array([self.calibration[k]["beta"] for k in ks])
         error = target - (arrays["y"][origins] + np.sum(x * beta, axis=1))
         alpha = (1 - float(self.options["coverage"])) / 2
+        record_ks = set(self._record_steps().values())
         for k in map(int, np.unique(ks)):
             mine = (ks == k) & ~np.isnan(error)
             if not mine.any():
@@ -569,12 +579,58 @@ class LoadForecaster:
             at = np.searchsorted([e[0] for e in issued], origins[mine] + first_step, side="right") - 1
             d_lo = np.array([issued[i][1] if i >= 0 else 0.0 for i in at])
             d_hi = np.array([issued[i][2] if i >= 0 else 0.0 for i in at])
-            low_miss = np.sum(error[mine] < lo - d_lo * width)
-            high_miss = np.sum(error[mine] > hi + d_hi * width)
+            low = error[mine] < lo - d_lo * width
+            high = error[mine] > hi + d_hi * width
+            low_miss, high_miss = np.sum(low), np.sum(high)
             d = self.tracking.get(k, [0.0, 0.0])
             scored = int(mine.sum())
             self.tracking[k] = [min(3.0, max(-0.5, d[0] + step * (low_miss - alpha * scored))),
                                 min(3.0, max(-0.5, d[1] + step * (high_miss - alpha * scored)))]
+            if k in record_ks:
+                persistence = target[mine] - arrays["y"][origins[mine]]
+                day = (origins[mine] + k + first_step) * self.step.value // DAY_NS
+                self._add_to_record(k, day, np.abs(error[mine]), np.abs(persistence), ~(low | high))
+
+    def _record_steps(self) -> dict[str, int]:
+        """The track record's horizons that are whole steps, by their label."""
+        steps = {}
+        for label in self.options["record_horizons"]:
+            k = _td(label) / self.step
+            if k >= 1 and k == int(k):
+                steps[label] = int(k)
+        return steps
+
+    def _add_to_record(self, k: int, day: np.ndarray, error: np.ndarray, persistence: np.ndarray,
+                       covered: np.ndarray) -> None:
+        buckets = {int(b[0]): b for b in self.record.get(k, [])}
+        for d in map(int, np.unique(day)):
+            on = day == d
+            bucket = buckets.setdefault(d, [d, 0, 0.0, 0.0, 0])
+            bucket[1] += int(on.sum())
+            bucket[2] += float(error[on].sum())
+            bucket[3] += float(persistence[on].sum())
+            bucket[4] += int(covered[on].sum())
+        keep = max(buckets) - int(self.options["record_days"]) + 1
+        self.record[k] = [buckets[d] for d in sorted(buckets) if d >= keep]
+
+    def track_record(self) -> dict[str, dict[str, Any]]:
+        """How the forecasts did on the targets that arrived over the last `record_days` days (UTC), per
+        horizon: scored, MAE, persistence's MAE, their ratio and the band's coverage. The forecasts are
+        recomputed at scoring time with the correction then in force (the same except across a refit);
+        only targets after a fit are scored. Empty until band tracking has scored something (it is the
+        same pass; `band_tracking=0` keeps no record)."""
+        out = {}
+        for label, k in self._record_steps().items():
+            buckets = self.record.get(k, [])
+            n = sum(b[1] for b in buckets)
+            if not n:
+                continue
+            mae, mae_persistence = sum(b[2] for b in buckets) / n, sum(b[3] for b in buckets) / n
+            out[label] = {"scored": n, "mae": round(mae, 4), "mae_persistence": round(mae_persistence, 4),
+                          "ratio_to_persistence": round(mae / mae_persistence, 4) if mae_persistence > 0 else None,
+                          "coverage": round(sum(b[4] for b in buckets) / n, 4),
+                          "days": len(buckets), "since": pd.Timestamp(buckets[0][0] * DAY_NS).isoformat()}
+        return out
 
     # -- forecasts -----------------------------------------------------------------------------------
     def forecast(self, history: pd.Series, horizons: Sequence[pd.Timedelta],
@@ -637,6 +693,7 @@ class LoadForecaster:
             "tracking": {str(k): v for k, v in self.tracking.items()},
             "tracked_origin": ts(self.tracked_origin),
             "issued": {str(k): v for k, v in self.issued.items()},
+            "record": {str(k): v for k, v in self.record.items()},
         }
 
     @classmethod
@@ -662,6 +719,7 @@ class LoadForecaster:
         self.tracking = {int(k): list(v) for k, v in state["tracking"].items()}
         self.tracked_origin = None if state["tracked_origin"] is None else pd.Timestamp(state["tracked_origin"])
         self.issued = {int(k): v for k, v in state["issued"].items()}
+        self.record = {int(k): v for k, v in state.get("record", {}).items()}  # absent before the record
         return self
 
     def prophet_model(self) -> Any:

@@ -105,6 +105,9 @@ class Forecast(models.Model):
     points = models.JSONField()
     compute_s = models.FloatField(default=0.0, help_text="Seconds this forecast took, a refit included.")
     refitted = models.BooleanField(default=False)
+    track_record = models.JSONField(
+        default=dict, blank=True,
+        help_text="How this series' forecasts did over the last days, by horizon (LoadForecaster.track_record).")
 
     class Meta:
         ordering = ["-origin"]

@@ -89,6 +89,7 @@ def forecast_series(series: Series, now: datetime | None = None) -> Forecast | N
         forecast = Forecast.objects.create(
             series=series, origin=path.origin.tz_localize("UTC").to_pydatetime(), step_s=int(STEP.total_seconds()),
             method=path.method[:80], points=points, refitted=refitted, compute_s=time.perf_counter() - began,
+            track_record=forecaster.track_record(),
         )
     _announce_forecast(series, forecast)
     return forecast

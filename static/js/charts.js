@@ -39,6 +39,24 @@
     return out;
   }
 
+  // "How it did": the forecaster's own scores of the targets that came in over the last days.
+  function record(chart) {
+    var r = chart.forecast && chart.forecast.track_record;
+    var labels = r ? Object.keys(r) : [];
+    if (!labels.length) return "";
+    var minutes = function (label) {  // "10min", "1h", "6h": the database does not keep the keys' order
+      var m = /^(\d+)(min|h|D)$/.exec(label);
+      return m ? Number(m[1]) * { min: 1, h: 60, D: 1440 }[m[2]] : Infinity;
+    };
+    labels.sort(function (a, b) { return minutes(a) - minutes(b); });
+    return "How it did since " + r[labels[0]].since.slice(0, 10) + ": " + labels.map(function (h) {
+      var x = r[h];
+      var ratio = x.ratio_to_persistence == null ? "" : " (" + x.ratio_to_persistence.toFixed(2) + "× persistence)";
+      return h + " ahead MAE " + x.mae.toFixed(1) + ratio + ", band held " + Math.round(100 * x.coverage) + " % of " +
+        x.scored + " targets";
+    }).join(" · ");
+  }
+
   function meta(chart) {
     var f = chart.forecast;
     if (!f) return "no forecast yet: it needs an hour of data";
@@ -59,6 +77,8 @@
     window.Plotly.react(plot, traces(chart), layoutFor(chart), { displaylogo: false, responsive: true });
     var label = el.querySelector("[data-chart-meta]");
     if (label) label.textContent = meta(chart);
+    var scores = el.querySelector("[data-chart-record]");
+    if (scores) scores.textContent = record(chart);
     el.setAttribute("data-forecast-origin", chart.forecast ? chart.forecast.origin : "");
     if (chart.capacity != null) el.setAttribute("data-capacity", String(chart.capacity));
   }
@@ -71,7 +91,7 @@
       id: series.id, key: series.key, label: series.label, metric: series.metric, capacity: capacity,
       history: { t: h.map(function (p) { return p.ts; }), y: h.map(function (p) { return p.value; }) },
       forecast: f ? {
-        origin: f.origin, method: f.method, compute_s: f.compute_s, refitted: f.refitted,
+        origin: f.origin, method: f.method, compute_s: f.compute_s, refitted: f.refitted, track_record: f.track_record,
         t: f.points.map(function (p) { return p.ts; }), yhat: f.points.map(function (p) { return p.yhat; }),
         lower: f.points.map(function (p) { return p.lower; }), upper: f.points.map(function (p) { return p.upper; }),
       } : null,

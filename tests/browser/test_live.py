@@ -344,6 +344,15 @@ def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live
                           f"!== '{tab.get_attribute(chart, 'data-forecast-origin')}'")
     assert origin_drawn() == latest.origin
     assert latest.method in tab.inner_text(f"{chart} [data-chart-meta]")
+    # With it, how the forecasts did on the hour of targets that came in since the first one (each scored
+    # by the forecast from 10 minutes, 1 hour and 6 hours before it).
+    record = latest.track_record
+    assert set(record) == {"10min", "1h", "6h"}
+    assert record["1h"]["scored"] >= 5
+    scores = tab.inner_text(f"{chart} [data-chart-record]")
+    assert scores.startswith("How it did since ")
+    assert f"1h ahead MAE {record['1h']['mae']:.1f}" in scores
+    assert scores.index("10min ahead") < scores.index("1h ahead") < scores.index("6h ahead")
 
     # The forecast peak over the next 10 minutes (the seeded load is scaled to 12 GPUs) or, at worst, an
     # 8-GPU job that cannot run on the 4 active GPUs: the autoscaler brings a-node-1 back, and says why.

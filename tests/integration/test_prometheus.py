@@ -147,7 +147,10 @@ def cluster(settings, alice, team_a, team_b, node_a, node_b, client_for) -> dict
     origin = timezone.now()
     Forecast.objects.create(series=series, origin=origin, step_s=600, method="prophet",
                             points=[[(origin + timedelta(minutes=10 * k)).isoformat(), 6 + k / 10, 5, 8]
-                                    for k in range(1, 37)])
+                                    for k in range(1, 37)],
+                            track_record={h: {"scored": 100, "mae": 1.0, "mae_persistence": 1.25,
+                                              "ratio_to_persistence": 0.8, "coverage": 0.79}
+                                          for h in ("10min", "1h", "6h")})
     ScalingDecision.objects.create(action="standby", node=node_b, node_name=node_b.name, reason="test",
                                    forecast_peak=6.0, active_capacity=12)
     yield {"allocated": Allocation.objects.filter(released_at__isnull=True).count(),
@@ -196,6 +199,7 @@ def test_prometheus_scrapes_with_the_token_and_every_dashboard_query_returns_ser
     assert float(prometheus.query("deepopt_queue_gpu_demand")[0]["value"][1]) == 8
     assert float(prometheus.query('deepopt_forecast_allocated_gpus{horizon="1h"}')[0]["value"][1]) == 6.6
     assert float(prometheus.query("deepopt_scheduler_pass_seconds_count")[0]["value"][1]) == 1
+    assert float(prometheus.query('deepopt_forecast_mae_ratio{horizon="6h"}')[0]["value"][1]) == 0.8
 
     # The dashboard's variable: label_values(deepopt_jobs, team).
     teams = prometheus.get("/api/v1/label/team/values", **{"match[]": "deepopt_jobs"})

@@ -55,6 +55,13 @@ def test_a_forecast_covers_5_minutes_to_24_hours_with_bands_and_caches_its_fit(c
     assert state.refits == 1
     assert state.state["tracked_origin"] == again.origin.replace(tzinfo=None).isoformat()
     assert state.state["tracking"]  # one [lower, upper] offset per calibrated horizon
+    assert forecast.track_record == {}   # nothing had come in after the fit
+    # Ten minutes on, two 5-minute values have come in, each scored as the forecast from 10 minutes, 1 hour
+    # and 6 hours before it: the new forecast carries its series' track record.
+    assert set(again.track_record) == {"10min", "1h", "6h"}
+    for scores in again.track_record.values():
+        assert scores["scored"] == 2
+        assert scores["mae"] < scores["mae_persistence"]   # the daily wave is what the forecaster knows
 
 
 def test_a_state_from_another_forecaster_version_is_refitted_not_an_error(cluster_series):

@@ -323,3 +323,40 @@ def test_a_margin_with_a_reference_horizon_grows_as_the_square_root_of_the_horiz
     growing.update(series, horizons=HORIZONS)
     assert growing.calibration[six_hours]["features"] == []   # 20 % x sqrt(36) = 120 %: nothing passes
     assert growing.calibration[1]["features"] == flat.calibration[1]["features"]   # the same at 10 min
+
+
+def test_the_track_record_scores_the_targets_that_came_in_as_a_backtest_would():
+    series = seasonal_series(days=8)
+    forecaster = LoadForecaster(STEP, **NO_SEASONS_ONE_FIT)
+    cut = len(series) - 2 * 144
+    paths = {end - 1: forecaster.forecast(series.iloc[:end], HORIZONS) for end in range(cut, len(series) + 1)}
+    assert forecaster.refits == 1
+    record = forecaster.track_record()
+    assert set(record) == {"10min", "1h", "6h"}
+    fit, last, truth = cut - 1, len(series) - 1, series.to_numpy()
+    targets = range(fit + 1, last + 1)   # every target after the fit, as they came in
+    for j, (label, k) in enumerate((("10min", 1), ("1h", 6), ("6h", 36))):
+        scores = record[label]
+        assert scores["scored"] == len(targets)
+        persistence = np.mean([abs(truth[t] - truth[t - k]) for t in targets])
+        assert scores["mae_persistence"] == pytest.approx(persistence, abs=1e-4)
+        # Against the forecasts this loop issued. The first k targets came from origins before the fit,
+        # which the record scores with the fitted correction and no band offset: at 10 min and 1 h they
+        # are 1 and 5 of 288 targets, so the numbers agree closely; at 6 h, 35 of them (a quarter of a
+        # day, all at one time of day), so only roughly.
+        issued = [t for t in targets if t - k >= fit]
+        mae = np.mean([abs(truth[t] - paths[t - k].yhat[j]) for t in issued])
+        covered = np.mean([paths[t - k].lower[j] <= truth[t] <= paths[t - k].upper[j] for t in issued])
+        close = k < 36
+        assert scores["mae"] == pytest.approx(mae, rel=0.03 if close else 0.15)
+        assert scores["coverage"] == pytest.approx(covered, abs=0.03 if close else 0.08)
+        assert scores["ratio_to_persistence"] == pytest.approx(scores["mae"] / scores["mae_persistence"], abs=1e-3)
+        assert scores["since"] == "2024-03-10T00:00:00"
+    # The record survives dump and load; days past `record_days` fall out of it.
+    again = LoadForecaster.load(json.loads(json.dumps(forecaster.dump(include_model=False))))
+    assert again.track_record() == record
+    short = LoadForecaster(STEP, record_days=1, **NO_SEASONS_ONE_FIT)
+    for end in range(cut, len(series) + 1, 3):
+        short.forecast(series.iloc[:end], HORIZONS)
+    assert short.track_record()["1h"]["since"] == "2024-03-11T00:00:00"
+    assert short.track_record()["1h"]["scored"] < record["1h"]["scored"]

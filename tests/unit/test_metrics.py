@@ -299,8 +299,20 @@ def test_the_latest_forecast_is_exported_at_three_horizons(no_redis):
 
     Forecast.objects.create(series=series, origin=origin - timedelta(hours=1), step_s=600, method="old",
                             points=path(100))
-    Forecast.objects.create(series=series, origin=origin, step_s=600, method="prophet", points=path(10))
+    record = {"10min": {"scored": 300, "mae": 4.5, "mae_persistence": 5.3, "ratio_to_persistence": 0.849,
+                        "coverage": 0.796},
+              "6h": {"scored": 300, "mae": 0.0, "mae_persistence": 0.0, "ratio_to_persistence": None,
+                     "coverage": 1.0},
+              "3h": {"scored": 300, "mae": 1.0, "mae_persistence": 1.0, "ratio_to_persistence": 1.0,
+                     "coverage": 0.8}}  # a horizon the exporter does not name: left out
+    Forecast.objects.create(series=series, origin=origin, step_s=600, method="prophet", points=path(10),
+                            track_record=record)
     samples = scrape()
+    assert value(samples, "deepopt_forecast_mae_ratio", horizon="10m") == 0.849
+    assert value(samples, "deepopt_forecast_band_coverage", horizon="10m") == 0.796
+    assert value(samples, "deepopt_forecast_band_coverage", horizon="6h") == 1.0
+    ratios = {dict(labels)["horizon"] for name, labels in samples if name == "deepopt_forecast_mae_ratio"}
+    assert ratios == {"10m"}   # no ratio where persistence never erred; none for 3h
     assert value(samples, "deepopt_forecast_allocated_gpus", horizon="10m") == 11
     assert value(samples, "deepopt_forecast_allocated_gpus", horizon="1h") == 16
     assert value(samples, "deepopt_forecast_allocated_gpus", horizon="6h") == 46
@@ -381,7 +393,9 @@ def test_every_dashboard_query_uses_only_exported_metrics_and_every_metric_is_sh
     series = Series.objects.create(key="cluster:all:allocated_gpus", scope="cluster", metric="allocated_gpus")
     origin = timezone.now()
     Forecast.objects.create(series=series, origin=origin, step_s=600, method="prophet",
-                            points=[[(origin + timedelta(minutes=10 * k)).isoformat(), 1, 0, 2] for k in range(1, 37)])
+                            points=[[(origin + timedelta(minutes=10 * k)).isoformat(), 1, 0, 2] for k in range(1, 37)],
+                            track_record={"1h": {"scored": 10, "mae": 1.0, "mae_persistence": 2.0,
+                                                 "ratio_to_persistence": 0.5, "coverage": 0.8}})
     assert names(scrape()) == set(exported)
 
 

@@ -35,6 +35,7 @@ class SeriesSerializer(serializers.ModelSerializer):
             return None
         return {"origin": forecast.origin, "created_at": forecast.created_at, "method": forecast.method,
                 "step_s": forecast.step_s, "compute_s": round(forecast.compute_s, 4), "refitted": forecast.refitted,
+                "track_record": forecast.track_record,
                 "points": [{"ts": ts, "yhat": y, "lower": lo, "upper": hi} for ts, y, lo, hi in forecast.points]}
 
 
