@@ -111,6 +111,9 @@ def local_config(target: str, token_file: Path, wrong_token_file: Path, self_por
     deepopt["static_configs"] = [{"targets": [target]}]
     deepopt["authorization"]["credentials_file"] = str(token_file)
     jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{self_port}"]}]
+    # The alerting rules, which the repository's file names relative to itself.
+    assert config["rule_files"] == ["alerts.yml"]
+    config["rule_files"] = [str(PROMETHEUS_YML.parent / "alerts.yml")]
     wrong = json.loads(json.dumps(deepopt))
     wrong["job_name"] = "deepopt-wrong-token"
     wrong["authorization"]["credentials_file"] = str(wrong_token_file)
@@ -205,6 +208,12 @@ def test_prometheus_scrapes_with_the_token_and_every_dashboard_query_returns_ser
     teams = prometheus.get("/api/v1/label/team/values", **{"match[]": "deepopt_jobs"})
     assert set(teams) == cluster["teams"]
 
+    # The alerting rules are loaded, and on this healthy cluster none is pending or firing.
+    rules = [rule["name"] for group in prometheus.get("/api/v1/rules")["groups"] for rule in group["rules"]]
+    assert len(rules) == 8
+    assert "DeepOptSchedulerStalled" in rules
+    assert prometheus.get("/api/v1/alerts")["alerts"] == []
+
     # A label value no series has gives no series, so the check below has teeth.
     assert prometheus.query('deepopt_forecast_allocated_gpus{horizon="10min"}') == []
     exprs = dashboard_exprs()
@@ -216,3 +225,16 @@ def test_prometheus_scrapes_with_the_token_and_every_dashboard_query_returns_ser
         now = re.sub(r"\s+offset\s+\w+", "", expr)
         assert prometheus.query(now), f"panel {title!r}: {now!r} returns no series"
 
+
+
+def test_the_alerting_rules_fire_when_they_should_and_not_otherwise():
+    """promtool's own unit tests of docker/prometheus/alerts.yml (docker/prometheus/alerts.test.yml)."""
+    rules = PROMETHEUS_YML.parent / "alerts.yml"
+    check = subprocess.run([binary("promtool"), "check", "rules", str(rules)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 8 rules found" in check.stdout
+    tests = subprocess.run([binary("promtool"), "test", "rules", "alerts.test.yml"], cwd=rules.parent,
+                           capture_output=True, text=True, timeout=120)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "SUCCESS" in tests.stdout
