@@ -151,7 +151,8 @@ def job_new(request: HttpRequest) -> HttpResponse:
         serializer = JobCreateSerializer(data=form.payload(), context={"request": request})
         if serializer.is_valid():
             job = serializer.save()
-            messages.success(request, f"Job #{job.pk} “{job.name}” is in the queue.")
+            # True only while the job waits: the job page's live script removes it when the job moves on.
+            messages.success(request, f"Job #{job.pk} “{job.name}” is in the queue.", extra_tags="while-queued")
             return redirect("job", pk=job.pk)
         form.set_errors(serializer.errors)
         status = 400

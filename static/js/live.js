@@ -346,6 +346,8 @@
       }
       if (data.state !== "queued") {  // only a queued job can be held or released
         all("form[data-live-hold]").forEach(function (form) { form.remove(); });
+        // "… is in the queue." from the submission is no longer true.
+        all('.alert[data-notice~="while-queued"]').forEach(function (notice) { notice.remove(); });
       }
       refresh(["job-status", "job-overview", "job-allocations", "job-result", "job-report", "job-events"]);
     }

@@ -169,6 +169,8 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
     form_tab.wait_for_url(re.compile(r"/jobs/\d+/$"))
     job = Job.objects.get(name="live quantize")
     live(form_tab)
+    notice = ".alert[data-notice~='while-queued']"
+    assert form_tab.inner_text(notice) == f"Job #{job.pk} “live quantize” is in the queue."
 
     # The new job appears in the queue page, before any scheduling pass.
     row = queue_tab.wait_for_selector(f"[data-queue-row='{job.pk}']")
@@ -195,6 +197,7 @@ def test_a_job_submitted_in_the_form_enters_the_queue_and_changes_state_live(tab
 
     # The job page follows its job: allocated, then running with the worker's progress and log.
     form_tab.wait_for_function("document.querySelector('[data-testid=job-state]').innerText.trim() === 'allocated'")
+    form_tab.wait_for_selector(notice, state="detached")   # "is in the queue" is no longer true
     elsewhere(reports.progress, GpuNode.objects.get(pk=node_a.pk), job.pk, 1, rank=0, run_id="run-1", seq=1,
               pid=4242, lines=[{"type": "progress", "stage": "quantize", "step": 3, "steps": 12, "loss": 0.5},
                                {"type": "log", "message": "layer 3 of 12 quantized to int8"}])
