@@ -70,6 +70,11 @@ def set_node_state(node: GpuNode, target: str) -> GpuNode:
     return locked
 
 
+def active_gpus() -> int:
+    """GPUs on active nodes: what the scheduler may place on (the dashboard's capacity line)."""
+    return Gpu.objects.filter(node__state=GpuNode.State.ACTIVE).count()
+
+
 @dataclass(frozen=True)
 class Capacity:
     """What the registered cluster could hold if every node were free: per-node GPU counts."""

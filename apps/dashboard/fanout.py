@@ -115,9 +115,9 @@ def on_node_changed(sender, node=None, **kwargs) -> None:  # noqa: ANN001
     if node is not None:
         node_state(node)
         # Everyone's cluster chart draws the active capacity (a number it already shows to all): keep it true.
-        from apps.dashboard.load import active_capacity
+        from apps.cluster.services import active_gpus
 
-        publish([CLUSTER], "cluster.capacity", {"active_gpus": active_capacity()})
+        publish([CLUSTER], "cluster.capacity", {"active_gpus": active_gpus()})
 
 
 def job_progress(job, attempt: int, lines: list[dict], *, rank: int = 0) -> None:  # noqa: ANN001

@@ -11,7 +11,7 @@ import pandas as pd
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from apps.cluster.models import Gpu, GpuNode
+from apps.cluster.services import active_gpus
 from apps.forecasting.models import AutoscalerPolicy, Forecast, ScalingDecision, Series, SeriesPoint
 from apps.forecasting.series import ALLOCATED, CLUSTER_KEY, QUEUED, histories
 from apps.forecasting.services import STEP, latest_forecasts
@@ -46,16 +46,12 @@ def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None
     return payload
 
 
-def active_capacity() -> int:
-    return Gpu.objects.filter(node__state=GpuNode.State.ACTIVE).count()
-
-
 def cluster_charts(user) -> list[dict]:  # noqa: ANN001
     """The dashboard's charts: the cluster's allocated GPUs (with active capacity) and queued demand."""
     keys = [CLUSTER_KEY.format(metric=ALLOCATED), CLUSTER_KEY.format(metric=QUEUED)]
     by_key = {s.key: s for s in Series.objects.filter(key__in=keys)}
     series = [by_key[k] for k in keys if k in by_key]
-    return chart_payloads(series, capacity_of={keys[0]: active_capacity()}) if series else []
+    return chart_payloads(series, capacity_of={keys[0]: active_gpus()}) if series else []
 
 
 def team_charts(team) -> list[dict]:  # noqa: ANN001
@@ -72,7 +68,7 @@ def all_charts(user) -> list[dict]:  # noqa: ANN001
                 | Exists(SeriesPoint.objects.filter(series=OuterRef("pk"))))
     series = list(Series.objects.visible_to(user).filter(has_data).select_related("team")
                   .order_by("scope", "key"))
-    return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_capacity()})
+    return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_gpus()})
 
 
 def recent_decisions(user, limit: int = 10) -> list[ScalingDecision]:  # noqa: ANN001

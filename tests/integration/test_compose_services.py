@@ -29,15 +29,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import yaml
 
 from tests.net import free_port
-from tests.unit.test_compose import VARIABLE
+from tests.unit.test_compose import resolved
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker" / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 REDIS_DB = 13
 SECRETS = {  # what docker/env.example asks for; test values
@@ -48,20 +46,6 @@ SECRETS = {  # what docker/env.example asks for; test values
     "DEEPOPT_ADMIN_PASSWORD": "compose-admin-pass-123",
 }
 DEADLINE_S = 120
-
-
-def resolve(value: str, variables: dict[str, str]) -> str:
-    """${NAME}, ${NAME:-default} and ${NAME:?message} as compose reads them."""
-    def one(match: re.Match) -> str:
-        name, op, arg = match.groups()
-        current = variables.get(name, "")
-        if op in (":?", "?") and not current:
-            raise AssertionError(f"compose needs {name}: {arg}")
-        if op in (":-", "-") and not current:
-            return arg
-        return current
-
-    return VARIABLE.sub(one, value)
 
 
 @pytest.fixture
@@ -101,10 +85,9 @@ def database_url() -> Iterator[str]:
 class Services:
     def __init__(self, tmp: Path, database_url: str, redis_url: str) -> None:
         self.tmp = tmp
-        self.compose = yaml.safe_load(COMPOSE.read_text())
+        self.compose = resolved(SECRETS)   # as `docker compose --env-file .env` reads it
         self.port = free_port()
-        app = self.compose["services"]["web"]  # x-app merged in
-        env = {key: resolve(str(value), SECRETS) for key, value in app["environment"].items()}
+        env = {key: str(value) for key, value in self.compose["services"]["web"]["environment"].items()}
         assert urlsplit(env["DATABASE_URL"]).hostname == "postgres", env["DATABASE_URL"]
         assert env["REDIS_URL"] == "redis://redis:6379/0", env["REDIS_URL"]
         # STATIC_ROOT too: the image's is its own; here the collected files must not land in the checkout.

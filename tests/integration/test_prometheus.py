@@ -36,7 +36,7 @@ from apps.scheduling.live import run_pass
 from apps.scheduling.models import Allocation
 from tests.conftest import COMPRESSION_JOB
 from tests.net import free_port
-from tests.unit.test_metrics import dashboard_exprs
+from tests.unit.test_metrics import REDIS_DB11, dashboard_exprs, redis_db11
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_YML = ROOT / "docker" / "prometheus" / "prometheus.yml"
 TOKEN = "prometheus-integration-token-0123456789"  # noqa: S105 - a test value
 WRONG_TOKEN = "not-the-token"  # noqa: S105 - a test value
-REDIS_DB = 11  # the pass-stats tests' database
 DEADLINE_S = 60
 
 
@@ -125,14 +124,8 @@ def local_config(target: str, token_file: Path, wrong_token_file: Path, self_por
 def cluster(settings, alice, team_a, team_b, node_a, node_b, client_for) -> dict:
     """A cluster with something in every metric: placed and queued jobs of two teams, pass timings in
     Redis, a forecast and a scaling decision."""
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except (redis.RedisError, OSError) as exc:
-        pytest.skip(f"Redis does not answer on {url} ({exc}); the pass timings live there.")
-    settings.REDIS_URL = url
+    redis_db11()   # skips, saying why, when Redis does not answer
+    settings.REDIS_URL = REDIS_DB11
     settings.DEEPOPT_PASS_STATS = True
     settings.DEEPOPT_METRICS_TOKEN = TOKEN
     settings.DEEPOPT_METRICS_ALLOW = ()  # the token, not the loopback address, must be what lets it in

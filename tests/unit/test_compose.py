@@ -67,16 +67,21 @@ def test_every_variable_compose_reads_is_in_env_example_and_the_required_ones_ar
     assert not bare, bare
 
 
-def resolved() -> dict:
-    """compose.yaml with its variables replaced as `docker compose --env-file` would: set ones by a
-    placeholder, unset ones by their default."""
-    set_, _ = documented_variables()
+def resolved(values: dict[str, str] | None = None) -> dict:
+    """compose.yaml with its variables replaced as `docker compose --env-file` would: from `values` (the
+    .env; by default a placeholder for each variable env.example sets), else their default; a required
+    one (`${NAME:?…}`) missing is an error, as in compose."""
+    if values is None:
+        values = {name: f"value-of-{name.lower()}" for name in documented_variables()[0]}
 
     def value(m: re.Match) -> str:
         name, op, arg = m.groups()
-        if name in set_:
-            return f"value-of-{name.lower()}"
-        return arg if op in (":-", "-") else ""
+        current = values.get(name, "")
+        if not current and op in (":?", "?"):
+            raise AssertionError(f"compose needs {name}: {arg}")
+        if not current and op in (":-", "-"):
+            return arg
+        return current
 
     return yaml.safe_load(VARIABLE.sub(value, COMPOSE.read_text()))
 

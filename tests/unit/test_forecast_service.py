@@ -9,6 +9,7 @@ import pytest
 
 from apps.forecasting.models import Forecast, ForecasterState, Series, SeriesPoint
 from apps.forecasting.services import HORIZONS, forecast_series, refresh_forecasts
+from tests.unit.test_metrics import REDIS_DB11, redis_db11
 
 pytestmark = pytest.mark.django_db
 
@@ -81,20 +82,12 @@ def test_a_series_with_less_than_an_hour_of_data_gets_no_forecast(cluster_series
 
 # --- the beat's refresh task: one at a time ---------------------------------------------------------
 
-REDIS_DB11 = "redis://127.0.0.1:6379/11"
-
-
 @pytest.fixture
 def refresh_redis(settings):
-    import redis
-
     from apps.forecasting.tasks import REFRESH_LOCK
 
-    client = redis.Redis.from_url(REDIS_DB11, socket_connect_timeout=0.5)
-    try:
-        client.delete(REFRESH_LOCK)
-    except redis.RedisError:
-        pytest.skip("Redis does not answer on 127.0.0.1:6379; the refresh lock lives there (db 11)")
+    client = redis_db11()   # skips, saying why, when Redis does not answer
+    client.delete(REFRESH_LOCK)
     settings.REDIS_URL = REDIS_DB11
     yield client
     client.delete(REFRESH_LOCK)
