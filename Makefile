@@ -7,7 +7,7 @@ SLOTS ?= 2
 NAME ?= local-2
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup run worker test lint bench clean
+.PHONY: setup run worker test docker-check lint bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -29,6 +29,12 @@ worker: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Builds docker/Dockerfile and docker/Dockerfile.gpu and runs them as compose.yaml does (minutes; needs a
+# Docker engine). Without Docker Hub or PyTorch's index: DEEPOPT_DOCKER_BASE, DEEPOPT_DOCKER_WHEELS and
+# DEEPOPT_DOCKER_TORCH_INDEX (tests/integration/test_docker_images.py).
+docker-check: setup
+	DEEPOPT_DOCKER_TESTS=1 $(PY) -m pytest tests/integration/test_docker_images.py -v
 
 lint: setup
 	$(VENV)/bin/ruff check .

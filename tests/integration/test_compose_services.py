@@ -1,8 +1,8 @@
 """compose.yaml's app services run as compose would run them, without Docker.
 
-No Docker engine runs where DeepOpt is built, so the image is not built here. What compose adds on top
-of the image is run instead, from the file itself: the `web`, `worker` and `beat` services' commands
-and environment (x-app, with docker/env.example's required variables set), after the Dockerfile's
+This runs in `make test`, with no Docker engine (test_docker_images builds and runs the images
+themselves, opt-in). What compose adds on top of the image is run here from the file itself: the `web`,
+`worker` and `beat` services' commands and environment (x-app, with docker/env.example's required variables set), after the Dockerfile's
 collectstatic step, on a fresh PostgreSQL database and a Redis database of their own. Only what lives
 outside the compose network is swapped: the `postgres` and `redis` hosts, the web port (the test picks
 a free one; the health check reads it from HEALTHCHECK_PORT), MEDIA_ROOT, STATIC_ROOT (the image
@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -37,7 +36,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-REDIS_DB = 13
 SECRETS = {  # what docker/env.example asks for; test values
     "SECRET_KEY": "compose-test-" + "k" * 40,
     "POSTGRES_PASSWORD": "unused",  # the test's PostgreSQL trusts local connections
@@ -46,40 +44,6 @@ SECRETS = {  # what docker/env.example asks for; test values
     "DEEPOPT_ADMIN_PASSWORD": "compose-admin-pass-123",
 }
 DEADLINE_S = 120
-
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2)
-        client.flushdb()
-    except (redis.RedisError, OSError) as exc:
-        pytest.skip(f"Redis does not answer on {url} ({exc}); compose's redis service stands in for it.")
-    yield url
-    client.flushdb()
-
-
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards (compose's postgres service stands in for it)."""
-    import psycopg
-
-    base = urlsplit(os.environ.get("DATABASE_URL") or "postgres://root@127.0.0.1:5432/postgres")
-    if not base.scheme.startswith("postgres"):
-        pytest.skip("compose runs PostgreSQL; DATABASE_URL points elsewhere")
-    admin = urlunsplit(base._replace(path="/postgres"))
-    name = f"deepopt_compose_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"PostgreSQL does not answer at {base.hostname}:{base.port or 5432} ({exc})")
-    yield urlunsplit(base._replace(path=f"/{name}"))
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Services:
@@ -150,8 +114,8 @@ class Services:
 
 
 @pytest.fixture
-def services(tmp_path, database_url, redis_url) -> Iterator[Services]:
-    running = Services(tmp_path, database_url, redis_url)
+def services(tmp_path, fresh_postgres_url, redis_db13_url) -> Iterator[Services]:
+    running = Services(tmp_path, fresh_postgres_url, redis_db13_url)
     yield running
     running.stop()
 
