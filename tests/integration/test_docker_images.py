@@ -13,9 +13,11 @@ user, uid 10001.
 
 Build arguments, for a host that cannot reach Docker Hub or PyTorch's index (this repository's own CI
 machine reaches neither; docker/base-from-debian.sh builds a base from Debian's packages):
-- DEEPOPT_DOCKER_BASE: the BASE_IMAGE (default python:3.11-slim);
-- DEEPOPT_DOCKER_WHEELS: a directory of wheels to prefer, served to the build over HTTP (WHEELS_URL);
-- DEEPOPT_DOCKER_TORCH_INDEX: TORCH_INDEX_URL ("" for none; default the Dockerfile's).
+- DEEPOPT_DOCKER_BASE: both images' BASE_IMAGE (default python:3.11-slim);
+- DEEPOPT_DOCKER_WHEELS: a directory of wheels for the CPU image to prefer, served to its build over
+  HTTP (WHEELS_URL);
+- DEEPOPT_DOCKER_TORCH_INDEX: the CPU image's TORCH_INDEX_URL ("" for none; default the Dockerfile's).
+The node image takes its CUDA torch from PyPI, as compose builds it.
 """
 from __future__ import annotations
 
@@ -90,13 +92,17 @@ def images(wheels_url) -> dict[str, str]:
         docker("info", timeout=20)
     except (AssertionError, FileNotFoundError, subprocess.TimeoutExpired) as exc:
         pytest.fail(f"no Docker engine answers, which DEEPOPT_DOCKER_TESTS asks for: {exc}")
-    args = ["--build-arg", f"BASE_IMAGE={os.environ.get('DEEPOPT_DOCKER_BASE') or 'python:3.11-slim'}"]
+    base = ["--build-arg", f"BASE_IMAGE={os.environ.get('DEEPOPT_DOCKER_BASE') or 'python:3.11-slim'}"]
+    # The CPU image's torch: PyTorch's CPU index, or the wheel directory and index given. The node image
+    # is built as compose builds it, its CUDA torch from PyPI (several GB the first time).
+    cpu_torch = []
     if wheels_url:
-        args += ["--build-arg", f"WHEELS_URL={wheels_url}"]
+        cpu_torch += ["--build-arg", f"WHEELS_URL={wheels_url}"]
     if "DEEPOPT_DOCKER_TORCH_INDEX" in os.environ:
-        args += ["--build-arg", f"TORCH_INDEX_URL={os.environ['DEEPOPT_DOCKER_TORCH_INDEX']}"]
+        cpu_torch += ["--build-arg", f"TORCH_INDEX_URL={os.environ['DEEPOPT_DOCKER_TORCH_INDEX']}"]
     built = {}
-    for name, dockerfile in (("app", "docker/Dockerfile"), ("gpu", "docker/Dockerfile.gpu")):
+    for name, dockerfile, args in (("app", "docker/Dockerfile", base + cpu_torch),
+                                   ("gpu", "docker/Dockerfile.gpu", base)):
         tag = f"deepopt-{name}:docker-test"
         docker("build", "--network", "host", "-f", str(ROOT / dockerfile), *args, "-t", tag, str(ROOT),
                timeout=BUILD_TIMEOUT_S)
