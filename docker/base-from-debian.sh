@@ -20,6 +20,7 @@ done
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
+# python3-pip as well: without it, debootstrap failed here to configure python3.11-venv.
 debootstrap --variant=minbase --include=ca-certificates,netbase,tzdata,python3.11,python3.11-venv,python3-pip \
     bookworm "$root" "$mirror"
 if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then

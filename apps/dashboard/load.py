@@ -20,20 +20,32 @@ CHART_HOURS = 24
 
 
 def chart_payloads(series: list[Series], *, hours: int = CHART_HOURS, capacity_of: dict | None = None) -> list[dict]:
-    """Charts of several series: two queries in all (their points, their latest forecasts)."""
+    """Charts of several series: two queries in all (their points, their latest forecasts), and the
+    autoscaler's policy where a chart draws the active capacity."""
     now = timezone.now()
     observed = histories(series, step=STEP, since=now - timedelta(hours=hours), until=now)
     forecasts = latest_forecasts([s.pk for s in series])
-    return [chart_payload(s, observed[s.pk].dropna(), forecasts.get(s.pk), (capacity_of or {}).get(s.key))
+    lines = autoscaler_lines() if capacity_of else None
+    return [chart_payload(s, observed[s.pk].dropna(), forecasts.get(s.pk), (capacity_of or {}).get(s.key), lines)
             for s in series]
 
 
-def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None, capacity: int | None) -> dict:
+def autoscaler_lines() -> dict | None:
+    """The shares of active capacity at which the autoscaler acts, while it is on: the capacity chart
+    draws them, so the forecast's crossing of a line is what a decision below the chart reports."""
+    policy = AutoscalerPolicy.current()
+    if not policy.enabled:
+        return None
+    return {"scale_up_at": policy.scale_up_at, "scale_down_below": policy.scale_down_below}
+
+
+def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None, capacity: int | None,
+                  autoscaler: dict | None = None) -> dict:
     payload = {
         "id": series.pk, "key": series.key, "label": series.label, "metric": series.metric,
         "history": {"t": [t.tz_localize("UTC").isoformat() for t in observed.index],
                     "y": [round(float(v), 3) for v in observed.to_numpy()]},
-        "forecast": None, "capacity": capacity,
+        "forecast": None, "capacity": capacity, "autoscaler": autoscaler if capacity is not None else None,
     }
     if forecast is not None:
         payload["forecast"] = {

@@ -5,7 +5,8 @@
 (function () {
   "use strict";
 
-  var COLORS = { observed: "#2563eb", forecast: "#d97706", band: "rgba(217,119,6,0.18)", capacity: "#6b7280" };
+  var COLORS = { observed: "#2563eb", forecast: "#d97706", band: "rgba(217,119,6,0.18)", capacity: "#6b7280",
+                 scaleUp: "#dc2626", scaleDown: "#059669" };
   var LAYOUT = {
     margin: { l: 48, r: 12, t: 8, b: 36 },
     showlegend: true,
@@ -32,8 +33,20 @@
     if (chart.capacity != null) {  // only the allocated-GPUs chart has one; 0 when every node is on standby
       var xs = chart.history.t.concat(f ? f.t : []);
       if (xs.length) {
-        out.push({ x: [xs[0], xs[xs.length - 1]], y: [chart.capacity, chart.capacity], mode: "lines",
+        var ends = [xs[0], xs[xs.length - 1]];
+        out.push({ x: ends, y: [chart.capacity, chart.capacity], mode: "lines",
                    line: { color: COLORS.capacity, dash: "dot", width: 1 }, name: "active GPUs" });
+        // The autoscaler's lines (while it is on): a forecast above the first brings standby nodes back,
+        // one that stays below the second drains a node. They move with the capacity.
+        var a = chart.autoscaler;
+        if (a) {
+          [["scale-up line", a.scale_up_at, COLORS.scaleUp], ["scale-down line", a.scale_down_below, COLORS.scaleDown]]
+            .forEach(function (line) {
+              var y = Math.round(line[1] * chart.capacity * 100) / 100;
+              out.push({ x: ends, y: [y, y], mode: "lines", line: { color: line[2], dash: "dashdot", width: 1 },
+                         name: line[0] + " (" + Math.round(100 * line[1]) + " %)", hovertemplate: "%{y}<extra>" + line[0] + "</extra>" });
+            });
+        }
       }
     }
     return out;
@@ -84,11 +97,11 @@
   }
 
   // The API's series detail -> the embedded shape (one place that knows both).
-  function fromApi(series, capacity) {
+  function fromApi(series, capacity, autoscaler) {
     var h = series.history || [];
     var f = series.forecast;
     return {
-      id: series.id, key: series.key, label: series.label, metric: series.metric, capacity: capacity,
+      id: series.id, key: series.key, label: series.label, metric: series.metric, capacity: capacity, autoscaler: autoscaler,
       history: { t: h.map(function (p) { return p.ts; }), y: h.map(function (p) { return p.value; }) },
       forecast: f ? {
         origin: f.origin, method: f.method, compute_s: f.compute_s, refitted: f.refitted, track_record: f.track_record,
@@ -106,7 +119,7 @@
         if (!event || event.series !== data.key) return;
         fetch("/api/v1/forecasts/" + data.id + "/?hours=24", { credentials: "same-origin", headers: { Accept: "application/json" } })
           .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
-          .then(function (series) { data = fromApi(series, data.capacity); draw(el, data); })
+          .then(function (series) { data = fromApi(series, data.capacity, data.autoscaler); draw(el, data); })
           .catch(function () { /* the next forecast brings another try */ });
       });
       // A node activated, put on standby or down: the dotted capacity line moves with it.

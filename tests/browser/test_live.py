@@ -326,6 +326,8 @@ def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live
     chart = f".load-chart[data-series-id='{series.pk}']"
     plotted = ("(sel) => Object.fromEntries(document.querySelector(sel + ' [data-chart-plot]').data"
                ".map(t => [t.name, t.x.length]))")
+    levels = ("(sel) => Object.fromEntries(document.querySelector(sel + ' [data-chart-plot]').data"
+              ".filter(t => t.name.includes(' line')).map(t => [t.name, t.y]))")
 
     def origin_drawn() -> datetime:
         return datetime.fromisoformat(tab.get_attribute(chart, "data-forecast-origin").replace("Z", "+00:00"))
@@ -339,6 +341,8 @@ def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live
     assert traces["observed"] >= 100
     assert traces["forecast"] == traces["80% band"] == traces["upper"] == len(earlier.points)
     assert traces["active GPUs"] == 2
+    # The autoscaler's lines at 80 % and 50 % of the 4 active GPUs.
+    assert tab.evaluate(levels, chart) == {"scale-up line (80 %)": [3.2, 3.2], "scale-down line (50 %)": [2, 2]}
 
     # A new forecast (the beat's refresh, here called directly) redraws the chart in place.
     latest = elsewhere(forecast_series, series)
@@ -375,6 +379,7 @@ def test_the_dashboard_draws_the_forecast_and_redraws_it_and_the_autoscaler_live
     # The node's return moves the capacity line and the numbers above, their feet included.
     tab.wait_for_selector(f"{chart}[data-capacity='12']")
     assert tab.evaluate(plotted, chart)["active GPUs"] == 2
+    assert tab.evaluate(levels, chart) == {"scale-up line (80 %)": [9.6, 9.6], "scale-down line (50 %)": [6, 6]}
     tab.wait_for_function("document.querySelector('[data-stat=gpus-free]').textContent.trim() === '12'")
     assert stat_feet(tab) == {"active": "2"}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

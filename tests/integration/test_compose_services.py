@@ -1,12 +1,12 @@
 """compose.yaml's app services run as compose would run them, without Docker.
 
 This runs in `make test`, with no Docker engine (test_docker_images builds and runs the images
-themselves, opt-in). What compose adds on top of the image is run here from the file itself: the `web`,
-`worker` and `beat` services' commands and environment (x-app, with docker/env.example's required variables set), after the Dockerfile's
-collectstatic step, on a fresh PostgreSQL database and a Redis database of their own. Only what lives
-outside the compose network is swapped: the `postgres` and `redis` hosts, the web port (the test picks
-a free one; the health check reads it from HEALTHCHECK_PORT), MEDIA_ROOT, STATIC_ROOT (the image
-collects into its own) and beat's schedule file.
+themselves, opt-in). What compose adds on top of the image is run here from the file itself: the
+`web`, `worker` and `beat` services' commands and environment (x-app, with docker/env.example's
+required variables set), after the Dockerfile's collectstatic step, on a fresh PostgreSQL database and
+a Redis database of their own. Only what lives outside the compose network is swapped: the `postgres`
+and `redis` hosts, the web port (the test picks a free one; the health check reads it from
+HEALTHCHECK_PORT), MEDIA_ROOT, STATIC_ROOT (the image collects into its own) and beat's schedule file.
 
 Then, in compose's order: web's health check (docker/healthcheck.py web) passes after its migrations;
 the worker's health check (a ping through the broker) passes; beat's schedule makes the worker run

@@ -40,6 +40,21 @@ def test_the_dashboard_charts_observed_load_forecast_and_capacity(bob, node_a, c
     assert chart["forecast"]["upper"] == [3.0]
     assert b"vendor/plotly.min.js" in page
     assert b'data-testid="scaling-decisions"' in page
+    # The autoscaler's lines, as shares of that capacity (the policy's defaults); the queue chart has none.
+    assert chart["autoscaler"] == {"scale_up_at": 0.8, "scale_down_below": 0.5}
+    assert embedded(page, "cluster:all:queued_gpus")["autoscaler"] is None
+
+
+def test_the_capacity_chart_drops_the_autoscalers_lines_while_it_is_off(bob, node_a, client):
+    from apps.forecasting.models import AutoscalerPolicy
+
+    rollup_minute()
+    AutoscalerPolicy.objects.create(pk=1, scale_up_at=0.9, scale_down_below=0.3)
+    client.force_login(bob)
+    assert embedded(client.get("/").content, "cluster:all:allocated_gpus")["autoscaler"] == {
+        "scale_up_at": 0.9, "scale_down_below": 0.3}
+    AutoscalerPolicy.objects.filter(pk=1).update(enabled=False)
+    assert embedded(client.get("/").content, "cluster:all:allocated_gpus")["autoscaler"] is None
 
 
 def test_a_compression_result_shows_each_layers_precision_and_sensitivity(alice, job_of_alice, client):
