@@ -1,5 +1,6 @@
 """The images, built and run as compose.yaml runs them: docker/Dockerfile's web, worker and beat, and
-docker/Dockerfile.gpu's node agent, which then runs a job handed to it by the others.
+docker/Dockerfile.gpu's node agent, which then runs a job handed to it by the others while the job's
+page, open in Debian's Chromium, follows it live.
 
 Opt-in (`make docker-check`, or DEEPOPT_DOCKER_TESTS=1): building the images takes minutes and needs a
 Docker engine, so `make test` and CI skip this file. What compose adds on top of the images comes from
@@ -21,6 +22,7 @@ The node image takes its CUDA torch from PyPI, as compose builds it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -88,6 +90,10 @@ def wheels_url() -> Iterator[str | None]:
 @pytest.fixture(scope="module")
 def images(wheels_url) -> dict[str, str]:
     """Both images, built from this checkout (Docker's layer cache makes a rebuild quick)."""
+    from tests.browser.conftest import CHROMIUM
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"the job page is watched in Debian's Chromium, missing at {CHROMIUM} (apt-get install chromium)")
     try:
         docker("info", timeout=20)
     except (AssertionError, FileNotFoundError, subprocess.TimeoutExpired) as exc:
@@ -185,6 +191,30 @@ class Stack:
             docker("volume", "rm", "-f", volume, check=False)
 
 
+@contextlib.contextmanager
+def job_page(server: str, job_id: int) -> Iterator:
+    """Debian's Chromium, signed in as the admin, on the job's page with its websocket live."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_context(base_url=server).new_page()
+            tab.set_default_timeout(DEADLINE_S * 1000)
+            tab.goto(f"/jobs/{job_id}/")
+            tab.fill("#id_username", "admin")
+            tab.fill("#id_password", SECRETS["DEEPOPT_ADMIN_PASSWORD"])
+            tab.click("button:has-text('Sign in')")
+            tab.wait_for_url(re.compile(rf"/jobs/{job_id}/$"))
+            tab.wait_for_selector("#live-status[data-state=live]")
+            tab.evaluate("window.__notReloaded = true")
+            yield tab
+        finally:
+            browser.close()
+
+
 @pytest.fixture
 def stack(images, fresh_postgres_url, redis_db13_url) -> Iterator[Stack]:
     running = Stack(images, fresh_postgres_url, redis_db13_url)
@@ -271,17 +301,24 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
     stack.wait("the node container healthy", lambda: stack.healthy("gpu-node"), ("gpu-node",))
 
     # A job goes through the whole stack: web queues it, the worker's pass places it on the node, the
-    # node's worker runs it and reports back; its artifact lands in the media volume.
+    # node's worker runs it and reports back; its artifact lands in the media volume. Its page, open in
+    # Chromium, follows it over the websocket (daphne and the Redis channel layer in the web container).
     job = api.post(f"{stack.server}/api/v1/jobs/", timeout=10, json={
         "name": "in containers", "team": team_id, "kind": "selftest", "resources": {"gpus": 1},
-        "spec": {"steps": 5, "step_seconds": 0.2}})
+        "spec": {"steps": 20, "step_seconds": 0.5}})
     assert job.status_code == 201, job.text
     job_url = f"{stack.server}/api/v1/jobs/{job.json()['id']}/"
 
     def ended() -> bool:
         return api.get(job_url, timeout=10).json()["state"] in ("succeeded", "failed", "cancelled")
 
-    stack.wait("the job to end", ended, ("web", "worker", "beat", "gpu-node"))
+    with job_page(stack.server, job.json()["id"]) as tab:
+        first = tab.inner_text("[data-testid=job-state]").strip()
+        assert first in ("queued", "allocated", "running"), first
+        stack.wait("the job to end", ended, ("web", "worker", "beat", "gpu-node"))
+        tab.wait_for_function(
+            "document.querySelector('[data-testid=job-state]').innerText.trim() === 'succeeded'")
+        assert tab.evaluate("window.__notReloaded") is True
     detail = api.get(job_url, timeout=10).json()
     assert detail["state"] == "succeeded", (detail, stack.logs("gpu-node"))
     assert abs(detail["result"]["pi"] - 3.141592653589793) < 1e-9
