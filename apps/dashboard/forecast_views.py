@@ -16,10 +16,11 @@ from .load import all_charts, autoscaler_policy, recent_decisions
 
 @login_required
 def forecasts(request: HttpRequest) -> HttpResponse:
+    policy = autoscaler_policy()
     return render(request, "dashboard/forecasts.html", {
-        "charts": all_charts(request.user),
+        "charts": all_charts(request.user, policy),
         "decisions": recent_decisions(request.user, limit=50),
-        "autoscaler": autoscaler_policy(),
+        "autoscaler": policy,
     })
 
 

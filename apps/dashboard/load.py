@@ -19,22 +19,22 @@ from apps.forecasting.services import STEP, latest_forecasts
 CHART_HOURS = 24
 
 
-def chart_payloads(series: list[Series], *, hours: int = CHART_HOURS, capacity_of: dict | None = None) -> list[dict]:
-    """Charts of several series: two queries in all (their points, their latest forecasts), and the
-    autoscaler's policy where a chart draws the active capacity."""
+def chart_payloads(series: list[Series], *, hours: int = CHART_HOURS, capacity_of: dict | None = None,
+                   policy: AutoscalerPolicy | None = None) -> list[dict]:
+    """Charts of several series: two queries in all (their points, their latest forecasts). A chart
+    with a capacity also gets the autoscaler's lines from `policy` (the caller's, read once per page)."""
     now = timezone.now()
     observed = histories(series, step=STEP, since=now - timedelta(hours=hours), until=now)
     forecasts = latest_forecasts([s.pk for s in series])
-    lines = autoscaler_lines() if capacity_of else None
+    lines = autoscaler_lines(policy)
     return [chart_payload(s, observed[s.pk].dropna(), forecasts.get(s.pk), (capacity_of or {}).get(s.key), lines)
             for s in series]
 
 
-def autoscaler_lines() -> dict | None:
+def autoscaler_lines(policy: AutoscalerPolicy | None) -> dict | None:
     """The shares of active capacity at which the autoscaler acts, while it is on: the capacity chart
     draws them, so the forecast's crossing of a line is what a decision below the chart reports."""
-    policy = AutoscalerPolicy.current()
-    if not policy.enabled:
+    if policy is None or not policy.enabled:
         return None
     return {"scale_up_at": policy.scale_up_at, "scale_down_below": policy.scale_down_below}
 
@@ -58,12 +58,13 @@ def chart_payload(series: Series, observed: pd.Series, forecast: Forecast | None
     return payload
 
 
-def cluster_charts(user) -> list[dict]:  # noqa: ANN001
-    """The dashboard's charts: the cluster's allocated GPUs (with active capacity) and queued demand."""
+def cluster_charts(user, policy: AutoscalerPolicy | None = None) -> list[dict]:  # noqa: ANN001
+    """The dashboard's charts: the cluster's allocated GPUs (with active capacity and, from `policy`, the
+    autoscaler's lines) and queued demand."""
     keys = [CLUSTER_KEY.format(metric=ALLOCATED), CLUSTER_KEY.format(metric=QUEUED)]
     by_key = {s.key: s for s in Series.objects.filter(key__in=keys)}
     series = [by_key[k] for k in keys if k in by_key]
-    return chart_payloads(series, capacity_of={keys[0]: active_gpus()}) if series else []
+    return chart_payloads(series, capacity_of={keys[0]: active_gpus()}, policy=policy) if series else []
 
 
 def team_charts(team) -> list[dict]:  # noqa: ANN001
@@ -74,13 +75,14 @@ def team_charts(team) -> list[dict]:  # noqa: ANN001
     return chart_payloads(series) if series else []
 
 
-def all_charts(user) -> list[dict]:  # noqa: ANN001
-    """Every series the user may see that has a forecast or points (the forecasts page)."""
+def all_charts(user, policy: AutoscalerPolicy | None = None) -> list[dict]:  # noqa: ANN001
+    """Every series the user may see that has a forecast or points (the forecasts page); the cluster's
+    allocated GPUs with the capacity and the autoscaler's lines from `policy`."""
     has_data = (Exists(Forecast.objects.filter(series=OuterRef("pk")))
                 | Exists(SeriesPoint.objects.filter(series=OuterRef("pk"))))
     series = list(Series.objects.visible_to(user).filter(has_data).select_related("team")
                   .order_by("scope", "key"))
-    return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_gpus()})
+    return chart_payloads(series, capacity_of={CLUSTER_KEY.format(metric=ALLOCATED): active_gpus()}, policy=policy)
 
 
 def recent_decisions(user, limit: int = 10) -> list[ScalingDecision]:  # noqa: ANN001
@@ -94,5 +96,6 @@ def autoscaler_policy() -> AutoscalerPolicy:
 
 def load_context(user) -> dict:  # noqa: ANN001
     """What the dashboard adds for its load section: charts, the latest decisions, the autoscaler's switch."""
-    return {"load_charts": cluster_charts(user), "decisions": recent_decisions(user, limit=5),
-            "autoscaler": autoscaler_policy()}
+    policy = autoscaler_policy()
+    return {"load_charts": cluster_charts(user, policy), "decisions": recent_decisions(user, limit=5),
+            "autoscaler": policy}

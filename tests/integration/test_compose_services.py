@@ -125,9 +125,45 @@ def metric(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def metrics_status(base: str, token: str) -> int:
+    import requests
+
+    return requests.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+
+def scheduling_passes(base: str) -> float:
+    """The passes web's /metrics reports, read with the token compose hands Prometheus."""
+    import requests
+
+    token = {"Authorization": f"Bearer {SECRETS['DEEPOPT_METRICS_TOKEN']}"}
+    response = requests.get(f"{base}/metrics", headers=token, timeout=10)
+    assert response.status_code == 200, response.text[:500]
+    return metric(response.text, "deepopt_scheduler_pass_seconds_count") or 0.0
+
+
+def admin_signs_in(base: str):  # noqa: ANN201
+    """The admin that ensure_admin made signs in through the login form (CSRF and all, plain HTTP as in
+    compose's defaults) and lands on the dashboard; the static files (collected as the Dockerfile does)
+    are served. Returns the signed-in session."""
+    import requests
+
+    session = requests.Session()
+    login = session.get(f"{base}/login/", timeout=10)
+    assert login.status_code == 200
+    answer = session.post(f"{base}/login/", timeout=10, headers={"Referer": f"{base}/login/"}, data={
+        "username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"],
+        "csrfmiddlewaretoken": session.cookies["csrftoken"]})
+    assert answer.status_code == 200
+    assert answer.url == f"{base}/", answer.url
+    assert "Dashboard" in answer.text
+    static = session.get(f"{base}/static/js/live.js", timeout=10)
+    assert static.status_code == 200
+    assert "DeepOptLive" in static.text
+    return session
+
+
 @pytest.mark.skipif(shutil.which("sh") is None, reason="web's command is a sh -c line")
 def test_web_worker_and_beat_start_from_compose_and_work_together(services):
-    import requests
 
     # The Dockerfile collects the static files at build time, with a throwaway key.
     step = "SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput"
@@ -147,32 +183,14 @@ def test_web_worker_and_beat_start_from_compose_and_work_together(services):
     services.wait("worker healthy", lambda: services.healthy("worker"), ("web", "worker", "beat"))
 
     base = f"http://127.0.0.1:{services.port}"
-    token = {"Authorization": f"Bearer {SECRETS['DEEPOPT_METRICS_TOKEN']}"}
-    assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
-
+    assert metrics_status(base, "wrong") == 401
     # Beat's schedule reaches the worker: its scheduling passes show in web's /metrics (through Redis).
-    def passes() -> float:
-        response = requests.get(f"{base}/metrics", headers=token, timeout=10)
-        assert response.status_code == 200, response.text[:500]
-        return metric(response.text, "deepopt_scheduler_pass_seconds_count") or 0.0
-
-    services.wait("a scheduling pass from beat, run by the worker", lambda: passes() >= 2, ("web", "worker", "beat"))
+    services.wait("a scheduling pass from beat, run by the worker", lambda: scheduling_passes(base) >= 2,
+                  ("web", "worker", "beat"))
     assert "scheduling.run_pass" in services.log("worker")
 
-    # The admin that ensure_admin made signs in through the login form (CSRF and all, plain HTTP as in
-    # compose's defaults), and the dashboard and the API answer.
-    session = requests.Session()
-    login = session.get(f"{base}/login/", timeout=10)
-    assert login.status_code == 200
-    answer = session.post(f"{base}/login/", timeout=10, headers={"Referer": f"{base}/login/"}, data={
-        "username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"],
-        "csrfmiddlewaretoken": session.cookies["csrftoken"]})
-    assert answer.status_code == 200
-    assert answer.url == f"{base}/", answer.url
-    assert "Dashboard" in answer.text
+    # The admin signs in, and the dashboard, the API and the static files answer.
+    session = admin_signs_in(base)
     jobs = session.get(f"{base}/api/v1/jobs/", timeout=10)
     assert jobs.status_code == 200
     assert jobs.json()["count"] == 0
-    static = session.get(f"{base}/static/js/live.js", timeout=10)
-    assert static.status_code == 200
-    assert "DeepOptLive" in static.text

@@ -39,7 +39,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.integration.test_compose_services import SECRETS, metric
+from tests.integration.test_compose_services import (
+    SECRETS,
+    admin_signs_in,
+    metrics_status,
+    scheduling_passes,
+)
 from tests.net import free_port
 from tests.unit.test_compose import resolved
 
@@ -243,29 +248,12 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
     assert stack.exec("worker", "sh", "-c", "test -w /app/manage.py").returncode != 0, \
         "the app's code is writable by the container's user"
 
-    # Beat's ticks reach the worker, whose passes show in web's /metrics (the token compose gives Prometheus).
-    token = {"Authorization": f"Bearer {SECRETS['DEEPOPT_METRICS_TOKEN']}"}
-    wrong = requests.get(f"{stack.server}/metrics", headers={"Authorization": "Bearer no"}, timeout=10)
-    assert wrong.status_code == 401
-
-    def passes() -> float:
-        response = requests.get(f"{stack.server}/metrics", headers=token, timeout=10)
-        assert response.status_code == 200, response.text[:300]
-        return metric(response.text, "deepopt_scheduler_pass_seconds_count") or 0.0
-
-    stack.wait("scheduling passes from beat, run by the worker", lambda: passes() >= 2, ("web", "worker", "beat"))
-
-    # The admin signs in through the form (CSRF, plain HTTP as compose's defaults), and WhiteNoise serves
-    # the static files collected when the image was built.
-    session = requests.Session()
-    assert session.get(f"{stack.server}/login/", timeout=10).status_code == 200
-    answer = session.post(f"{stack.server}/login/", timeout=10, headers={"Referer": f"{stack.server}/login/"}, data={
-        "username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"],
-        "csrfmiddlewaretoken": session.cookies["csrftoken"]})
-    assert answer.url == f"{stack.server}/", answer.url
-    static = session.get(f"{stack.server}/static/js/live.js", timeout=10)
-    assert static.status_code == 200
-    assert "DeepOptLive" in static.text
+    # Beat's ticks reach the worker, whose passes show in web's /metrics; the admin signs in, and
+    # WhiteNoise serves the static files collected when the image was built.
+    assert metrics_status(stack.server, "wrong") == 401
+    stack.wait("scheduling passes from beat, run by the worker", lambda: scheduling_passes(stack.server) >= 2,
+               ("web", "worker", "beat"))
+    admin_signs_in(stack.server)
 
     # As README's API tour: the admin's token, a team, a node registered to it (its token shown once).
     api = requests.Session()
