@@ -38,13 +38,16 @@ def beat() -> bool:
 
 
 def node() -> bool:
-    # A GPU node: the agent is the container's process, and the node's worker answers a ping.
+    # A GPU node: the agent is the container's process, and the node's worker (the agent names it
+    # node.<name>@<hostname>, after its queue) answers a ping. Another worker of this hostname, as on a
+    # host network beside compose's `worker@…`, does not count.
     from workers.celery_app import app
 
     if b"workers.agent" not in Path("/proc/1/cmdline").read_bytes():
         return False
     replies = app.control.ping(timeout=5)
-    return any(name.endswith(f"@{socket.gethostname()}") for reply in replies for name in reply)
+    return any(name.startswith("node.") and name.endswith(f"@{socket.gethostname()}")
+               for reply in replies for name in reply)
 
 
 if __name__ == "__main__":

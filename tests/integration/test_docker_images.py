@@ -286,8 +286,8 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
         return mine[0] if mine else None
 
     stack.wait("the node container to register its CPU slots", registered, ("web", "worker", "beat", "gpu-node"))
-    # On the shared host network the node's check (a ping answered by a worker of this hostname) would
-    # also pass on the compose worker's answer; the job below is what shows the node's worker at work.
+    # On the shared host network the compose worker answers pings under this hostname too; the node's
+    # check counts only the node's own worker (node.<name>@…).
     stack.wait("the node container healthy", lambda: stack.healthy("gpu-node"), ("gpu-node",))
 
     # A job goes through the whole stack: web queues it, the worker's pass places it on the node, the
