@@ -46,7 +46,40 @@ SECRETS = {  # what docker/env.example asks for; test values
 DEADLINE_S = 120
 
 
-class Services:
+class ComposeServices:
+    """What both ways of running compose's services share (processes here, containers in
+    test_docker_images): the services' own health checks, and waiting for a condition while they run.
+    A subclass says how a check command runs, whether a service still runs, and its log."""
+
+    deadline_s = DEADLINE_S
+
+    def check(self, service: str, command: list[str]) -> int:
+        raise NotImplementedError
+
+    def alive(self, service: str) -> bool:
+        raise NotImplementedError
+
+    def log(self, service: str) -> str:
+        raise NotImplementedError
+
+    def healthy(self, service: str) -> bool:
+        test = self.compose["services"][service]["healthcheck"]["test"]
+        assert test[0] == "CMD", test
+        return self.check(service, test[1:]) == 0
+
+    def wait(self, what: str, condition, services: tuple[str, ...]) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        while not condition():
+            for name in services:
+                if not self.alive(name):
+                    raise AssertionError(f"{name} exited:\n{self.log(name)}")
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {name}\n{self.log(name)}" for name in services)
+                raise AssertionError(f"{what} within {self.deadline_s} s\n{logs}")
+            time.sleep(0.5)
+
+
+class Services(ComposeServices):
     def __init__(self, tmp: Path, database_url: str, redis_url: str) -> None:
         self.tmp = tmp
         self.compose = resolved(SECRETS)   # as `docker compose --env-file .env` reads it
@@ -85,21 +118,11 @@ class Services:
     def log(self, service: str) -> str:
         return (self.tmp / f"{service}.log").read_text(errors="replace")[-3000:]
 
-    def healthy(self, service: str) -> bool:
-        check = self.compose["services"][service]["healthcheck"]["test"]
-        assert check[0] == "CMD", check
-        return subprocess.run(check[1:], cwd=ROOT, env=self.env, capture_output=True, timeout=30).returncode == 0
+    def check(self, service: str, command: list[str]) -> int:
+        return subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, timeout=30).returncode
 
-    def wait(self, what: str, condition, services: tuple[str, ...]) -> None:
-        deadline = time.monotonic() + DEADLINE_S
-        while not condition():
-            for name in services:
-                if self.processes[name].poll() is not None:
-                    raise AssertionError(f"{name} exited ({self.processes[name].returncode}):\n{self.log(name)}")
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {name}\n{self.log(name)}" for name in services)
-                raise AssertionError(f"{what} within {DEADLINE_S} s\n{logs}")
-            time.sleep(0.5)
+    def alive(self, service: str) -> bool:
+        return self.processes[service].poll() is None
 
     def stop(self) -> None:
         for process in self.processes.values():

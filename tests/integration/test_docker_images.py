@@ -30,7 +30,6 @@ import os
 import re
 import subprocess
 import threading
-import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ import requests
 
 from tests.integration.test_compose_services import (
     SECRETS,
+    ComposeServices,
     admin_signs_in,
     metrics_status,
     scheduling_passes,
@@ -121,8 +121,10 @@ def images(wheels_url) -> dict[str, str]:
     return built
 
 
-class Stack:
+class Stack(ComposeServices):
     """compose.yaml's services as containers on the host's network, named deepopt-test-<run>-<service>."""
+
+    deadline_s = DEADLINE_S
 
     def __init__(self, images: dict[str, str], database_url: str, redis_url: str) -> None:
         self.images = images
@@ -165,29 +167,16 @@ class Stack:
     def exec(self, service: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return docker("exec", self.name(service), *command, timeout=timeout, check=False)
 
-    def healthy(self, service: str) -> bool:
-        check = self.compose["services"][service]["healthcheck"]["test"]
-        assert check[0] == "CMD", check
-        return self.exec(service, *check[1:]).returncode == 0
+    def check(self, service: str, command: list[str]) -> int:
+        return self.exec(service, *command).returncode
 
-    def running(self, service: str) -> bool:
+    def alive(self, service: str) -> bool:
         state = docker("inspect", "-f", "{{.State.Running}}", self.name(service), check=False)
         return state.stdout.strip() == "true"
 
-    def logs(self, service: str) -> str:
+    def log(self, service: str) -> str:
         result = docker("logs", "--tail", "80", self.name(service), check=False)
         return (result.stdout + result.stderr)[-4000:]
-
-    def wait(self, what: str, condition, services: tuple[str, ...], deadline_s: float = DEADLINE_S) -> None:
-        deadline = time.monotonic() + deadline_s
-        while not condition():
-            for service in services:
-                if not self.running(service):
-                    raise AssertionError(f"{service} exited:\n{self.logs(service)}")
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {service}\n{self.logs(service)}" for service in services)
-                raise AssertionError(f"{what} within {deadline_s:.0f} s\n{logs}")
-            time.sleep(1)
 
     def remove(self) -> None:
         for service in self.started:
@@ -237,7 +226,7 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
     # web: migrations, the admin, then daphne; healthy by compose's own check, run inside the container.
     stack.start("web", app)
     stack.wait("web healthy", lambda: stack.healthy("web"), ("web",))
-    assert "Created admin user 'admin'" in stack.logs("web")
+    assert "Created admin user 'admin'" in stack.log("web")
 
     # worker and beat, once web is healthy; each passes its own check (beat's reads /proc/1/cmdline,
     # which is beat's own only inside its container).
@@ -310,7 +299,7 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
             "document.querySelector('[data-testid=job-state]').innerText.trim() === 'succeeded'")
         assert tab.evaluate("window.__notReloaded") is True
     detail = api.get(job_url, timeout=10).json()
-    assert detail["state"] == "succeeded", (detail, stack.logs("gpu-node"))
+    assert detail["state"] == "succeeded", (detail, stack.log("gpu-node"))
     assert abs(detail["result"]["pi"] - 3.141592653589793) < 1e-9
     artifacts = api.get(f"{job_url}artifacts/", timeout=10).json()["results"]
     [artifact] = [a for a in artifacts if a["name"] == "selftest.json"]
