@@ -133,6 +133,16 @@ def test_the_stylesheet_is_served_from_our_own_static_files(bob):
     assert b".badge-queued" in b"".join(response.streaming_content)
 
 
+def test_favicon_ico_leads_to_the_logo_for_pages_that_name_no_icon(db):
+    # The admin's and Swagger's pages have no <link rel="icon">: the browser's /favicon.ico was a 404.
+    response = Client().get("/favicon.ico")
+    assert response.status_code == 301
+    assert response["Location"] == "/static/img/logo.svg"
+    logo = Client().get(response["Location"])
+    assert logo.status_code == 200
+    assert b"<svg" in b"".join(logo.streaming_content)
+
+
 # --- team isolation ------------------------------------------------------------------------------
 
 def test_charlie_gets_404_on_team_a_job_node_and_team_pages(charlie, job_of_alice, node_a, team_a):
