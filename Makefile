@@ -30,11 +30,12 @@ worker: setup
 test: setup
 	$(PY) -m pytest
 
-# Builds docker/Dockerfile and docker/Dockerfile.gpu and runs them as compose.yaml does (minutes; needs a
-# Docker engine). Without Docker Hub or PyTorch's index: DEEPOPT_DOCKER_BASE, DEEPOPT_DOCKER_WHEELS and
-# DEEPOPT_DOCKER_TORCH_INDEX (tests/integration/test_docker_images.py).
+# `docker compose up` of docker/compose.yaml (tests/integration/test_compose_up.py), then the images run as
+# compose runs them (test_docker_images.py): minutes; needs a Docker engine with the compose plugin. Without
+# Docker Hub or PyTorch's index: DEEPOPT_DOCKER_BASE, DEEPOPT_DOCKER_WHEELS, DEEPOPT_DOCKER_TORCH_INDEX and
+# DEEPOPT_DOCKER_STANDINS=1 (README, "Docker").
 docker-check: setup
-	DEEPOPT_DOCKER_TESTS=1 $(PY) -m pytest tests/integration/test_docker_images.py -v
+	DEEPOPT_DOCKER_TESTS=1 $(PY) -m pytest tests/integration/test_compose_up.py tests/integration/test_docker_images.py -v
 
 lint: setup
 	$(VENV)/bin/ruff check .
