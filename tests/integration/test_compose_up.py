@@ -36,7 +36,13 @@ import requests
 import yaml
 
 from tests.integration.test_compose_services import SECRETS, admin_signs_in, metrics_status, scheduling_passes
-from tests.integration.test_docker_images import BUILD_TIMEOUT_S, docker, wheels_url  # noqa: F401 (a fixture)
+from tests.integration.test_docker_images import (  # wheels_url: a fixture
+    BUILD_TIMEOUT_S,
+    PLACEHOLDER,
+    admin_team_with_node,
+    docker,
+    wheels_url,  # noqa: F401
+)
 from tests.net import free_port
 
 pytestmark = [
@@ -52,7 +58,6 @@ STANDINS = ROOT / "docker" / "standins"
 SERVICES = ["postgres", "redis", "web", "worker", "beat", "prometheus"]  # and grafana, with the official images
 WAIT_S = 600
 DEADLINE_S = 180
-PLACEHOLDER = "placeholder until the agent registers"
 
 
 def wait_for(what: str, condition, project: ComposeProject, deadline_s: float = DEADLINE_S):  # noqa: ANN201
@@ -206,21 +211,8 @@ def test_docker_compose_up_runs_the_stack_and_a_gpu_profile_node_runs_a_job(proj
 
     # A node, as README's compose steps: register it through the API, put its token in .env, bring up the
     # gpu profile's gpu-node, which reaches web:8000 and redis:6379 by their service names.
-    api = requests.Session()
-    login = api.post(f"{project.server}/api/v1/auth/token/", timeout=10,
-                     json={"username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"]})
-    assert login.status_code == 200, login.text
-    api.headers["Authorization"] = f"Token {login.json()['token']}"
-    team = api.post(f"{project.server}/api/v1/teams/", timeout=10, json={"name": "Compose", "max_gpus": 4})
-    assert team.status_code == 201, team.text
-    team_id = team.json()["id"]
-    assert api.post(f"{project.server}/api/v1/teams/{team_id}/members/", timeout=10,
-                    json={"username": "admin", "role": "lead"}).status_code == 201
-    node = api.post(f"{project.server}/api/v1/nodes/", timeout=10, json={
-        "name": "compose-node", "hostname": "gpu-node", "team": team_id,
-        "gpus": [{"index": 0, "model": PLACEHOLDER, "memory_mb": 1}]})
-    assert node.status_code == 201, node.text
-    project.write_env(DEEPOPT_NODE_TOKEN=node.json()["token"])
+    api, team_id, node_token = admin_team_with_node(project.server, "Compose", "compose-node", "gpu-node")
+    project.write_env(DEEPOPT_NODE_TOKEN=node_token)
     project.up("gpu-node", build=True, profile="gpu")
     assert project.states()["gpu-node"] == "healthy"
 

@@ -60,6 +60,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 UID = "10001"  # the Dockerfiles' `useradd --uid`
 DEADLINE_S = 180
+PLACEHOLDER = "placeholder until the agent registers"
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -185,6 +186,27 @@ class Stack(ComposeServices):
             docker("volume", "rm", "-f", volume, check=False)
 
 
+def admin_team_with_node(server: str, team: str, node_name: str, hostname: str) -> tuple[requests.Session, int, str]:
+    """As README's API tour: the admin's token, a team the admin leads, and a node registered to it with a
+    placeholder GPU, which the node's agent replaces with what its host has. Returns the admin's API
+    session, the team's id and the node's token (shown this once)."""
+    api = requests.Session()
+    login = api.post(f"{server}/api/v1/auth/token/", timeout=10,
+                     json={"username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"]})
+    assert login.status_code == 200, login.text
+    api.headers["Authorization"] = f"Token {login.json()['token']}"
+    created = api.post(f"{server}/api/v1/teams/", timeout=10, json={"name": team, "max_gpus": 4})
+    assert created.status_code == 201, created.text
+    team_id = created.json()["id"]
+    assert api.post(f"{server}/api/v1/teams/{team_id}/members/", timeout=10,
+                    json={"username": "admin", "role": "lead"}).status_code == 201
+    node = api.post(f"{server}/api/v1/nodes/", timeout=10, json={
+        "name": node_name, "hostname": hostname, "team": team_id,
+        "gpus": [{"index": 0, "model": PLACEHOLDER, "memory_mb": 1}]})
+    assert node.status_code == 201, node.text
+    return api, team_id, node.json()["token"]
+
+
 @contextlib.contextmanager
 def job_page(server: str, job_id: int) -> Iterator:
     """Debian's Chromium, signed in as the admin, on the job's page with its websocket live."""
@@ -244,22 +266,8 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
                ("web", "worker", "beat"))
     admin_signs_in(stack.server)
 
-    # As README's API tour: the admin's token, a team, a node registered to it (its token shown once).
-    api = requests.Session()
-    login = api.post(f"{stack.server}/api/v1/auth/token/", timeout=10,
-                     json={"username": "admin", "password": SECRETS["DEEPOPT_ADMIN_PASSWORD"]})
-    assert login.status_code == 200, login.text
-    api.headers["Authorization"] = f"Token {login.json()['token']}"
-    team = api.post(f"{stack.server}/api/v1/teams/", timeout=10, json={"name": "Docker", "max_gpus": 4})
-    assert team.status_code == 201, team.text
-    team_id = team.json()["id"]
-    assert api.post(f"{stack.server}/api/v1/teams/{team_id}/members/", timeout=10,
-                    json={"username": "admin", "role": "lead"}).status_code == 201
     node_name = f"container-{stack.run_id}"
-    node = api.post(f"{stack.server}/api/v1/nodes/", timeout=10, json={
-        "name": node_name, "hostname": "127.0.0.1", "team": team_id,
-        "gpus": [{"index": 0, "model": "placeholder until the agent registers", "memory_mb": 1}]})
-    assert node.status_code == 201, node.text
+    api, team_id, node_token = admin_team_with_node(stack.server, "Docker", node_name, "127.0.0.1")
 
     # The node image without its token says so in one line and stops; with it, the agent registers
     # this host (no GPU here, so CPU slots) and its worker answers.
@@ -267,7 +275,7 @@ def test_the_images_run_as_compose_runs_them_and_a_node_container_runs_a_job(sta
                      timeout=120, check=False)
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower(), refused.stderr[-500:]
-    stack.start("gpu-node", gpu, DEEPOPT_NODE_TOKEN=node.json()["token"])
+    stack.start("gpu-node", gpu, DEEPOPT_NODE_TOKEN=node_token)
 
     def registered() -> dict | None:
         rows = api.get(f"{stack.server}/api/v1/nodes/", timeout=10).json()["results"]
