@@ -100,8 +100,8 @@ class ComposeProject:
         if "DEEPOPT_DOCKER_TORCH_INDEX" in os.environ:
             app_args["TORCH_INDEX_URL"] = os.environ["DEEPOPT_DOCKER_TORCH_INDEX"]
         # The builds use the host's network, as test_docker_images' do (the wheel server is on 127.0.0.1).
-        app = {"image": "deepopt:compose-check", "build": {"network": "host", "args": app_args}}
-        services: dict = {name: app for name in ("web", "worker", "beat")}
+        services: dict = {"web": {"image": "deepopt:compose-check", "build": {"network": "host", "args": app_args}}}
+        services.update({name: {"image": "deepopt:compose-check"} for name in ("worker", "beat")})
         services["gpu-node"] = {"image": "deepopt-gpu:compose-check", "build": {"network": "host", "args": common}}
         runtimes = docker("info", "--format", "{{json .Runtimes}}", timeout=20).stdout
         if "nvidia" not in runtimes:
